@@ -1,0 +1,29 @@
+"""Manifest of the reference backend (what ``kbit.backends`` loads at discovery)."""
+
+from kbit.backend import API_VERSION, BackendManifest, OpSupport
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+
+_blockwise8 = {
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPES, blocksizes=BLOCKSIZES_8BIT),
+    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize": OpSupport(dtypes=FLOAT_DTYPES),
+    "dequantize": OpSupport(dtypes=FLOAT_DTYPES),
+    "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPES),
+    "dequantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPES),
+    "estimate_quantiles": OpSupport(dtypes=FLOAT_DTYPES),
+    "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
+}
+
+MANIFEST = BackendManifest(
+    name="reference",
+    api_version=API_VERSION,
+    # Lowest priority: any native backend for a device wins; the reference also serves
+    # every other device type as the fallback (see KBIT_FALLBACK).
+    priority=0,
+    device_types=("cpu",),
+    factory="kbit_reference.backend:ReferenceBackend",
+    ops={**_blockwise8},
+    description="pure PyTorch; the correctness oracle and universal fallback",
+)

@@ -1,0 +1,49 @@
+"""kbit: k-bit quantization and 8-bit optimizers for PyTorch, with pluggable backends.
+
+A drop-in for the bitsandbytes API (``import kbit as bnb``): 8-bit blockwise quantization,
+NF4/FP4 4-bit weights, LLM.int8(), 8-bit optimizers. Every quantization and optimizer call
+is dispatched to a backend found through the ``kbit.backends`` entry-point group; see
+:mod:`kbit.backends`.
+
+Importing kbit imports no backend and probes no device: backends are discovered on first
+use.
+"""
+
+from . import backends, functional
+from ._errors import (
+    BackendError,
+    BackendNotFoundError,
+    BackendUnavailableError,
+    KbitError,
+    KbitFallbackWarning,
+    KbitPluginWarning,
+    KbitTypeError,
+    KbitValueError,
+    KbitWarning,
+    NoBackendError,
+    QuantStateError,
+    UnsupportedOpError,
+)
+from ._version import __version__
+
+#: Capabilities of this build, for code that feature-tests (bitsandbytes convention).
+features = {"multi_backend"}
+
+__all__ = [
+    "__version__",
+    "features",
+    "backends",
+    "functional",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "KbitError",
+    "KbitFallbackWarning",
+    "KbitPluginWarning",
+    "KbitTypeError",
+    "KbitValueError",
+    "KbitWarning",
+    "NoBackendError",
+    "QuantStateError",
+    "UnsupportedOpError",
+]

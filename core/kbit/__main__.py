@@ -1,0 +1,5 @@
+"""``python -m kbit``: the kbit command line."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Typed errors and warnings raised by kbit.
+
+Every error kbit raises on purpose derives from :class:`KbitError`, so callers can catch
+the whole family at once, and each one also derives from the built-in exception a Python
+user would expect (``ValueError`` for a bad argument, ``LookupError`` for an unknown
+name), so existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KbitError",
+    "KbitValueError",
+    "KbitTypeError",
+    "UnsupportedOpError",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "NoBackendError",
+    "QuantStateError",
+    "KbitWarning",
+    "KbitPluginWarning",
+    "KbitFallbackWarning",
+]
+
+
+class KbitError(Exception):
+    """Base class of every error kbit raises on purpose."""
+
+
+class KbitValueError(KbitError, ValueError):
+    """An argument has the right type but a value the op cannot accept.
+
+    The message names the op, the argument and the offending value, e.g.
+    ``quantize_blockwise: blocksize=100 is not supported (expected a power of two in 64..4096)``.
+    """
+
+    def __init__(self, op: str, argument: str, value: object, expected: str) -> None:
+        self.op = op
+        self.argument = argument
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{op}: {argument}={value!r} is not supported ({expected})")
+
+
+class KbitTypeError(KbitError, TypeError):
+    """An argument has the wrong type or dtype.
+
+    The message names the op, the argument and what was given instead of what was expected.
+    """
+
+    def __init__(self, op: str, argument: str, value: object, expected: str) -> None:
+        self.op = op
+        self.argument = argument
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{op}: {argument} has {value} but {expected} is required")
+
+
+class UnsupportedOpError(KbitError, NotImplementedError):
+    """A backend was asked for an op (or an op variant) it does not implement.
+
+    Refusing is part of the backend contract: a backend declares what it supports in its
+    manifest and raises this for everything else.
+    """
+
+    def __init__(self, op: str, backend: str | None, detail: str = "") -> None:
+        self.op = op
+        self.backend = backend
+        self.detail = detail
+        who = f"backend {backend!r}" if backend else "no backend"
+        message = f"{op}: {who} does not support this call"
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class BackendError(KbitError):
+    """Base class for problems with a backend as a whole (not with one call)."""
+
+
+class BackendNotFoundError(BackendError, LookupError):
+    """A backend was requested by a name no installed plugin provides."""
+
+
+class BackendUnavailableError(BackendError, RuntimeError):
+    """A backend exists but cannot be used here (broken plugin, missing device, disabled)."""
+
+
+class NoBackendError(UnsupportedOpError):
+    """No backend can serve a call; the message lists every candidate and why it was rejected."""
+
+
+class QuantStateError(KbitError, ValueError):
+    """A serialized quantization state is malformed; the message names the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"quant state key {key!r}: {problem}")
+
+
+class KbitWarning(UserWarning):
+    """Base class of warnings emitted by kbit."""
+
+
+class KbitPluginWarning(KbitWarning):
+    """A backend plugin could not be loaded and was skipped."""
+
+
+class KbitFallbackWarning(KbitWarning):
+    """A call fell back to the reference backend because no preferred backend could serve it."""

@@ -1,0 +1,319 @@
+"""The backend contract: what a kbit backend implements and how it describes itself.
+
+A backend is a subclass of :class:`Backend` plus a :class:`BackendManifest` published under
+the ``kbit.backends`` entry-point group. The core never calls a backend for a variant its
+manifest does not declare; a method the backend does not override refuses with
+:class:`UnsupportedOpError`.
+
+Methods receive arguments the public API has already validated and normalised (contiguous
+tensors, supported dtypes, blocksizes from the manifest), so a backend computes and never
+re-validates. Every method is "tensors in, tensors out": outputs are freshly allocated on
+the input's device unless the method is documented to update its arguments in place (the
+optimizer updates and ``histogram_scatter_add_2d``).
+
+Numerics and byte formats every backend must match are in ``docs/formats.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+import torch
+
+from ._errors import (
+    BackendError,
+    BackendNotFoundError,
+    BackendUnavailableError,
+    KbitError,
+    KbitFallbackWarning,
+    KbitPluginWarning,
+    NoBackendError,
+    UnsupportedOpError,
+)
+from ._manifest import API_VERSION, BackendManifest, OpSupport
+from ._opnames import ALL_OPS, OP_FAMILIES
+
+__all__ = [
+    "API_VERSION",
+    "ALL_OPS",
+    "OP_FAMILIES",
+    "Backend",
+    "BackendManifest",
+    "OpSupport",
+    "KbitError",
+    "UnsupportedOpError",
+    "NoBackendError",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "KbitPluginWarning",
+    "KbitFallbackWarning",
+]
+
+Tensor = torch.Tensor
+
+
+class Backend(abc.ABC):
+    """Base class of every kbit backend.
+
+    Subclasses override :meth:`is_available` and the op methods they implement. The
+    registry sets :attr:`manifest` right after building the instance from the manifest's
+    ``factory``; a backend constructed by hand (in a unit test, say) has none and is named
+    after its class.
+    """
+
+    #: The manifest this backend was built from; set by the registry.
+    manifest: Optional[BackendManifest] = None
+
+    @property
+    def name(self) -> str:
+        """The registry name of this backend."""
+        return self.manifest.name if self.manifest is not None else type(self).__name__
+
+    @abc.abstractmethod
+    def is_available(self) -> bool | str:
+        """Say whether this backend can run here.
+
+        Called once per process, on first use. Return ``True`` when usable; otherwise
+        ``False`` or, better, a short string saying why not (``"no CUDA device"``), which
+        ``kbit info`` shows to the user. Must not raise for ordinary absence of hardware.
+        """
+
+    def _refuse(self, op: str) -> UnsupportedOpError:
+        return UnsupportedOpError(op, self.name, "not implemented by this backend")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend {self.name!r}>"
+
+    # ------------------------------------------------------------------ 8-bit blockwise
+    def quantize_blockwise(self, A: Tensor, *, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+        """Quantize ``A`` in consecutive blocks of ``blocksize`` (row-major flattening).
+
+        Returns ``(codes, absmax)``: uint8 codes with ``A``'s shape (index of the nearest
+        value of the sorted 256-entry ``code`` to ``x * (1 / absmax[block])``, ties to the
+        lower index) and float32 ``absmax`` of shape ``(ceil(numel / blocksize),)``.
+        """
+        raise self._refuse("quantize_blockwise")
+
+    def dequantize_blockwise(
+        self, A: Tensor, *, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype
+    ) -> Tensor:
+        """Return ``code[A] * absmax[block]`` computed in float32, cast to ``dtype``."""
+        raise self._refuse("dequantize_blockwise")
+
+    def quantize(self, A: Tensor, *, code: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole-tensor 8-bit quantization: one absmax for all of ``A``.
+
+        Returns ``(codes, absmax)`` with ``absmax`` of shape ``(1,)``.
+        """
+        raise self._refuse("quantize")
+
+    def dequantize(self, A: Tensor, *, absmax: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
+        """Inverse of :meth:`quantize`: ``code[A] * absmax`` cast to ``dtype``."""
+        raise self._refuse("dequantize")
+
+    def quantize_no_absmax(self, A: Tensor, *, code: Tensor) -> Tensor:
+        """Map already-normalised values to the index of the nearest ``code`` value (uint8)."""
+        raise self._refuse("quantize_no_absmax")
+
+    def dequantize_no_absmax(self, A: Tensor, *, code: Tensor, dtype: torch.dtype) -> Tensor:
+        """Return ``code[A]`` cast to ``dtype``."""
+        raise self._refuse("dequantize_no_absmax")
+
+    def estimate_quantiles(self, A: Tensor, *, offset: float, num_quantiles: int) -> Tensor:
+        """Return ``num_quantiles`` equidistant quantiles of ``A`` between ``offset`` and
+        ``1 - offset`` as float32."""
+        raise self._refuse("estimate_quantiles")
+
+    def histogram_scatter_add_2d(
+        self, histogram: Tensor, *, index1: Tensor, index2: Tensor, source: Tensor
+    ) -> None:
+        """In place: ``histogram[index1[i], index2[i]] += source[i]`` for every ``i``."""
+        raise self._refuse("histogram_scatter_add_2d")
+
+    # ------------------------------------------------------------------------- 4-bit
+    def quantize_4bit(
+        self, A: Tensor, *, blocksize: int, quant_type: str, quant_storage: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Quantize ``A`` to 4-bit ``quant_type`` ("nf4" or "fp4") codes in blocks.
+
+        Returns ``(packed, absmax)``: two codes per byte (element ``2j`` in the high nibble),
+        stored with shape ``((numel + 1) // (2 * itemsize), 1)`` viewed as ``quant_storage``,
+        and float32 ``absmax`` per block.
+        """
+        raise self._refuse("quantize_4bit")
+
+    def dequantize_4bit(
+        self,
+        A: Tensor,
+        *,
+        absmax: Tensor,
+        blocksize: int,
+        quant_type: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """Unpack and dequantize 4-bit codes to a tensor of ``shape`` and ``dtype``."""
+        raise self._refuse("dequantize_4bit")
+
+    def gemv_4bit(
+        self,
+        A: Tensor,
+        B: Tensor,
+        *,
+        shape: Sequence[int],
+        absmax: Tensor,
+        code: Tensor,
+        blocksize: int,
+    ) -> Tensor:
+        """``A @ dequant(B).T`` for a single input row (``A`` holds one row per leading
+        index), dequantizing ``B`` (logical ``shape`` ``[out, in]``) on the fly."""
+        raise self._refuse("gemv_4bit")
+
+    def matmul_4bit(
+        self,
+        A: Tensor,
+        B: Tensor,
+        *,
+        shape: Sequence[int],
+        absmax: Tensor,
+        code: Tensor,
+        blocksize: int,
+    ) -> Tensor:
+        """``A @ dequant(B).T`` for any number of rows of ``A``; output in ``A``'s dtype."""
+        raise self._refuse("matmul_4bit")
+
+    # ------------------------------------------------------------------------- int8
+    def int8_vectorwise_quant(
+        self, A: Tensor, *, threshold: float
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Row-wise absmax int8 quantization; returns ``(CA, row_stats, outlier_cols)``."""
+        raise self._refuse("int8_vectorwise_quant")
+
+    def int8_vectorwise_dequant(self, A: Tensor, *, stats: Tensor) -> Tensor:
+        """Return ``A * stats[:, None] / 127`` in float32."""
+        raise self._refuse("int8_vectorwise_dequant")
+
+    def int8_linear_matmul(self, A: Tensor, B: Tensor) -> Tensor:
+        """Exact ``A @ B.T`` of int8 matrices, accumulated and returned in int32."""
+        raise self._refuse("int8_linear_matmul")
+
+    def int8_mm_dequant(
+        self,
+        A: Tensor,
+        *,
+        row_stats: Tensor,
+        col_stats: Tensor,
+        bias: Optional[Tensor],
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """Scale an int32 product back: ``A * row[:, None] * col[None, :] / 127**2 (+ bias)``."""
+        raise self._refuse("int8_mm_dequant")
+
+    def int8_double_quant(
+        self, A: Tensor, *, threshold: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Row- and column-wise int8 quantization; ``(CA, CAt, row_stats, col_stats, outlier_cols)``."""
+        raise self._refuse("int8_double_quant")
+
+    def int8_mixed_scaled_mm(
+        self,
+        A: Tensor,
+        *,
+        CA: Tensor,
+        CB: Tensor,
+        SCA: Tensor,
+        SCB: Tensor,
+        outlier_cols: Tensor,
+        bias: Optional[Tensor],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """LLM.int8() mixed matmul: int8 product of the regular columns plus the outlier
+        columns in 16-bit. Returns ``(out, subA)`` where ``subA`` holds ``A[:, outlier_cols]``."""
+        raise self._refuse("int8_mixed_scaled_mm")
+
+    # -------------------------------------------------------------------- optimizers
+    def optimizer_update_32bit(
+        self,
+        optimizer_name: str,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        unorm_vec: Optional[Tensor],
+        *,
+        max_unorm: float,
+        param_norm: float,
+        beta1: float,
+        beta2: float,
+        beta3: float,
+        alpha: float,
+        eps: float,
+        weight_decay: float,
+        step: int,
+        lr: float,
+        gnorm_scale: float,
+        skip_zeros: bool,
+    ) -> None:
+        """One optimizer step with float32 state, updating ``p`` and the states in place."""
+        raise self._refuse("optimizer_update_32bit")
+
+    def optimizer_update_8bit(
+        self,
+        optimizer_name: str,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        *,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        step: int,
+        lr: float,
+        qmap1: Tensor,
+        qmap2: Optional[Tensor],
+        max1: Tensor,
+        max2: Optional[Tensor],
+        new_max1: Tensor,
+        new_max2: Optional[Tensor],
+        weight_decay: float,
+        gnorm_scale: float,
+        unorm_vec: Optional[Tensor],
+        max_unorm: float,
+    ) -> None:
+        """One step with whole-tensor 8-bit state (one absmax per state), in place."""
+        raise self._refuse("optimizer_update_8bit")
+
+    def optimizer_update_8bit_blockwise(
+        self,
+        optimizer_name: str,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        *,
+        beta1: float,
+        beta2: float,
+        beta3: float,
+        alpha: float,
+        eps: float,
+        step: int,
+        lr: float,
+        qmap1: Tensor,
+        qmap2: Optional[Tensor],
+        absmax1: Tensor,
+        absmax2: Optional[Tensor],
+        weight_decay: float,
+        gnorm_scale: float,
+        skip_zeros: bool,
+    ) -> None:
+        """One step with blockwise 8-bit state (absmax per 256 elements), in place."""
+        raise self._refuse("optimizer_update_8bit_blockwise")
+
+    def percentile_clipping(
+        self, grad: Tensor, gnorm_vec: Tensor, *, step: int, percentile: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Record ``||grad||^2`` in ``gnorm_vec`` (in place) and return
+        ``(current_gnorm, clip_value, gnorm_scale)``."""
+        raise self._refuse("percentile_clipping")

@@ -1,0 +1,49 @@
+"""Quantization functions with the bitsandbytes ``functional`` API.
+
+``import kbit.functional as F`` gives the same names, signatures and defaults as
+``bitsandbytes.functional``. Every function validates its arguments once, then calls a
+``torch.ops.kbit`` custom op whose kernel is served by the best backend for the tensor's
+device (see :mod:`kbit.backends`). Functions that compute accept a keyword-only
+``backend=`` naming a backend to prefer for that call.
+"""
+
+from ._blockwise import (
+    dequantize,
+    dequantize_blockwise,
+    dequantize_no_absmax,
+    estimate_quantiles,
+    histogram_scatter_add_2d,
+    quantize,
+    quantize_blockwise,
+    quantize_no_absmax,
+)
+from ._codebooks import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    create_normal_map,
+    get_4bit_type,
+)
+from ._quant_state import QuantState
+from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
+
+__all__ = [
+    "QuantState",
+    "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
+    "dequantize",
+    "dequantize_blockwise",
+    "dequantize_no_absmax",
+    "estimate_quantiles",
+    "get_4bit_type",
+    "get_ptr",
+    "histogram_scatter_add_2d",
+    "is_on_gpu",
+    "pack_dict_to_tensor",
+    "quantize",
+    "quantize_blockwise",
+    "quantize_no_absmax",
+    "unpack_tensor_to_dict",
+]

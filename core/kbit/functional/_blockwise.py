@@ -1,0 +1,270 @@
+"""8-bit quantization: blockwise (with optional nested absmax), whole-tensor and code-only.
+
+Numerics (``docs/formats.md``): values are normalised per block as ``x * (1 / absmax)``
+and mapped to the nearest code value, ties to the lower index; dequantization is
+``code[i] * absmax`` in float32, cast to the requested dtype. An all-zero block
+dequantizes to zeros. A block holding NaN or +-inf gets a non-finite absmax, and every
+value of that block dequantizes to a non-finite value: the damage stays visible and
+confined to its block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._errors import KbitTypeError, KbitValueError
+from .._ops import blockwise8 as ops
+from .._ops import call_with_backend
+from ._codebooks import cached_code
+from ._quant_state import QuantState
+from ._validate import (
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPES,
+    check_choice,
+    check_code,
+    check_dtype,
+    check_numel,
+    check_tensor,
+    store_into,
+)
+
+__all__ = [
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize",
+    "dequantize",
+    "quantize_no_absmax",
+    "dequantize_no_absmax",
+    "estimate_quantiles",
+    "histogram_scatter_add_2d",
+]
+
+#: Blocksize of the nested absmax quantization (format constant).
+NESTED_BLOCKSIZE = 256
+
+
+def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if code is None:
+        return cached_code("dynamic", device)
+    return check_code(op, code).to(device)
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` to 8-bit codes in blocks of ``blocksize`` consecutive elements.
+
+    Args:
+        A: float16, bfloat16 or float32 tensor of any shape (flattened row-major).
+        code: 256-entry sorted float32 table; the signed dynamic map by default.
+        absmax: optional float32 buffer of ``ceil(numel / blocksize)`` to receive the scales.
+        out: optional uint8 buffer shaped like ``A`` to receive the codes.
+        blocksize: a power of two in 64..4096.
+        nested: also quantize the absmax values (8-bit, blocks of 256, mean-centred).
+        backend: name of a backend to prefer for this call.
+
+    Returns:
+        ``(codes, quant_state)``: uint8 codes shaped like ``A`` and the :class:`QuantState`
+        needed by :func:`dequantize_blockwise`.
+    """
+    op = "quantize_blockwise"
+    check_dtype(op, "A", A, FLOAT_DTYPES)
+    check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+    code = _code_for(op, code, A.device)
+    codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
+    codes = store_into(op, "out", codes, out)
+    scales = store_into(op, "absmax", scales, absmax)
+    if not nested:
+        return codes, QuantState(scales, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
+    offset = scales.mean()
+    nested_codes, state2 = quantize_blockwise(scales - offset, blocksize=NESTED_BLOCKSIZE, backend=backend)
+    state = QuantState(
+        nested_codes, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2
+    )
+    return codes, state
+
+
+def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.Tensor:
+    """The float32 per-block scales of ``state``, undoing nesting if needed."""
+    if state.nested:
+        return dequantize_blockwise(state.absmax, state.state2, backend=backend) + state.offset
+    absmax = check_tensor(op, "absmax", state.absmax)
+    if not absmax.is_floating_point():
+        raise KbitTypeError(op, "absmax", f"dtype {absmax.dtype}", "a floating-point tensor (or a nested state)")
+    return absmax.to(torch.float32).contiguous()
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    code: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Dequantize 8-bit blockwise codes.
+
+    Pass the ``quant_state`` returned by :func:`quantize_blockwise`, or ``absmax`` (plus
+    optionally ``code`` and ``blocksize``) for a plain state. The result has ``A``'s shape
+    and the original dtype (``out.dtype`` when ``out`` is given, float32 when only
+    ``absmax`` is known). ``nested`` is accepted for API compatibility; nesting is read
+    from the state.
+    """
+    op = "dequantize_blockwise"
+    check_dtype(op, "A", A, (torch.uint8,))
+    if quant_state is None:
+        if absmax is None:
+            raise KbitValueError(op, "quant_state", None, "pass quant_state, or absmax for a plain state")
+        check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+        quant_state = QuantState(absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=torch.float32)
+    check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT)
+    scales = _float_absmax(op, quant_state, backend)
+    check_numel(op, "absmax", scales, -(-A.numel() // quant_state.blocksize))
+    dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
+    check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+    table = _code_for(op, quant_state.code, A.device)
+    result = call_with_backend(
+        backend, ops.dequantize_blockwise, A.contiguous(), scales.to(A.device), table, quant_state.blocksize, dtype
+    )
+    return store_into(op, "out", result, out)
+
+
+def quantize(
+    A: torch.Tensor, code: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None, *, backend: Optional[str] = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Whole-tensor 8-bit quantization with a single absmax.
+
+    Returns ``(codes, (absmax, code))``, the seed API's state tuple.
+    """
+    op = "quantize"
+    check_dtype(op, "A", A, FLOAT_DTYPES)
+    code = _code_for(op, code, A.device)
+    codes, absmax = call_with_backend(backend, ops.quantize, A.contiguous(), code)
+    return store_into(op, "out", codes, out), (absmax, code)
+
+
+def dequantize(
+    A: torch.Tensor,
+    quant_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    absmax: Optional[torch.Tensor] = None,
+    code: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`; returns float32 (or ``out``'s dtype)."""
+    op = "dequantize"
+    check_dtype(op, "A", A, (torch.uint8,))
+    if quant_state is not None:
+        absmax, code = quant_state
+    if absmax is None:
+        raise KbitValueError(op, "quant_state", None, "pass quant_state=(absmax, code) or absmax")
+    check_dtype(op, "absmax", absmax, FLOAT_DTYPES)
+    check_numel(op, "absmax", absmax, 1)
+    dtype = out.dtype if out is not None else torch.float32
+    check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+    table = _code_for(op, code, A.device)
+    result = call_with_backend(
+        backend, ops.dequantize, A.contiguous(), absmax.to(A.device, torch.float32).reshape(1), table, dtype
+    )
+    return store_into(op, "out", result, out)
+
+
+def quantize_no_absmax(
+    A: torch.Tensor, code: torch.Tensor, out: Optional[torch.Tensor] = None, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Map values already scaled to the code's range to the nearest code index (uint8)."""
+    op = "quantize_no_absmax"
+    check_dtype(op, "A", A, FLOAT_DTYPES)
+    table = check_code(op, code).to(A.device)
+    result = call_with_backend(backend, ops.quantize_no_absmax, A.contiguous(), table)
+    return store_into(op, "out", result, out)
+
+
+def dequantize_no_absmax(
+    A: torch.Tensor, code: torch.Tensor, out: Optional[torch.Tensor] = None, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Look codes up in ``code``; float32 (or ``out``'s dtype)."""
+    op = "dequantize_no_absmax"
+    check_dtype(op, "A", A, (torch.uint8,))
+    table = check_code(op, code).to(A.device)
+    dtype = out.dtype if out is not None else torch.float32
+    check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+    result = call_with_backend(backend, ops.dequantize_no_absmax, A.contiguous(), table, dtype)
+    return store_into(op, "out", result, out)
+
+
+def estimate_quantiles(
+    A: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    offset: float = 1 / 512,
+    num_quantiles: int = 256,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``num_quantiles`` equidistant quantiles of ``A`` from ``offset`` to ``1 - offset``.
+
+    Quantiles are exact (linear interpolation between order statistics), float32.
+    """
+    op = "estimate_quantiles"
+    check_dtype(op, "A", A, FLOAT_DTYPES)
+    if A.numel() == 0:
+        raise KbitValueError(op, "A.numel()", 0, "quantiles of an empty tensor are undefined")
+    if isinstance(num_quantiles, bool) or not isinstance(num_quantiles, int) or not 1 <= num_quantiles <= 256:
+        raise KbitValueError(op, "num_quantiles", num_quantiles, "expected an int in 1..256")
+    if not 0.0 <= offset < 0.5:
+        raise KbitValueError(op, "offset", offset, "expected 0 <= offset < 0.5")
+    result = call_with_backend(backend, ops.estimate_quantiles, A.contiguous(), float(offset), num_quantiles)
+    return store_into(op, "out", result, out)
+
+
+def histogram_scatter_add_2d(
+    histogram: torch.Tensor,
+    index1: torch.Tensor,
+    index2: torch.Tensor,
+    source: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """In place: ``histogram[index1[i], index2[i]] += source[i]`` for every ``i``.
+
+    ``histogram`` is a 2-D float32 tensor; indices are integer tensors with as many
+    elements as ``source``. Out-of-range indices raise instead of writing out of bounds.
+    """
+    op = "histogram_scatter_add_2d"
+    check_dtype(op, "histogram", histogram, (torch.float32,))
+    if histogram.dim() != 2:
+        raise KbitValueError(op, "histogram.dim()", histogram.dim(), "expected a 2-D tensor")
+    if not histogram.is_contiguous():
+        raise KbitValueError(op, "histogram", "a non-contiguous tensor", "expected a contiguous tensor (updated in place)")
+    integer_dtypes = (torch.int32, torch.int64, torch.int16, torch.uint8)
+    check_dtype(op, "index1", index1, integer_dtypes)
+    check_dtype(op, "index2", index2, integer_dtypes)
+    check_dtype(op, "source", source, (torch.float32,))
+    check_numel(op, "index1", index1, source.numel())
+    check_numel(op, "index2", index2, source.numel())
+    for name, index, size in (("index1", index1, histogram.shape[0]), ("index2", index2, histogram.shape[1])):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            bad = int(index.min()) if int(index.min()) < 0 else int(index.max())
+            raise KbitValueError(op, name, bad, f"indices must lie in 0..{size - 1}")
+    device = histogram.device
+    call_with_backend(
+        backend,
+        ops.histogram_scatter_add_2d,
+        histogram,
+        index1.to(device).reshape(-1).contiguous(),
+        index2.to(device).reshape(-1).contiguous(),
+        source.to(device).reshape(-1).contiguous(),
+    )

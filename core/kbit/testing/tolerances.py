@@ -1,0 +1,67 @@
+"""Quality bars and comparison tolerances, in one place.
+
+The numbers come from the format contract (``docs/formats.md``, section "Quality bars"),
+measured on 1024x1024 ``randn`` inputs as mean errors over all elements.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BLOCKWISE8_RANDN", "FOUR_BIT_RANDN", "NESTED_4BIT_RANDN", "OPTIMIZER_8BIT_VS_32BIT", "ErrorBar"]
+
+from typing import NamedTuple
+
+
+class ErrorBar(NamedTuple):
+    """Upper bounds on mean absolute and mean relative error of a quantize round trip."""
+
+    abs_err: float
+    rel_err: float
+
+
+#: 8-bit blockwise, any blocksize 64..4096, randn input.
+BLOCKWISE8_RANDN = ErrorBar(abs_err=0.011, rel_err=0.018)
+
+#: 4-bit round trip on randn by (quant_type, blocksize).
+FOUR_BIT_RANDN: dict[tuple[str, int], ErrorBar] = {
+    ("nf4", 32): ErrorBar(0.0677, 0.190),
+    ("nf4", 64): ErrorBar(0.0728, 0.203),
+    ("nf4", 128): ErrorBar(0.0768, 0.215),
+    ("nf4", 256): ErrorBar(0.0803, 0.226),
+    ("nf4", 512): ErrorBar(0.0835, 0.236),
+    ("nf4", 1024): ErrorBar(0.0866, 0.245),
+    ("nf4", 2048): ErrorBar(0.0896, 0.254),
+    ("nf4", 4096): ErrorBar(0.0925, 0.262),
+    ("fp4", 32): ErrorBar(0.0889, 0.242),
+    ("fp4", 64): ErrorBar(0.0965, 0.260),
+    ("fp4", 128): ErrorBar(0.1030, 0.276),
+    ("fp4", 256): ErrorBar(0.1087, 0.290),
+    ("fp4", 512): ErrorBar(0.1141, 0.303),
+    ("fp4", 1024): ErrorBar(0.1193, 0.315),
+    ("fp4", 2048): ErrorBar(0.1246, 0.327),
+    ("fp4", 4096): ErrorBar(0.1295, 0.337),
+}
+
+#: 4-bit with nested (compressed) absmax, any type and blocksize.
+NESTED_4BIT_RANDN = ErrorBar(abs_err=0.11, rel_err=0.28)
+
+
+class OptimizerBar(NamedTuple):
+    """8-bit optimizer vs its 32-bit twin over 50 steps, parameters re-synchronised."""
+
+    state_atol: float
+    state_rtol: float
+    max_state_mismatches: int
+    param_mean_abs_err: float
+
+
+OPTIMIZER_8BIT_VS_32BIT = OptimizerBar(state_atol=3e-3, state_rtol=1e-3, max_state_mismatches=20, param_mean_abs_err=6e-5)
+
+
+def mean_errors(original, roundtrip) -> ErrorBar:
+    """Mean absolute and mean relative error of ``roundtrip`` against ``original``.
+
+    Relative error is ``|err| / (|original| + 1e-8)`` averaged, the ecosystem's definition.
+    """
+    original = original.float()
+    error = (roundtrip.float() - original).abs()
+    return ErrorBar(float(error.mean()), float((error / (original.abs() + 1e-8)).mean()))

@@ -1,0 +1,61 @@
+"""Shared fixtures: goldens, a clean registry, throwaway plugin distributions."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import kbit
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDENS = Path(os.environ.get("KBIT_GOLDENS", REPO.parent / "shared" / "spec" / "goldens" / "goldens.pt"))
+
+
+@pytest.fixture(scope="session")
+def goldens() -> dict:
+    """The interoperability vectors of ../shared/spec/goldens (skips when absent)."""
+    if not GOLDENS.is_file():
+        pytest.skip(f"golden vectors not found at {GOLDENS} (set KBIT_GOLDENS to their goldens.pt)")
+    return torch.load(GOLDENS, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch: pytest.MonkeyPatch):
+    """Every test starts from a clean registry and no KBIT_* variables."""
+    for name in ("KBIT_BACKEND", "KBIT_DISABLE_PLUGINS", "KBIT_FALLBACK"):
+        monkeypatch.delenv(name, raising=False)
+    kbit.backends.reset()
+    yield
+    kbit.backends.reset()
+
+
+@pytest.fixture
+def make_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Create an installed-looking plugin distribution on ``sys.path``.
+
+    ``make_plugin(dist, backend, module_source)`` writes package ``<dist>_pkg`` with
+    ``manifest.py`` holding ``module_source`` and a ``<dist>-1.0.dist-info`` whose entry
+    point ``<backend> = <dist>_pkg.manifest:MANIFEST`` is in the ``kbit.backends`` group.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def make(dist: str, backend: str, module_source: str) -> Path:
+        package = site / f"{dist}_pkg"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        (package / "manifest.py").write_text(textwrap.dedent(module_source))
+        info = site / f"{dist}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[kbit.backends]\n{backend} = {dist}_pkg.manifest:MANIFEST\n")
+        kbit.backends.reset()
+        return site
+
+    return make

@@ -1,0 +1,63 @@
+"""The kbit command line."""
+
+import json
+import subprocess
+import sys
+
+from kbit.cli import main
+
+
+def test_info_lists_reference_and_cuda(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert "available" in lines["reference"] and "blockwise8 8/8" in lines["reference"]
+    assert "unavailable" in lines["cuda"]
+    assert "cupy is not installed" in lines["cuda"] or "no CUDA device" in lines["cuda"]
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    states = {b["name"]: b["state"] for b in payload["backends"]}
+    assert states["reference"] == "available" and states["cuda"] == "unavailable"
+
+
+def test_check_passes(capsys):
+    assert main(["check"]) == 0
+    assert "0 failed" in capsys.readouterr().out
+
+
+def test_check_fails_for_a_disagreeing_backend(capsys):
+    import kbit
+    from kbit.backend import API_VERSION, BackendManifest, OpSupport
+
+    kbit.backends.register(
+        BackendManifest(
+            name="offbyone",
+            api_version=API_VERSION,
+            device_types=("cpu",),
+            factory="tests.test_cli:OffByOne",
+            ops={"quantize_blockwise": OpSupport()},
+        )
+    )
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "offbyone" in out and "failed" in out
+
+
+def test_python_dash_m_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "kbit", "info"], capture_output=True, text=True)
+    assert result.returncode == 0 and "reference" in result.stdout
+    assert subprocess.run([sys.executable, "-m", "kbit"], capture_output=True).returncode == 2
+
+
+from kbit_reference.backend import ReferenceBackend  # noqa: E402
+
+
+class OffByOne(ReferenceBackend):
+    """A deliberately wrong backend: every code one step too high."""
+
+    def quantize_blockwise(self, A, *, code, blocksize):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        return (codes.int() + 1).clamp(max=255).to(codes.dtype), absmax
