@@ -9,7 +9,7 @@ Importing kbit imports no backend and probes no device: backends are discovered 
 use.
 """
 
-from . import backends, functional
+from . import autograd, backends, functional, nn
 from ._errors import (
     BackendError,
     BackendNotFoundError,
@@ -32,8 +32,10 @@ features = {"multi_backend"}
 __all__ = [
     "__version__",
     "features",
+    "autograd",
     "backends",
     "functional",
+    "nn",
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",

@@ -1,0 +1,6 @@
+"""torch.nn modules with quantized weights, mirroring ``bitsandbytes.nn``.
+
+Each module family lives in its own private submodule and is re-exported here.
+"""
+
+__all__: list[str] = []
