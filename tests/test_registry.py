@@ -209,3 +209,15 @@ def test_register_refuses_duplicates_and_bad_manifests():
 def test_use_backend_validates_names():
     with pytest.raises(kbit.KbitValueError):
         kbit.backends.use_backend([])
+
+
+def test_record_calls_counts_served_ops():
+    kbit.backends.register(_manifest("partial"))
+    with kbit.backends.record_calls() as log:
+        _quantize(torch.float32)
+        _quantize(torch.float16)
+        with kbit.backends.record_calls() as inner:
+            _quantize(torch.float32)
+    _quantize(torch.float32)  # outside: not counted
+    assert log.by_op() == {"quantize_blockwise": {"partial": 2, "reference": 1}}
+    assert inner.counts == {("quantize_blockwise", "cpu", "partial"): 1}

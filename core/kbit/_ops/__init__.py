@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..backend import Backend
-from ..backends._registry import REGISTRY
+from ..backends._registry import REGISTRY, note_call
 
 
 def backend_for(op: str, like: torch.Tensor, dtype: torch.dtype | None = None, **params: object) -> Backend:
     """The backend serving ``op`` for tensors like ``like`` (its device; ``dtype`` or its dtype)."""
     resolution = REGISTRY.resolve(op, like.device.type, dtype or like.dtype, warn=True, **params)
+    note_call(op, resolution.device_type, resolution.name)
     return resolution.backend
 
 

@@ -31,10 +31,20 @@ import torch
 from .._manifest import BackendManifest
 from ..backend import Backend
 from . import _registry
-from ._registry import ENTRY_POINT_GROUP, REFERENCE, STATES, BackendRecord, Resolution, use_backend
+from ._registry import (
+    ENTRY_POINT_GROUP,
+    REFERENCE,
+    STATES,
+    BackendRecord,
+    CallLog,
+    Resolution,
+    record_calls,
+    use_backend,
+)
 
 __all__ = [
     "BackendRecord",
+    "CallLog",
     "Resolution",
     "ENTRY_POINT_GROUP",
     "REFERENCE",
@@ -42,6 +52,7 @@ __all__ = [
     "available",
     "get",
     "list",
+    "record_calls",
     "register",
     "reset",
     "resolve",

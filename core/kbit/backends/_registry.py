@@ -18,6 +18,8 @@ device) takes it with one :class:`KbitFallbackWarning` per op, unless
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import contextvars
 import dataclasses
 import importlib
@@ -460,3 +462,47 @@ def iter_records() -> Iterator[BackendRecord]:
     """Every discovered backend, probed, in name order."""
     yield from sorted(REGISTRY.probe_all(), key=lambda r: r.name)
 
+
+
+_active_logs: contextvars.ContextVar[tuple["CallLog", ...]] = contextvars.ContextVar("kbit_call_logs", default=())
+
+
+class CallLog:
+    """Counts of op calls by the backend that served them, filled inside :func:`record_calls`.
+
+    ``counts`` maps ``(op, device_type, backend_name)`` to a number of calls.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+
+    def by_op(self) -> dict[str, dict[str, int]]:
+        """``{op: {backend: calls}}``, ops sorted by name."""
+        table: dict[str, dict[str, int]] = {}
+        for (op, _device, backend), calls in sorted(self.counts.items()):
+            table.setdefault(op, {}).setdefault(backend, 0)
+            table[op][backend] += calls
+        return table
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[CallLog]:
+    """Record which backend serves each kbit op call made inside the block.
+
+    >>> with record_calls() as log:                                  # doctest: +SKIP
+    ...     F.quantize_blockwise(torch.randn(100))
+    >>> log.by_op()                                                  # doctest: +SKIP
+    {'quantize_blockwise': {'reference': 1}}
+    """
+    log = CallLog()
+    token = _active_logs.set(_active_logs.get() + (log,))
+    try:
+        yield log
+    finally:
+        _active_logs.reset(token)
+
+
+def note_call(op: str, device_type: str, backend: str) -> None:
+    """Count one call in every active :class:`CallLog` (cheap when none is active)."""
+    for log in _active_logs.get():
+        log.counts[(op, device_type, backend)] += 1
