@@ -383,7 +383,7 @@ class Registry:
         reference = records.get(REFERENCE)
         tried_reference = any(record.name == REFERENCE for record in candidates)
         if policy == "reference" and reference is not None and not tried_reference:
-            why = self._refusal(reference, op, dtype, params, any_device=True)
+            why = self._refusal(reference, op, dtype, params)
             if why is None:
                 return Resolution(op, device_type, dtype, params, REFERENCE, reference.backend, True, tuple(rejected))  # type: ignore[arg-type]
             rejected.append((REFERENCE, why))
@@ -399,7 +399,6 @@ class Registry:
         op: str,
         dtype: Optional[str],
         params: tuple[tuple[str, Any], ...],
-        any_device: bool = False,
     ) -> Optional[str]:
         if record.state in (INVALID, DISABLED):
             return f"{record.state}: {record.reason}"
