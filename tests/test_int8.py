@@ -502,3 +502,32 @@ def test_selftest_int8_checks():
     assert broken["int8_mm_dequant"].status == "passed"
     own = run_checks(reference, reference)
     assert {r.op: r.status for r in own}["int8_linear_matmul"] == "passed"
+
+
+class _Recording(ReferenceBackend):
+    """The reference, counting the mm_dequant calls it serves."""
+
+    calls = 0
+
+    def int8_mm_dequant(self, A, **kwargs):
+        type(self).calls += 1
+        return super().int8_mm_dequant(A, **kwargs)
+
+
+def test_mm_dequant_is_dispatched_by_its_output_dtype():
+    kbit.backends.register(
+        BackendManifest(
+            name="halfonly",
+            api_version=API_VERSION,
+            priority=10,
+            device_types=("cpu",),
+            factory="tests.test_int8:_Recording",
+            ops={"int8_mm_dequant": OpSupport(dtypes=("float16",))},
+        )
+    )
+    _Recording.calls = 0
+    C = torch.randint(-100, 100, (3, 4), dtype=torch.int32, generator=_gen(60))
+    F.int8_mm_dequant(C, torch.ones(3), torch.ones(4), dtype=torch.float16)
+    assert _Recording.calls == 1
+    F.int8_mm_dequant(C, torch.ones(3), torch.ones(4), dtype=torch.float32)
+    assert _Recording.calls == 1  # float32 output goes to the reference

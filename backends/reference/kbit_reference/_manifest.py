@@ -18,9 +18,9 @@ _blockwise8 = {
 
 _int8 = {
     "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPES),
-    "int8_vectorwise_dequant": OpSupport(dtypes=("int8",)),
+    "int8_vectorwise_dequant": OpSupport(dtypes=("float32",)),
     "int8_linear_matmul": OpSupport(dtypes=("int8",)),
-    "int8_mm_dequant": OpSupport(dtypes=("int32",)),
+    "int8_mm_dequant": OpSupport(dtypes=FLOAT_DTYPES),
     "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPES),
     "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPES),
 }

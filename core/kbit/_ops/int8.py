@@ -4,6 +4,9 @@ Conventions shared by every op here (``docs/formats.md`` section 4):
 
 - "rows" are all leading dimensions of ``A``: a ``(..., K)`` input has ``prod(...)`` rows
   and one float32 statistic per row.
+- The dtype a backend is chosen by is the floating-point dtype of the call (the input of a
+  quantize op or of the mixed matmul, the output of a dequantize op); ``int8_linear_matmul``
+  has none and is matched as ``int8``.
 - ``outlier_cols`` is always an int64 tensor, empty when there are no outliers (the
   bitsandbytes API may return ``None`` there; an empty tensor indexes the same way and keeps
   the schema free of optional outputs). Its length depends on the data, so the fake kernels
@@ -59,7 +62,8 @@ def _(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("kbit::int8_vectorwise_dequant", mutates_args=())
 def int8_vectorwise_dequant(A: Tensor, stats: Tensor) -> Tensor:
     """``A * stats[row] / 127`` as float32, shaped like ``A``."""
-    return backend_for("int8_vectorwise_dequant", A).int8_vectorwise_dequant(A, stats=stats)
+    backend = backend_for("int8_vectorwise_dequant", A, torch.float32)
+    return backend.int8_vectorwise_dequant(A, stats=stats)
 
 
 @int8_vectorwise_dequant.register_fake
@@ -83,7 +87,7 @@ def int8_mm_dequant(
     A: Tensor, row_stats: Tensor, col_stats: Tensor, dtype: torch.dtype, bias: Optional[Tensor] = None
 ) -> Tensor:
     """``A * row_stats[:, None] * col_stats[None, :] / 127**2 (+ bias)`` as ``dtype``."""
-    backend = backend_for("int8_mm_dequant", A)
+    backend = backend_for("int8_mm_dequant", A, dtype)
     return backend.int8_mm_dequant(A, row_stats=row_stats, col_stats=col_stats, bias=bias, dtype=dtype)
 
 
