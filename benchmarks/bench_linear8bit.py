@@ -56,10 +56,10 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
             dense = reference.to(dtype)
-            baseline = best_time(lambda d=dense: d(x), repeats=args.repeats)
+            baseline = best_time(lambda d=dense, x=x: d(x), repeats=args.repeats)
             print(f"{dtype_name:<10} {'nn.Linear':<18} {baseline * 1e3:>9.2f} {1.0:>7.2f}")
             for label, layer in variants.items():
-                seconds = best_time(lambda m=layer: m(x), repeats=args.repeats)
+                seconds = best_time(lambda m=layer, x=x: m(x), repeats=args.repeats)
                 print(f"{dtype_name:<10} {label:<18} {seconds * 1e3:>9.2f} {seconds / baseline:>7.2f}")
 
 

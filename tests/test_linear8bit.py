@@ -114,6 +114,16 @@ def test_deepcopy_keeps_the_quantization():
     assert torch.equal(twin(x), layer(x))
 
 
+def test_pickling_a_whole_module_keeps_int8params(tmp_path):
+    layer = _frozen_layer(seed=30).to("cpu")
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert isinstance(loaded.weight, Int8Params) and loaded.weight.dtype == torch.int8
+    assert not loaded.weight.has_fp16_weights and torch.equal(loaded.weight.SCB, layer.weight.SCB)
+    x = torch.randn(2, 64, generator=_gen(31))
+    assert torch.equal(loaded(x), layer(x))
+
+
 # ------------------------------------------------------------------------ Linear8bitLt
 @pytest.mark.parametrize("has_fp16_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -226,11 +236,12 @@ def test_bad_constructor_threshold():
         Linear8bitLt(4, 4, threshold=-1.0)
 
 
-@pytest.mark.parametrize("has_fp16_weights", [False, True])
-def test_compiled_forward_matches_eager(has_fp16_weights):
+@pytest.mark.parametrize("has_fp16_weights, threshold", [(False, 0.0), (True, 0.0), (False, 6.0)])
+def test_compiled_forward_matches_eager(has_fp16_weights, threshold):
     torch.manual_seed(24)
-    layer = Linear8bitLt(64, 32, has_fp16_weights=has_fp16_weights).to("cpu")
+    layer = Linear8bitLt(64, 32, has_fp16_weights=has_fp16_weights, threshold=threshold).to("cpu")
     x = torch.randn(6, 64, generator=_gen(25))
+    x[:, 10] *= 30
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)
     assert torch.equal(compiled(x), eager)

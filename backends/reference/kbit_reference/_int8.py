@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ._common import block_absmax
+
 Tensor = torch.Tensor
 
 #: Largest K whose int8 x int8 dot products stay exact in float32: every partial sum is an
@@ -53,7 +55,8 @@ def _split_outliers(A: Tensor, threshold: float) -> tuple[Tensor, Optional[Tenso
 
 
 def _row_quantize(inliers: Tensor, column_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    row_stats = inliers.abs().amax(dim=1)
+    # Rows are consecutive runs of K elements: the blockwise absmax with blocksize K.
+    row_stats = block_absmax(inliers.reshape(-1), inliers.shape[1])
     CA = _quantize_scaled(inliers, row_stats, dim=1)
     if column_mask is not None:
         # Whole outlier columns go through the 16-bit path, so their int8 part is zero.

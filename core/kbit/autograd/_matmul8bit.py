@@ -25,7 +25,7 @@ __all__ = ["MatmulLtState", "matmul"]
 Tensor = torch.Tensor
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity comparison: fields hold tensors
 class MatmulLtState:
     """What an LLM.int8() matmul keeps between calls (bitsandbytes' ``MatmulLtState``).
 

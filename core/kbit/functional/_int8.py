@@ -37,10 +37,12 @@ MM_DEQUANT_DEFAULT_DTYPE = torch.float16
 
 def check_threshold(op: str, threshold: object) -> float:
     """Require a finite, non-negative outlier threshold (0 disables outlier handling)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise KbitValueError(op, "threshold", threshold, "expected a finite number >= 0")
-    if threshold < 0:
-        raise KbitValueError(op, "threshold", threshold, "expected >= 0 (0 disables outlier columns)")
+    # Plain comparisons (NaN fails both) rather than math.isfinite, which torch.compile
+    # cannot trace for a float it treats as symbolic.
+    if not 0 <= threshold < math.inf:
+        raise KbitValueError(op, "threshold", threshold, "expected a finite number >= 0 (0 disables outlier columns)")
     return float(threshold)
 
 

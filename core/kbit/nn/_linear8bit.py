@@ -58,7 +58,7 @@ class Int8Params(nn.Parameter):
             data = torch.empty(0)
         # Only floating-point tensors can require grad; int8 codes are frozen by nature.
         param = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
-        param.CB = CB
+        param.CB = CB if CB is not None or not _is_int8(data) else data
         param.SCB = SCB
         param.has_fp16_weights = has_fp16_weights
         return param
@@ -115,9 +115,20 @@ class Int8Params(nn.Parameter):
         new.CB = new.data if _is_int8(new) else copy.deepcopy(self.CB, memo)
         return new
 
+    def __reduce_ex__(self, protocol: int):
+        # Parameter's own pickling rebuilds a plain Parameter; keep the class and the scales.
+        return (_rebuild_int8_params, (self.data, self.requires_grad, self.has_fp16_weights, self.SCB))
+
     def __repr__(self) -> str:
         kind = "int8 codes" if _is_int8(self) else f"{self.dtype} weight"
         return f"Int8Params({kind} {tuple(self.shape)}, has_fp16_weights={self.has_fp16_weights})"
+
+
+def _rebuild_int8_params(
+    data: torch.Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[torch.Tensor]
+) -> Int8Params:
+    """Unpickle an :class:`Int8Params` (``torch.save`` of a whole module)."""
+    return Int8Params(data, requires_grad, has_fp16_weights, SCB=SCB)
 
 
 def _parse_format(key: str, value: object) -> int:
@@ -157,7 +168,7 @@ class _Int8WeightModule(nn.Module):
         module = super()._apply(fn, recurse)
         weight = self.weight
         # Module.to() moves the parameter's data only; its scales must follow.
-        if weight.SCB is not None and weight.SCB.device != weight.device:
+        if getattr(weight, "SCB", None) is not None and weight.SCB.device != weight.device:
             weight.SCB = weight.SCB.to(weight.device)
         if _is_int8(weight):
             weight.CB = weight.data
