@@ -1,7 +1,7 @@
 """Forward time of Linear8bitLt against torch.nn.Linear (default: 16x4096 by 4096x4096).
 
 Usage: python benchmarks/bench_linear8bit.py [--batch B] [--in-features K] [--out-features N]
-       [--dtype float32 --dtype bfloat16 ...] [--backend NAME]
+       [--dtype float32 --dtype bfloat16 ...] [--backend NAME] [--threads T]
 
 Times (best of N, under torch.no_grad) the float layer and three Linear8bitLt variants built
 from the same weights: frozen int8 weights (inference), frozen with outlier threshold 6.0,
@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--dtype", action="append", help="input dtype(s) (default: float32 and bfloat16)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", help="backend to prefer (default: the registry's choice)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(args.in_features, args.out_features)

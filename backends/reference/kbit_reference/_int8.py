@@ -36,8 +36,10 @@ def _safe_stats(stats: Tensor) -> Tensor:
 
 def _quantize_scaled(values: Tensor, stats: Tensor, dim: int) -> Tensor:
     """``round_half_even(values * 127 / stats)`` along ``dim`` as int8 (NaN -> 0)."""
-    scaled = values * 127 / _safe_stats(stats).unsqueeze(dim)
-    return torch.nan_to_num_(torch.round_(scaled), nan=0.0).to(torch.int8)
+    # One temporary, updated in place: this runs on whole weights at every training step.
+    scaled = values * 127
+    scaled.div_(_safe_stats(stats).unsqueeze(dim)).round_()
+    return scaled.nan_to_num_(nan=0.0).to(torch.int8)
 
 
 def _split_outliers(A: Tensor, threshold: float) -> tuple[Tensor, Optional[Tensor], Tensor]:
