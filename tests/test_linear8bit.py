@@ -256,16 +256,16 @@ def test_small_mlp_trains():
     model = torch.nn.Sequential(
         Linear8bitLt(16, 64, has_fp16_weights=True), torch.nn.ReLU(), Linear8bitLt(64, 4, has_fp16_weights=True)
     ).to("cpu")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     losses = []
-    for _ in range(150):
+    for _ in range(40):
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(p.grad is not None for p in model.parameters())
-    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])  # about 0.01 measured
 
 
 # ----------------------------------------------------------------------- Embedding8bit
