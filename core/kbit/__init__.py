@@ -25,6 +25,7 @@ from ._errors import (
     UnsupportedOpError,
 )
 from ._version import __version__
+from .autograd import MatmulLtState, matmul
 
 #: Capabilities of this build, for code that feature-tests (bitsandbytes convention).
 features = {"multi_backend"}
@@ -48,4 +49,6 @@ __all__ = [
     "NoBackendError",
     "QuantStateError",
     "UnsupportedOpError",
+    "MatmulLtState",
+    "matmul",
 ]

@@ -108,15 +108,117 @@ def _check_reference_blockwise(reference: Backend, device: torch.device) -> Opti
     return None
 
 
+def _int8_sample(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Activations with two large-magnitude columns and an all-zero row."""
+    values = torch.randn(24, 96, generator=torch.Generator().manual_seed(4321))
+    values[:, [5, 70]] *= 40.0
+    values[3] = 0.0
+    return values.to(dtype).to(device)
+
+
+def _close(label: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> Optional[str]:
+    got, want = got.cpu(), want.cpu()
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{label}: got {tuple(got.shape)} {got.dtype}, reference gives {tuple(want.shape)} {want.dtype}"
+    if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=rtol * float(want.abs().max().clamp_min(1))):
+        return f"{label}: max difference {float((got.double() - want.double()).abs().max()):.3g} from the reference"
+    return None
+
+
+def _codes_close(label: str, got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
+    """int8 codes may differ by one step at 1/500 of elements (float rounding near .5)."""
+    from .testing.tolerances import INT8_CODE_MAX_STEP, INT8_CODE_MISMATCH_FRACTION
+
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{label}: got {tuple(got.shape)} {got.dtype}, reference gives {tuple(want.shape)} {want.dtype}"
+    step = (got.cpu().int() - want.cpu().int()).abs()
+    if int(step.max()) > INT8_CODE_MAX_STEP or float((step != 0).float().mean()) > INT8_CODE_MISMATCH_FRACTION:
+        return f"{label}: {int((step != 0).sum())} codes differ from the reference, by up to {int(step.max())}"
+    return None
+
+
+def _check_int8_quant(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    for dtype_name in _declared(backend, "int8_vectorwise_quant", "dtypes", ("float32",)):
+        A = _int8_sample(device, getattr(torch, dtype_name))
+        for threshold in (0.0, 6.0):
+            label = f"{dtype_name}, threshold {threshold}"
+            (CA, stats, cols), (ref_CA, ref_stats, ref_cols) = (
+                b.int8_vectorwise_quant(A, threshold=threshold) for b in (backend, reference)
+            )
+            problem = (
+                _codes_close(f"codes ({label})", CA, ref_CA)
+                or _compare(f"row_stats ({label})", stats, ref_stats)
+                or _compare(f"outlier_cols ({label})", cols, ref_cols)
+            )
+            if problem:
+                return problem
+    return None
+
+
+def _check_int8_matmul(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    generator = torch.Generator().manual_seed(77)
+    for M, K, N in ((1, 16, 8), (33, 1100, 24)):
+        A = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=generator).to(device)
+        B = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=generator).to(device)
+        problem = _compare(f"{M}x{K} @ {N}x{K}.T", backend.int8_linear_matmul(A, B), reference.int8_linear_matmul(A, B))
+        if problem:
+            return problem
+    return None
+
+
+def _check_int8_mm_dequant(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    generator = torch.Generator().manual_seed(78)
+    C = torch.randint(-(2**20), 2**20, (12, 20), dtype=torch.int32, generator=generator).to(device)
+    rows, cols = torch.rand(12, generator=generator).to(device), torch.rand(20, generator=generator).to(device)
+    bias = torch.randn(20, generator=generator).to(device)
+    for dtype in (torch.float16, torch.float32):
+        kwargs = dict(row_stats=rows, col_stats=cols, bias=bias, dtype=dtype)
+        problem = _close(f"{dtype}", backend.int8_mm_dequant(C, **kwargs), reference.int8_mm_dequant(C, **kwargs), 1e-3)
+        if problem:
+            return problem
+    return None
+
+
+def _check_int8_mixed_scaled_mm(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    A = _int8_sample(device)
+    CA, SCA, cols = reference.int8_vectorwise_quant(A, threshold=6.0)
+    weight = torch.randn(16, A.shape[1], generator=torch.Generator().manual_seed(79)).to(device)
+    CB, SCB, _ = reference.int8_vectorwise_quant(weight, threshold=0.0)
+    kwargs = dict(CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=cols, bias=None)
+    (out, subA), (ref_out, ref_subA) = (b.int8_mixed_scaled_mm(A, **kwargs) for b in (backend, reference))
+    return _close("out", out, ref_out) or _compare("subA", subA, ref_subA)
+
+
+def _check_reference_int8(reference: Backend, device: torch.device) -> Optional[str]:
+    """The reference int8 matmul: exact against int64, and within int8 error on randn."""
+    from .testing.tolerances import INT8_MATMUL_REL_ERR, relative_error
+
+    generator = torch.Generator().manual_seed(80)
+    x = torch.randn(16, 512, generator=generator).to(device)
+    w = torch.randn(64, 512, generator=generator).to(device)
+    (CA, SCA, _), (CB, SCB, _) = (reference.int8_vectorwise_quant(t, threshold=0.0) for t in (x, w))
+    C = reference.int8_linear_matmul(CA, CB)
+    if not torch.equal(C.cpu().long(), CA.cpu().long() @ CB.cpu().long().T):
+        return "int8_linear_matmul differs from the exact int64 product"
+    y = reference.int8_mm_dequant(C, row_stats=SCA, col_stats=SCB, bias=None, dtype=torch.float32)
+    error = relative_error(y.cpu(), (x @ w.T).cpu())
+    return None if error < INT8_MATMUL_REL_ERR else f"int8 matmul relative error {error:.4f} >= {INT8_MATMUL_REL_ERR}"
+
+
 #: Checks by op name; an op the backend does not declare is skipped.
 CHECKS: dict[str, Check] = {
     "quantize_blockwise": _check_blockwise,
     "dequantize_blockwise": _check_dequantize_blockwise,
+    "int8_vectorwise_quant": _check_int8_quant,
+    "int8_linear_matmul": _check_int8_matmul,
+    "int8_mm_dequant": _check_int8_mm_dequant,
+    "int8_mixed_scaled_mm": _check_int8_mixed_scaled_mm,
 }
 
 #: Checks of the reference backend itself, by op name.
 REFERENCE_CHECKS: dict[str, Callable[[Backend, torch.device], Optional[str]]] = {
     "quantize_blockwise": _check_reference_blockwise,
+    "int8_linear_matmul": _check_reference_int8,
 }
 
 

@@ -185,10 +185,16 @@ class Backend(abc.ABC):
         raise self._refuse("matmul_4bit")
 
     # ------------------------------------------------------------------------- int8
-    def int8_vectorwise_quant(
-        self, A: Tensor, *, threshold: float
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Row-wise absmax int8 quantization; returns ``(CA, row_stats, outlier_cols)``."""
+    # Rows are all leading dimensions of ``A``; statistics are float32, one per row (or
+    # column); ``outlier_cols`` is an int64 tensor, empty when there are none.
+    def int8_vectorwise_quant(self, A: Tensor, *, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Row-wise absmax int8 quantization; returns ``(CA, row_stats, outlier_cols)``.
+
+        With ``threshold > 0`` elements with ``|a| >= threshold`` are outliers: they are left
+        out of the row absmax and every column holding one is zeroed in ``CA``.
+        ``CA = round_half_even(A * 127 / row_stats)`` with ``A``'s shape; a zero statistic
+        gives zero codes.
+        """
         raise self._refuse("int8_vectorwise_quant")
 
     def int8_vectorwise_dequant(self, A: Tensor, *, stats: Tensor) -> Tensor:
@@ -196,7 +202,8 @@ class Backend(abc.ABC):
         raise self._refuse("int8_vectorwise_dequant")
 
     def int8_linear_matmul(self, A: Tensor, B: Tensor) -> Tensor:
-        """Exact ``A @ B.T`` of int8 matrices, accumulated and returned in int32."""
+        """Exact ``A @ B.T`` of int8 ``A`` (``[..., K]``) and ``B`` (``[N, K]``), accumulated
+        and returned in int32 (``[..., N]``)."""
         raise self._refuse("int8_linear_matmul")
 
     def int8_mm_dequant(
@@ -208,13 +215,16 @@ class Backend(abc.ABC):
         bias: Optional[Tensor],
         dtype: torch.dtype,
     ) -> Tensor:
-        """Scale an int32 product back: ``A * row[:, None] * col[None, :] / 127**2 (+ bias)``."""
+        """Scale an int32 product back: ``A * row[:, None] * col[None, :] / 127**2 (+ bias)``,
+        computed in float32 and returned as ``dtype``."""
         raise self._refuse("int8_mm_dequant")
 
-    def int8_double_quant(
-        self, A: Tensor, *, threshold: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """Row- and column-wise int8 quantization; ``(CA, CAt, row_stats, col_stats, outlier_cols)``."""
+    def int8_double_quant(self, A: Tensor, *, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Row- and column-wise int8 quantization; ``(CA, CAt, row_stats, col_stats, outlier_cols)``.
+
+        ``CA``/``row_stats``/``outlier_cols`` as in :meth:`int8_vectorwise_quant`; ``CAt``
+        (``A``'s shape) and ``col_stats`` quantize each column by its absmax, outliers masked.
+        """
         raise self._refuse("int8_double_quant")
 
     def int8_mixed_scaled_mm(
@@ -227,9 +237,10 @@ class Backend(abc.ABC):
         SCB: Tensor,
         outlier_cols: Tensor,
         bias: Optional[Tensor],
-    ) -> tuple[Tensor, Optional[Tensor]]:
+    ) -> tuple[Tensor, Tensor]:
         """LLM.int8() mixed matmul: int8 product of the regular columns plus the outlier
-        columns in 16-bit. Returns ``(out, subA)`` where ``subA`` holds ``A[:, outlier_cols]``."""
+        columns in 16-bit (``A[:, cols] @ dequant(CB)[:, cols].T``). Returns ``(out, subA)``:
+        ``out`` in ``A``'s dtype, ``subA = A[:, outlier_cols]`` (rows x len(cols))."""
         raise self._refuse("int8_mixed_scaled_mm")
 
     # -------------------------------------------------------------------- optimizers

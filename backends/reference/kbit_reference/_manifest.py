@@ -16,6 +16,15 @@ _blockwise8 = {
     "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
 }
 
+_int8 = {
+    "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPES),
+    "int8_vectorwise_dequant": OpSupport(dtypes=("float32",)),
+    "int8_linear_matmul": OpSupport(dtypes=("int8",)),
+    "int8_mm_dequant": OpSupport(dtypes=FLOAT_DTYPES),
+    "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPES),
+    "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPES),
+}
+
 MANIFEST = BackendManifest(
     name="reference",
     api_version=API_VERSION,
@@ -24,6 +33,6 @@ MANIFEST = BackendManifest(
     priority=0,
     device_types=("cpu",),
     factory="kbit_reference.backend:ReferenceBackend",
-    ops={**_blockwise8},
+    ops={**_blockwise8, **_int8},
     description="pure PyTorch; the correctness oracle and universal fallback",
 )

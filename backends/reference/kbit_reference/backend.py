@@ -5,9 +5,10 @@ from __future__ import annotations
 from kbit.backend import Backend
 
 from ._blockwise8 import Blockwise8Ops
+from ._int8 import Int8Ops
 
 
-class ReferenceBackend(Blockwise8Ops, Backend):
+class ReferenceBackend(Blockwise8Ops, Int8Ops, Backend):
     """Pure-PyTorch implementation of every kbit op; runs wherever torch runs."""
 
     def is_available(self) -> bool:

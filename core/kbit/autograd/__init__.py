@@ -5,3 +5,7 @@ top level of ``kbit``.
 """
 
 __all__: list[str] = []
+
+from ._matmul8bit import MatmulLtState, matmul  # noqa: E402
+
+__all__ += ["MatmulLtState", "matmul"]

@@ -24,6 +24,13 @@ from ._codebooks import (
     create_normal_map,
     get_4bit_type,
 )
+from ._int8 import (
+    int8_double_quant,
+    int8_linear_matmul,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
 from ._quant_state import QuantState
 from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
 
@@ -40,6 +47,11 @@ __all__ = [
     "get_4bit_type",
     "get_ptr",
     "histogram_scatter_add_2d",
+    "int8_double_quant",
+    "int8_linear_matmul",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
     "is_on_gpu",
     "pack_dict_to_tensor",
     "quantize",

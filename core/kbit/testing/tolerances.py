@@ -65,3 +65,22 @@ def mean_errors(original, roundtrip) -> ErrorBar:
     original = original.float()
     error = (roundtrip.float() - original).abs()
     return ErrorBar(float(error.mean()), float((error / (original.abs() + 1e-8)).mean()))
+
+
+#: LLM.int8() (docs/formats.md section 4). Golden codes may differ from kbit's by one step
+#: (float rounding of ``A * 127 / absmax`` near .5) at no more than 1/500 of the elements;
+#: statistics and outlier columns are exact.
+INT8_CODE_MAX_STEP = 1
+INT8_CODE_MISMATCH_FRACTION = 1 / 500
+
+#: An int8 matmul of randn inputs against float32: relative Frobenius error
+#: ``||y - y_fp32|| / ||y_fp32||`` (measured about 0.010 at K = 512).
+INT8_MATMUL_REL_ERR = 2e-2
+
+__all__ += ["INT8_CODE_MAX_STEP", "INT8_CODE_MISMATCH_FRACTION", "INT8_MATMUL_REL_ERR", "relative_error"]
+
+
+def relative_error(result, expected) -> float:
+    """Relative Frobenius error ``||result - expected|| / ||expected||`` computed in float64."""
+    expected = expected.detach().double()
+    return float((result.detach().double() - expected).norm() / expected.norm())

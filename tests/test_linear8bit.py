@@ -1,0 +1,294 @@
+"""Int8Params, Linear8bitLt and Embedding8bit: quantization on move, state dicts, training."""
+
+import copy
+
+import pytest
+import torch
+
+import kbit
+import kbit.functional as F
+from kbit.nn import Embedding8bit, Int8Params, Linear8bitLt
+from kbit.testing.tolerances import INT8_CODE_MISMATCH_FRACTION, INT8_MATMUL_REL_ERR, relative_error
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _frozen_layer(in_features=64, out_features=32, seed=0, **kwargs) -> Linear8bitLt:
+    torch.manual_seed(seed)
+    return Linear8bitLt(in_features, out_features, has_fp16_weights=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- goldens
+def test_linear8bit_golden_loads_into_an_unquantized_module(goldens):
+    golden = goldens["linear8bit"]
+    state_dict, float_weight = golden["state_dict"], golden["float_weight"]
+    layer = _frozen_layer()
+    assert layer.weight.dtype == torch.float32  # not quantized yet
+    layer.load_state_dict(state_dict)
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight.data, state_dict["weight"])
+    assert torch.equal(layer.weight.SCB, state_dict["SCB"])
+    x = torch.randn(8, 64, generator=_gen(1))
+    expected = torch.nn.functional.linear(x, float_weight.float(), state_dict["bias"])
+    assert relative_error(layer(x), expected) < INT8_MATMUL_REL_ERR
+    # Saving gives back exactly the golden dict: same keys, order, dtypes and bytes.
+    saved = layer.state_dict()
+    assert list(saved) == list(state_dict) == ["weight", "bias", "SCB", "weight_format"]
+    for key, value in state_dict.items():
+        assert saved[key].dtype == value.dtype and saved[key].shape == value.shape and torch.equal(saved[key], value), key
+
+
+def test_quantizing_the_golden_float_weight_reproduces_its_state_dict(goldens):
+    golden = goldens["linear8bit"]
+    state_dict = golden["state_dict"]
+    layer = _frozen_layer()
+    with torch.no_grad():
+        layer.weight.copy_(golden["float_weight"].float())
+        layer.bias.copy_(state_dict["bias"])
+    layer.to("cpu")
+    saved = layer.state_dict()
+    assert torch.equal(saved["SCB"], state_dict["SCB"])
+    step = (saved["weight"].int() - state_dict["weight"].int()).abs()
+    assert step.max() <= 1 and (step != 0).float().mean() <= INT8_CODE_MISMATCH_FRACTION
+    assert saved["weight_format"].dtype == torch.uint8 and saved["weight_format"].shape == ()
+    assert int(saved["weight_format"]) == 0
+
+
+# --------------------------------------------------------------------------- Int8Params
+@pytest.mark.parametrize("move", [lambda p: p.to("cpu"), lambda p: p.cpu(), lambda p: p.to(torch.device("cpu"))])
+def test_int8params_quantize_on_first_move(move):
+    w = torch.randn(16, 32, generator=_gen(2))
+    param = Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    moved = move(param)
+    assert moved is param and param.dtype == torch.int8 and not param.requires_grad
+    CB, SCB, _ = F.int8_vectorwise_quant(w)
+    assert torch.equal(param.data, CB) and torch.equal(param.SCB, SCB)
+    assert param.CB.data_ptr() == param.data_ptr()
+    again = param.to("cpu")  # an int8 weight is never re-quantized
+    assert again is param and torch.equal(param.data, CB)
+
+
+def test_int8params_with_fp16_weights_stay_float():
+    w = torch.randn(16, 32, generator=_gen(3))
+    param = Int8Params(w.clone(), requires_grad=True, has_fp16_weights=True)
+    moved = param.to("cpu")
+    assert moved.dtype == torch.float32 and moved.requires_grad and torch.equal(moved, w)
+    assert param.SCB is None
+
+
+def test_dtype_only_move_does_not_quantize_and_never_casts_codes():
+    param = Int8Params(torch.randn(4, 8, generator=_gen(4)), requires_grad=False)
+    half = param.to(torch.float16)
+    assert half.dtype == torch.float16 and isinstance(half, Int8Params)
+    param.to("cpu")
+    assert param.to(torch.float16).dtype == torch.int8
+
+
+def test_module_moves_quantize_and_casts_keep_codes():
+    layer = _frozen_layer(seed=5)
+    layer.half()  # dtype only: still float, not quantized
+    assert layer.weight.dtype == torch.float16
+    layer.to("cpu")
+    assert layer.weight.dtype == torch.int8 and layer.weight.SCB.dtype == torch.float32
+    assert layer.state.CB.data_ptr() == layer.weight.data_ptr() and layer.state.SCB is layer.weight.SCB
+    layer.float()
+    assert layer.weight.dtype == torch.int8 and layer.bias.dtype == torch.float32
+
+
+def test_first_forward_quantizes_a_frozen_layer():
+    layer = _frozen_layer(seed=6)
+    w = layer.weight.detach().clone()
+    x = torch.randn(4, 64, generator=_gen(7))
+    y = layer(x)
+    assert layer.weight.dtype == torch.int8
+    assert relative_error(y, torch.nn.functional.linear(x, w, layer.bias)) < INT8_MATMUL_REL_ERR
+
+
+def test_deepcopy_keeps_the_quantization():
+    layer = _frozen_layer(seed=8).to("cpu")
+    twin = copy.deepcopy(layer)
+    assert isinstance(twin.weight, Int8Params) and twin.weight.dtype == torch.int8
+    assert twin.weight.SCB is not layer.weight.SCB and torch.equal(twin.weight.SCB, layer.weight.SCB)
+    x = torch.randn(3, 64, generator=_gen(9))
+    assert torch.equal(twin(x), layer(x))
+
+
+def test_pickling_a_whole_module_keeps_int8params(tmp_path):
+    layer = _frozen_layer(seed=30).to("cpu")
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert isinstance(loaded.weight, Int8Params) and loaded.weight.dtype == torch.int8
+    assert not loaded.weight.has_fp16_weights and torch.equal(loaded.weight.SCB, layer.weight.SCB)
+    x = torch.randn(2, 64, generator=_gen(31))
+    assert torch.equal(loaded(x), layer(x))
+
+
+# ------------------------------------------------------------------------ Linear8bitLt
+@pytest.mark.parametrize("has_fp16_weights", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_forward_matches_float_linear(has_fp16_weights, dtype):
+    torch.manual_seed(10)
+    reference = torch.nn.Linear(128, 48)
+    layer = Linear8bitLt(128, 48, has_fp16_weights=has_fp16_weights)
+    layer.load_state_dict(reference.state_dict())
+    layer.to("cpu")
+    x = torch.randn(2, 5, 128, generator=_gen(11)).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 5, 48)
+    assert relative_error(y, reference(x.float())) < INT8_MATMUL_REL_ERR
+
+
+def test_threshold_routes_outlier_columns_through_16bit():
+    torch.manual_seed(12)
+    reference = torch.nn.Linear(256, 64)
+    x = torch.randn(16, 256, generator=_gen(13))
+    x[:, [7, 99]] *= 60
+    errors = {}
+    for threshold in (0.0, 6.0):
+        layer = Linear8bitLt(256, 64, has_fp16_weights=False, threshold=threshold)
+        layer.load_state_dict(reference.state_dict())
+        errors[threshold] = relative_error(layer(x), reference(x))
+        if threshold:
+            assert layer.state.idx.tolist() == [7, 99] and layer.state.use_pool
+    assert errors[6.0] < INT8_MATMUL_REL_ERR and errors[0.0] > 4 * errors[6.0]
+
+
+def test_state_dict_of_a_trainable_layer_is_plain():
+    layer = Linear8bitLt(8, 4, has_fp16_weights=True).to("cpu")
+    saved = layer.state_dict()
+    assert list(saved) == ["weight", "bias"] and saved["weight"].dtype == torch.float32
+
+
+def test_int8_checkpoint_loads_dequantized_into_a_trainable_layer():
+    frozen = _frozen_layer(seed=14).to("cpu")
+    trainable = Linear8bitLt(64, 32, has_fp16_weights=True)
+    trainable.load_state_dict(frozen.state_dict())
+    assert trainable.weight.dtype == torch.float32 and trainable.weight.requires_grad
+    expected = F.int8_vectorwise_dequant(frozen.weight.data, frozen.weight.SCB)
+    assert torch.equal(trainable.weight.data, expected)
+
+
+def test_float_checkpoint_loads_quantized_into_a_quantized_layer():
+    torch.manual_seed(15)
+    reference = torch.nn.Linear(64, 32)
+    layer = _frozen_layer(seed=16).to("cpu")
+    layer.load_state_dict(reference.state_dict())
+    CB, SCB, _ = F.int8_vectorwise_quant(reference.weight.detach())
+    assert torch.equal(layer.weight.data, CB) and torch.equal(layer.weight.SCB, SCB)
+    assert torch.equal(layer.bias.data, reference.bias.data)
+
+
+def test_round_trip_between_quantized_modules():
+    source = _frozen_layer(seed=17).to("cpu")
+    target = _frozen_layer(seed=18).to("cpu")
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(3, 64, generator=_gen(19))
+    assert torch.equal(target(x), source(x))
+
+
+def test_nested_module_state_dict_round_trip():
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), Linear8bitLt(64, 8, has_fp16_weights=False))
+
+    torch.manual_seed(20)
+    source = model().to("cpu")
+    target = model()
+    result = target.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 16, generator=_gen(21))
+    assert torch.equal(target(x), source(x))
+
+
+def _bad(state_dict, **changes):
+    bad = dict(state_dict)
+    for key, value in changes.items():
+        if value is None:
+            bad.pop(key)
+        else:
+            bad[key] = value
+    return bad
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        (dict(SCB=None), "SCB"),
+        (dict(SCB=torch.ones(31)), "SCB"),
+        (dict(SCB=torch.ones(32, dtype=torch.int32)), "SCB"),
+        (dict(weight_format=torch.tensor(2, dtype=torch.uint8)), "weight_format"),
+        (dict(weight=torch.zeros(32, 63, dtype=torch.int8)), "weight"),
+        (dict(weight=torch.zeros(32, 64, dtype=torch.int32)), "weight"),
+    ],
+)
+def test_malformed_checkpoint_raises_and_leaves_the_module_untouched(changes, key):
+    source = _frozen_layer(seed=22).to("cpu").state_dict()
+    target = _frozen_layer(seed=23)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(kbit.QuantStateError, match=key):
+        target.load_state_dict(_bad(source, **changes))
+    after = target.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_bad_constructor_threshold():
+    with pytest.raises(kbit.KbitValueError, match="threshold"):
+        Linear8bitLt(4, 4, threshold=-1.0)
+
+
+@pytest.mark.parametrize("has_fp16_weights, threshold", [(False, 0.0), (True, 0.0), (False, 6.0)])
+def test_compiled_forward_matches_eager(has_fp16_weights, threshold):
+    torch.manual_seed(24)
+    layer = Linear8bitLt(64, 32, has_fp16_weights=has_fp16_weights, threshold=threshold).to("cpu")
+    x = torch.randn(6, 64, generator=_gen(25))
+    x[:, 10] *= 30
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+
+
+def test_small_mlp_trains():
+    torch.manual_seed(26)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    x = torch.randn(256, 16, generator=_gen(27))
+    with torch.no_grad():
+        y = teacher(x)
+    model = torch.nn.Sequential(
+        Linear8bitLt(16, 64, has_fp16_weights=True), torch.nn.ReLU(), Linear8bitLt(64, 4, has_fp16_weights=True)
+    ).to("cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])  # about 0.01 measured
+
+
+# ----------------------------------------------------------------------- Embedding8bit
+def test_embedding8bit_matches_float_embedding():
+    torch.manual_seed(28)
+    reference = torch.nn.Embedding(50, 24)
+    embedding = Embedding8bit(50, 24)
+    embedding.load_state_dict(reference.state_dict())
+    assert embedding.weight.dtype == torch.float32  # quantized lazily
+    index = torch.tensor([[0, 7, 49], [3, 3, 12]])
+    out = embedding(index)
+    assert embedding.weight.dtype == torch.int8
+    assert out.shape == (2, 3, 24) and out.dtype == torch.float32
+    expected = reference(index)
+    assert torch.all((out - expected).abs() <= embedding.weight.SCB[index][..., None] / 254 * (1 + 1e-5))
+
+
+def test_embedding8bit_save_and_load():
+    torch.manual_seed(29)
+    source = Embedding8bit(30, 8, dtype=torch.float16).to("cpu")
+    saved = source.state_dict()
+    assert list(saved) == ["weight", "SCB", "weight_format"] and saved["weight"].dtype == torch.int8
+    target = Embedding8bit(30, 8, dtype=torch.float16)
+    target.load_state_dict(saved)
+    index = torch.arange(30)
+    assert target(index).dtype == torch.float16 and torch.equal(target(index), source(index))
