@@ -22,6 +22,7 @@ sys.path.insert(0, str(PLUGIN))
 
 from kbit_numpy import _kernels  # noqa: E402
 from kbit_numpy._manifest import MANIFEST  # noqa: E402
+from kbit_numpy.backend import NumpyBackend  # noqa: E402
 
 
 class TestNumpyConformance(BackendConformance):
@@ -60,3 +61,28 @@ def test_nearest_code_index_handles_duplicates_unsorted_tables_and_nan():
     table = np.array([0.5, -1.0, 0.0, 1.0], dtype=np.float32)
     values = np.array([0.25, 0.26, -0.6, 0.9], dtype=np.float32)
     assert _kernels.nearest_code_index(values, table).tolist() == [2, 0, 1, 3]
+
+
+def test_kbit_check_covers_every_declared_op(numpy_backend):
+    from kbit._selftest import run_checks
+
+    results = run_checks(kbit.backends.get("numpy"), kbit.backends.get("reference"))
+    assert {r.op for r in results} == set(MANIFEST.ops)
+    assert all(r.status == "passed" for r in results), results
+
+
+class WrongNoAbsmax(NumpyBackend):
+    """The numpy backend with code-only quantization one code too high."""
+
+    def quantize_no_absmax(self, A, *, code):
+        return (super().quantize_no_absmax(A, code=code).int() + 1).clamp(max=255).to(torch.uint8)
+
+
+def test_kbit_check_catches_a_wrong_op_through_the_conformance_cases():
+    from kbit._selftest import run_checks
+
+    kbit.backends.register(MANIFEST.model_copy(update={"name": "wrongnp", "factory": f"{__name__}:WrongNoAbsmax"}))
+    results = {r.op: r for r in run_checks(kbit.backends.get("wrongnp"), kbit.backends.get("reference"))}
+    assert results["quantize_no_absmax"].status == "failed"
+    assert "quantize_no_absmax-float16" in results["quantize_no_absmax"].detail
+    assert all(r.status == "passed" for op, r in results.items() if op != "quantize_no_absmax")

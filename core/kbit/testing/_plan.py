@@ -14,7 +14,7 @@ from ._cases import golden_checks, op_cases
 from ._cases._spec import OpCases, Variant
 from .tolerances import Tolerance, conformance_tolerance
 
-__all__ = ["KINDS", "MANIFEST_TEST", "PlannedCase", "plan", "declares", "manifest_problems", "effective_tolerance"]
+__all__ = ["KINDS", "MANIFEST_TEST", "PlannedCase", "plan", "declares", "manifest_problems", "effective_tolerance", "representatives"]
 
 #: Test kind -> the ``BackendConformance`` test function that runs it.
 KINDS: dict[str, str] = {
@@ -57,7 +57,8 @@ def declares(manifest: BackendManifest, op: str, dtype: Optional[str], params: M
     return support is not None and support.refusal(dtype, dict(params)) is None
 
 
-def _opcheck_representatives(cases: OpCases, variants: list[Variant]) -> list[Variant]:
+def representatives(cases: OpCases, variants: list[Variant]) -> list[Variant]:
+    """The first of ``variants`` for each distinct combination of ``cases.opcheck_axes``."""
     seen: dict[tuple, Variant] = {}
     for variant in variants:
         key = tuple(dict(variant.values).get(axis) for axis in cases.opcheck_axes)
@@ -77,7 +78,7 @@ def plan(manifest: BackendManifest) -> list[PlannedCase]:
                 planned.append(PlannedCase("compare", op, variant))
             else:
                 planned.append(PlannedCase("refuse", op, variant))
-        planned += [PlannedCase("opcheck", op, v) for v in _opcheck_representatives(cases, declared)]
+        planned += [PlannedCase("opcheck", op, v) for v in representatives(cases, declared)]
         if declared and op in golden_checks():
             planned.append(PlannedCase("goldens", op))
     planned += [PlannedCase("uncovered", op) for op in sorted(manifest.ops) if op not in covered]
