@@ -313,3 +313,33 @@ def test_report_counts_and_verdict():
     report.add(Outcome("b", "cpu", "t4", "dequantize", "compare", "skipped", "unavailable"))
     assert not report.to_json()["runs"][0]["conformant"]
     assert "NOT CONFORMANT" in report.render() and "t4: unavailable" in report.render()
+
+
+REFERENCE_CLASS = """
+class TestRef(BackendConformance):
+    backend = "reference"
+"""
+
+
+def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_path):
+    missing = tmp_path / "nowhere"
+    result, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens", "--kbit-goldens", str(missing))
+    (run,) = payload["runs"]
+    assert run["totals"]["skipped"] == len(run["ops"]) == 2 and run["conformant"]
+    assert all(f"golden vectors not found at {missing}" in p["message"] for p in run["problems"])
+
+
+def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
+    from tests.conftest import GOLDENS
+
+    monkeypatch.setenv("KBIT_GOLDENS", str(GOLDENS.parent))  # a directory works as well as the file
+    _, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens")
+    assert payload["runs"][0]["totals"]["passed"] == 2
+
+
+def test_suite_runs_without_the_plugin(pytester):
+    # Without kbit's pytest plugin there is no report, but the class still generates and runs.
+    pytester.makepyfile(test_wrong=BACKENDS + REFERENCE_CLASS)
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "float32-64", *QUIET)
+    result.assert_outcomes(passed=4)  # compare and opcheck of both blockwise ops
+    assert "kbit conformance" not in result.stdout.str()

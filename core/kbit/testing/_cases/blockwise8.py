@@ -292,14 +292,20 @@ _GOLDEN_CODE_SLACK = 3e-5
 _GOLDEN_CODE_MISMATCH_SHARE = 0.005
 
 
+def _declared_entries(ctx: GoldenContext, op: str, dtype_key: str) -> list[dict]:
+    """The ``blockwise8`` golden entries whose dtype and blocksize the backend declares for ``op``."""
+    return [
+        entry
+        for entry in ctx.goldens["blockwise8"]
+        if ctx.declares(op, entry[dtype_key].dtype, blocksize=entry["blocksize"])
+    ]
+
+
 def _golden_quantize_blockwise(ctx: GoldenContext) -> tuple[int, list[str]]:
     code = ctx.goldens["codes"]["dynamic_signed"]
-    checked, problems = 0, []
-    for entry in ctx.goldens["blockwise8"]:
+    entries, problems = _declared_entries(ctx, "quantize_blockwise", "A"), []
+    for entry in entries:
         A, bs = entry["A"], entry["blocksize"]
-        if not ctx.declares("quantize_blockwise", A.dtype, blocksize=bs):
-            continue
-        checked += 1
         label = f"blocksize {bs}, {A.numel()} elements"
         codes, absmax = ctx.call("quantize_blockwise", A, code, bs)
         if not torch.equal(absmax, entry["absmax"]):
@@ -319,22 +325,19 @@ def _golden_quantize_blockwise(ctx: GoldenContext) -> tuple[int, list[str]]:
             problems.append(f"{label}: codes differ from the goldens by more than {_GOLDEN_CODE_SLACK}")
         if float(differs.float().mean()) >= _GOLDEN_CODE_MISMATCH_SHARE:
             problems.append(f"{label}: {int(differs.sum())} codes differ from the goldens")
-    return checked, problems
+    return len(entries), problems
 
 
 def _golden_dequantize_blockwise(ctx: GoldenContext) -> tuple[int, list[str]]:
     code = ctx.goldens["codes"]["dynamic_signed"]
-    checked, problems = 0, []
-    for entry in ctx.goldens["blockwise8"]:
+    entries, problems = _declared_entries(ctx, "dequantize_blockwise", "dequant"), []
+    for entry in entries:
         bs, expected = entry["blocksize"], entry["dequant"]
-        if not ctx.declares("dequantize_blockwise", expected.dtype, blocksize=bs):
-            continue
-        checked += 1
         out = ctx.call("dequantize_blockwise", entry["codes"], entry["absmax"], code, bs, expected.dtype)
         problem = compare_tensor(f"blocksize {bs}: dequantized golden codes", out, expected, EXACT)
         if problem:
             problems.append(problem)
-    return checked, problems
+    return len(entries), problems
 
 
 GOLDENS = (
