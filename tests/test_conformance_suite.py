@@ -343,3 +343,24 @@ def test_suite_runs_without_the_plugin(pytester):
     result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "float32-64", *QUIET)
     result.assert_outcomes(passed=4)  # compare and opcheck of both blockwise ops
     assert "kbit conformance" not in result.stdout.str()
+
+
+def test_declared_op_without_cases_is_skipped_and_blocks_the_verdict(pytester):
+    from kbit._opnames import ALL_OPS
+
+    uncovered = sorted(ALL_OPS - set(op_cases()))
+    if not uncovered:
+        pytest.skip("every op has conformance cases")
+    _, payload = run_suite(
+        pytester,
+        f"""
+        class TestAhead(BackendConformance):
+            backend = "ahead"
+            manifest = manifest("ahead", "OffByOne", ops={{{uncovered[0]!r}: OpSupport()}})
+        """,
+        "-k", "test_has_cases",
+    )  # fmt: skip
+    run = ops_of(payload, "ahead")
+    (problem,) = run["problems"]
+    assert problem["test"] == f"test_has_cases[{uncovered[0]}]" and problem["status"] == "skipped"
+    assert "has no conformance cases" in problem["message"] and not run["conformant"]

@@ -14,7 +14,15 @@ from ._cases import golden_checks, op_cases
 from ._cases._spec import OpCases, Variant
 from .tolerances import Tolerance, conformance_tolerance
 
-__all__ = ["KINDS", "MANIFEST_TEST", "PlannedCase", "plan", "declares", "manifest_problems", "effective_tolerance", "representatives"]
+__all__ = [
+    "KINDS",
+    "PlannedCase",
+    "plan",
+    "declares",
+    "representatives",
+    "manifest_problems",
+    "effective_tolerance",
+]
 
 #: Test kind -> the ``BackendConformance`` test function that runs it.
 KINDS: dict[str, str] = {
@@ -24,9 +32,6 @@ KINDS: dict[str, str] = {
     "goldens": "test_goldens",
     "uncovered": "test_has_cases",
 }
-
-#: Name of the non-parametrized test checking the manifest and the class settings.
-MANIFEST_TEST = "test_manifest"
 
 
 @dataclasses.dataclass(frozen=True)
