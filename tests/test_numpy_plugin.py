@@ -18,7 +18,7 @@ import kbit.functional as F
 from kbit.testing import BackendConformance
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "kbit-numpy"
-sys.path.insert(0, str(PLUGIN))
+sys.path.append(str(PLUGIN))
 
 from kbit_numpy import _kernels  # noqa: E402
 from kbit_numpy._manifest import MANIFEST  # noqa: E402
