@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from kbit.testing._goldens import find_goldens
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,11 +207,16 @@ def test_kbit_backend_routes_to_the_plugin(env):
 
 
 def test_kbit_conformance_numpy_passes(env):
-    result = env.kbit("conformance", "numpy", "--report", str(env.root / "numpy.json"))
+    goldens, _ = find_goldens()
+    extra = ["--goldens", str(goldens)] if goldens is not None else []
+    result = env.kbit("conformance", "numpy", "--report", str(env.root / "numpy.json"), *extra)
     assert result.returncode == 0, result.stdout + result.stderr
     (run,) = json.loads((env.root / "numpy.json").read_text())["runs"]
     assert run["backend"] == "numpy" and run["conformant"] and run["totals"]["failed"] == 0
     assert run["ops"]["quantize_blockwise"]["passed"] > 0 and run["ops"]["estimate_quantiles"]["refused"] == 3
+    # With the golden vectors both golden checks run and pass; without, both skip.
+    golden_skips = [p for p in run["problems"] if p["kind"] == "goldens"]
+    assert len(golden_skips) == (0 if goldens is not None else 2)
     assert "backend 'numpy' on cpu: CONFORMANT" in result.stdout
 
 
