@@ -38,11 +38,12 @@ def find_goldens(option: Optional[str] = None, rootdir: Optional[Path] = None) -
 
     source_checkout = Path(kbit.__file__).resolve().parents[2]
     bases = [base for base in (rootdir, Path.cwd(), source_checkout) if base is not None]
-    for base in bases:
-        path = _as_file((base / _RELATIVE).resolve())
+    candidates = list(dict.fromkeys((base / _RELATIVE).resolve() for base in bases))
+    for candidate in candidates:
+        path = _as_file(candidate)
         if path.is_file():
             return path, ""
-    tried = ", ".join(str((base / _RELATIVE).resolve()) for base in bases)
+    tried = ", ".join(str(candidate) for candidate in candidates)
     return None, f"golden vectors not found (tried {tried}); pass --kbit-goldens PATH or set {ENV_VAR}"
 
 
