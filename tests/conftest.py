@@ -12,6 +12,9 @@ import torch
 
 import kbit
 
+# pytester runs the conformance suite on deliberately wrong backends in a nested session.
+pytest_plugins = ["pytester"]
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = Path(os.environ.get("KBIT_GOLDENS", REPO.parent / "shared" / "spec" / "goldens" / "goldens.pt"))
 

@@ -9,7 +9,16 @@ import pytest
 
 import kbit
 
-PUBLIC_MODULES = ["kbit", "kbit.functional", "kbit.backends", "kbit.backend", "kbit.nn", "kbit.autograd"]
+PUBLIC_MODULES = [
+    "kbit",
+    "kbit.functional",
+    "kbit.backends",
+    "kbit.backend",
+    "kbit.nn",
+    "kbit.autograd",
+    "kbit.testing",
+    "kbit.testing.tolerances",
+]
 
 
 def test_import_kbit_imports_no_backend_and_no_cupy():

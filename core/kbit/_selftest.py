@@ -222,6 +222,42 @@ REFERENCE_CHECKS: dict[str, Callable[[Backend, torch.device], Optional[str]]] = 
 }
 
 
+def _case_check(op: str) -> Check:
+    """A quick check derived from the conformance cases of ``op`` (``kbit.testing``).
+
+    It runs every input set of one declared variant per dtype against the reference, routed
+    through kbit with the backend pinned; the full sweep is ``kbit conformance``.
+    """
+
+    def check(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+        from .testing._cases import op_cases
+        from .testing._plan import declares, representatives
+        from .testing._runner import compare_with_reference
+        from .testing.tolerances import conformance_tolerance
+
+        cases = op_cases()[op]
+        declared = [v for v in cases.variants() if declares(backend.manifest, op, v.dtype_name, v.params)]
+        for variant in representatives(cases, declared):
+            problems = compare_with_reference(cases, variant, backend.name, device.type, conformance_tolerance(op))
+            if problems:
+                return f"{variant.id}: {problems[0]}"
+        return None
+
+    return check
+
+
+def _add_case_checks() -> None:
+    # Ops with conformance cases but no hand-written check above get a case-derived one,
+    # so `kbit check` covers every op family that has cases.
+    from .testing._cases import op_cases
+
+    for op in op_cases():
+        CHECKS.setdefault(op, _case_check(op))
+
+
+_add_case_checks()
+
+
 def run_checks(backend: Backend, reference: Backend) -> list[CheckResult]:
     """Run every check that applies to ``backend``; never raises for a backend's failure."""
     device = torch.device(backend.manifest.device_types[0] if backend.manifest else "cpu")

@@ -1,9 +1,26 @@
 """Test support for kbit and for backend authors.
 
-``kbit.testing.tolerances`` holds the one table of numerical quality bars every kbit test
-(and every backend's conformance run) compares against.
+- :class:`BackendConformance`: subclass it in a test file to run kbit's conformance suite
+  against a backend (``kbit conformance NAME`` does the same without a test file); see
+  ``docs/backend-authors.md``.
+- :mod:`kbit.testing.tolerances`: the one table of numerical quality bars and comparison
+  tolerances every kbit test and every backend's conformance run compares against.
+
+``BackendConformance`` needs pytest and is imported on first access, so ``import
+kbit.testing`` works without pytest.
 """
 
-from . import tolerances
+from typing import Any
 
-__all__ = ["tolerances"]
+from . import tolerances
+from .tolerances import Tolerance
+
+__all__ = ["BackendConformance", "Tolerance", "tolerances"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BackendConformance":
+        from ._conformance import BackendConformance
+
+        return BackendConformance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,3 +84,42 @@ def relative_error(result, expected) -> float:
     """Relative Frobenius error ``||result - expected|| / ||expected||`` computed in float64."""
     expected = expected.detach().double()
     return float((result.detach().double() - expected).norm() / expected.norm())
+
+
+class Tolerance(NamedTuple):
+    """How far a backend's output may be from the reference's: ``|got - want| <= atol + rtol * |want|``.
+
+    ``EXACT`` (both zero) means bit-for-bit equality, NaN matching NaN.
+    """
+
+    rtol: float
+    atol: float
+
+    @property
+    def exact(self) -> bool:
+        """True when no difference at all is allowed."""
+        return self.rtol == 0 and self.atol == 0
+
+
+#: Bit-exact: what the format demands for every code, scale and dequantized value.
+EXACT = Tolerance(rtol=0.0, atol=0.0)
+
+#: Conformance comparison of a backend with the reference backend, by op. An op missing
+#: here is compared bit-exactly: that is the default of the format contract, and a new op
+#: family adds an entry only for an op whose result legitimately depends on the order of
+#: floating-point operations.
+CONFORMANCE: dict[str, Tolerance] = {
+    # Quantiles interpolate between order statistics; an implementation may lerp with
+    # another formula or precision (one or two float32 ulps).
+    "estimate_quantiles": Tolerance(rtol=1e-5, atol=1e-6),
+    # Accumulation order of duplicate indices is unspecified.
+    "histogram_scatter_add_2d": Tolerance(rtol=1e-5, atol=1e-5),
+}
+
+
+def conformance_tolerance(op: str) -> Tolerance:
+    """The tolerance a backend's ``op`` is held to against the reference (``EXACT`` by default)."""
+    return CONFORMANCE.get(op, EXACT)
+
+
+__all__ += ["OptimizerBar", "mean_errors", "Tolerance", "EXACT", "CONFORMANCE", "conformance_tolerance"]

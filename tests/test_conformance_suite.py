@@ -1,0 +1,371 @@
+"""The conformance suite itself: it must fail for wrong backends, and say why.
+
+Each test writes a test file that subclasses ``BackendConformance`` for a deliberately
+broken backend (the reference with one mistake) and runs it in a nested pytest session,
+then reads the JSON report.
+"""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import kbit.functional as F
+from kbit.testing._cases import op_cases
+from kbit.testing._goldens import find_goldens
+from kbit.testing._plan import plan
+from kbit.testing._report import ConformanceReport, Outcome
+
+# Wrong backends: the reference with one mistake each. The manifests are registered by the
+# conformance classes (``manifest = ...``), the way an author tests a backend before
+# packaging it.
+BACKENDS = '''
+import torch
+from kbit.backend import API_VERSION, Backend, BackendManifest, OpSupport
+from kbit.testing import BackendConformance, Tolerance
+from kbit_reference.backend import ReferenceBackend
+from kbit_reference._manifest import MANIFEST as REFERENCE
+
+FLOATS = ("float16", "bfloat16", "float32")
+
+
+def manifest(name, factory, ops=None, **fields):
+    return BackendManifest(name=name, api_version=API_VERSION, device_types=("cpu",),
+                           factory=f"{__name__}:{factory}", ops=ops or dict(REFERENCE.ops), **fields)
+
+
+class OffByOne(ReferenceBackend):
+    """Every quantize_blockwise code one step too high."""
+    def quantize_blockwise(self, A, *, code, blocksize):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        return (codes.int() + 1).clamp(max=255).to(torch.uint8), absmax
+
+
+class HalfForBfloat16(ReferenceBackend):
+    """Claims bfloat16 but squeezes bfloat16 inputs through float16 (range lost)."""
+    def quantize_blockwise(self, A, *, code, blocksize):
+        if A.dtype == torch.bfloat16:
+            A = A.to(torch.float16)
+        return super().quantize_blockwise(A, code=code, blocksize=blocksize)
+
+
+class TiesUp(ReferenceBackend):
+    """Breaks ties towards the upper code."""
+    def quantize_blockwise(self, A, *, code, blocksize):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        x = (A.reshape(-1).float() * (1 / absmax).repeat_interleave(blocksize)[: A.numel()]).nan_to_num()
+        above = codes.reshape(-1).long().clamp(max=254) + 1
+        tie = (code[above] - x) == (x - code[codes.reshape(-1).long()])
+        return torch.where(tie, above, codes.reshape(-1).long()).to(torch.uint8).reshape(A.shape), absmax
+
+
+class WideAbsmax(ReferenceBackend):
+    """Returns float64 scales: values right, type wrong (the fake kernel says float32)."""
+    def quantize(self, A, *, code):
+        codes, absmax = super().quantize(A, code=code)
+        return codes, absmax.double()
+
+
+class NoDequantize(ReferenceBackend):
+    """Declares dequantize_blockwise but never implemented it."""
+    dequantize_blockwise = Backend.dequantize_blockwise
+
+
+class Sloppy(ReferenceBackend):
+    """Histogram updates off by 1e-3 (within loosened tolerance, not the shared one)."""
+    def histogram_scatter_add_2d(self, histogram, *, index1, index2, source):
+        super().histogram_scatter_add_2d(histogram, index1=index1, index2=index2, source=source * 1.0001)
+
+
+class Missing(ReferenceBackend):
+    def is_available(self):
+        return "no Acme accelerator found"
+'''
+
+# kbit is imported before the nested session loads its plugin: nothing to rewrite there.
+QUIET = ("-W", "ignore::pytest.PytestAssertRewriteWarning")
+
+# Nested sessions find the golden vectors the same way (next to the kbit checkout, or
+# KBIT_GOLDENS); without them the golden checks skip and count for nothing.
+GOLDEN_CHECKS_RUN = int(find_goldens()[0] is not None)
+
+ONLY_QB = '{"quantize_blockwise": OpSupport(dtypes=FLOATS, blocksizes=(64, 256))}'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_modules_loaded_once():
+    """Run opcheck once out here, before any nested session.
+
+    opcheck imports torch modules on first use that register global state (a torch
+    library, cache factories); pytester forgets modules imported inside a nested session,
+    and importing them again in the next one registers that state twice.
+    """
+    torch.library.opcheck(torch.ops.kbit.quantize.default, (torch.randn(8), F.create_dynamic_map()))
+
+
+def run_suite(pytester, classes: str, *args: str) -> tuple[pytest.RunResult, dict]:
+    pytester.makepyfile(test_wrong=BACKENDS + textwrap.dedent(classes))
+    report = pytester.path / "report.json"
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "--kbit-report", str(report), *args, *QUIET)
+    return result, json.loads(report.read_text())
+
+
+def ops_of(payload: dict, backend: str) -> dict:
+    (run,) = [run for run in payload["runs"] if run["backend"] == backend]
+    return run
+
+
+def test_off_by_one_quantize_fails_only_there(pytester):
+    result, payload = run_suite(
+        pytester,
+        """
+        class TestOffByOne(BackendConformance):
+            backend = "offbyone"
+            manifest = manifest("offbyone", "OffByOne")
+        """,
+    )
+    run = ops_of(payload, "offbyone")
+    assert result.ret == 1 and not run["conformant"]
+    variants = len(op_cases()["quantize_blockwise"].variants())
+    # Every declared variant and the golden check fail; so does whole-tensor quantize,
+    # which the reference (and so this subclass) builds on quantize_blockwise; nothing else.
+    assert run["ops"]["quantize_blockwise"]["failed"] == variants + GOLDEN_CHECKS_RUN
+    assert {op for op, counts in run["ops"].items() if counts["failed"]} == {"quantize_blockwise", "quantize"}
+    assert run["ops"]["dequantize_blockwise"]["failed"] == 0 and run["ops"]["dequantize_blockwise"]["passed"] > 0
+    messages = "\n".join(p["message"] for p in run["problems"])
+    assert "codes (outside all-zero blocks)" in messages and "differ from the reference" in messages
+    assert "farther from the value than the golden codes" in messages or not GOLDEN_CHECKS_RUN
+    result.stdout.fnmatch_lines(["*backend 'offbyone' on cpu: NOT CONFORMANT*"])
+
+
+def test_claimed_dtype_that_is_mishandled_fails_for_that_dtype(pytester):
+    result, payload = run_suite(
+        pytester,
+        f"""
+        class TestHalf(BackendConformance):
+            backend = "half"
+            manifest = manifest("half", "HalfForBfloat16", ops={ONLY_QB})
+        """,
+    )
+    run = ops_of(payload, "half")
+    failed = sorted(p["test"] for p in run["problems"] if p["status"] == "failed")
+    assert failed == [
+        "test_matches_reference[quantize_blockwise-bfloat16-256]",
+        "test_matches_reference[quantize_blockwise-bfloat16-64]",
+    ]
+    # The large values are what betray it: float16 overflows where bfloat16 does not.
+    assert all("large_values" in p["message"] for p in run["problems"] if p["status"] == "failed")
+    # The undeclared blocksizes were refused, one test each.
+    assert run["ops"]["quantize_blockwise"]["refused"] == 3 * 5
+    assert run["ops"]["dequantize_blockwise"]["refused"] == 3 * 7
+
+
+def test_ties_to_the_upper_index_are_caught(pytester):
+    _, payload = run_suite(
+        pytester,
+        f"""
+        class TestTiesUp(BackendConformance):
+            backend = "tiesup"
+            manifest = manifest("tiesup", "TiesUp", ops={ONLY_QB})
+        """,
+        "-k", "test_matches_reference and float32",
+    )  # fmt: skip
+    problems = ops_of(payload, "tiesup")["problems"]
+    assert len(problems) == 2 and all(p["message"].count("ties:") == 1 for p in problems)
+    assert all("partial_block" not in p["message"] for p in problems)
+
+
+def test_wrong_output_dtype_fails_comparison_and_opcheck(pytester):
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestWide(BackendConformance):
+            backend = "wide"
+            manifest = manifest("wide", "WideAbsmax", ops={"quantize": OpSupport(dtypes=("float32",))})
+        """,
+    )
+    failed = {p["test"]: p["message"] for p in ops_of(payload, "wide")["problems"] if p["status"] == "failed"}
+    assert set(failed) == {"test_matches_reference[quantize-float32]", "test_opcheck[quantize-float32]"}
+    assert "torch.float64, reference gives" in failed["test_matches_reference[quantize-float32]"]
+
+
+def test_declared_but_unimplemented_op_fails(pytester):
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestNoDequantize(BackendConformance):
+            backend = "nodeq"
+            manifest = manifest("nodeq", "NoDequantize")
+        """,
+        "-k", "dequantize_blockwise-float32-64",
+    )  # fmt: skip
+    messages = [p["message"] for p in ops_of(payload, "nodeq")["problems"]]
+    assert messages and all("UnsupportedOpError" in m for m in messages)
+
+
+def test_expected_failures_are_strict_and_checked(pytester):
+    result, payload = run_suite(
+        pytester,
+        """
+        class TestKnownBugs(BackendConformance):
+            backend = "offbyone"
+            manifest = manifest("offbyone", "OffByOne")
+            expected_failures = {
+                "test_matches_reference[quantize_blockwise-float32-64]": "acme#1: codes off by one",
+                "test_matches_reference[dequantize_blockwise-float32-64]": "wrongly listed: it passes",
+                "test_matches_reference[quantize_4bit-nf4]": "no such test",
+            }
+        """,
+        "-k", "float32-64 or test_manifest",
+    )  # fmt: skip
+    outcomes = {p["test"]: p for p in ops_of(payload, "offbyone")["problems"]}
+    assert outcomes["test_matches_reference[quantize_blockwise-float32-64]"]["status"] == "xfailed"
+    assert "acme#1" in outcomes["test_matches_reference[quantize_blockwise-float32-64]"]["message"]
+    xpass = outcomes["test_matches_reference[dequantize_blockwise-float32-64]"]
+    assert xpass["status"] == "failed" and "XPASS(strict)" in xpass["message"]
+    assert outcomes["test_manifest"]["status"] == "failed"
+    assert "test_matches_reference[quantize_4bit-nf4]" in outcomes["test_manifest"]["message"]
+
+
+def test_manifest_claims_beyond_the_api_and_bad_tolerances_fail(pytester):
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestOddManifest(BackendConformance):
+            backend = "odd"
+            device = "cuda"
+            manifest = manifest("odd", "Sloppy", ops={
+                "quantize_blockwise": OpSupport(dtypes=("float32", "float64"), blocksizes=(32, 64), quant_types=("nf4",)),
+            })
+            extra_tolerances = {"quantize_blockwise": Tolerance(rtol=0.1, atol=0.1)}
+        """,
+        "-k", "test_manifest",
+    )  # fmt: skip
+    (problem,) = ops_of(payload, "odd")["problems"]
+    message = problem["message"]
+    assert "device 'cuda' is not among the manifest's device_types ['cpu']" in message
+    assert "declares dtype ['float64']" in message and "declares blocksize [32]" in message
+    assert "declares quant_type values ['nf4'], but the op has no such parameter" in message
+    assert "quantize_blockwise is bit-exact by the format contract and cannot be loosened" in message
+
+
+def test_extra_tolerances_loosen_only_non_exact_ops(pytester):
+    classes = """
+        class TestSloppy(BackendConformance):
+            backend = "sloppy"
+            manifest = manifest("sloppy", "Sloppy", ops={"histogram_scatter_add_2d": OpSupport(dtypes=("float32",))})
+
+        class TestSloppyAllowed(BackendConformance):
+            backend = "sloppy"
+            manifest = manifest("sloppy", "Sloppy", ops={"histogram_scatter_add_2d": OpSupport(dtypes=("float32",))})
+            extra_tolerances = {"histogram_scatter_add_2d": Tolerance(rtol=1e-3, atol=1e-3)}
+    """
+    result, _ = run_suite(pytester, classes, "-k", "test_matches_reference")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*elements differ from the reference (within rtol=1e-05, atol=1e-05)*"])
+    result.stdout.fnmatch_lines(["FAILED test_wrong.py::TestSloppy::test_matches_reference*"])
+
+
+def test_unavailable_backend_is_skipped_and_not_conformant(pytester):
+    result, payload = run_suite(
+        pytester,
+        """
+        class TestMissing(BackendConformance):
+            backend = "missing"
+            manifest = manifest("missing", "Missing", ops={"quantize": OpSupport(dtypes=("float32",))})
+        """,
+    )
+    run = ops_of(payload, "missing")
+    assert run["totals"]["failed"] == 0 and run["totals"]["skipped"] > 0 and not run["conformant"]
+    assert "no Acme accelerator found" in run["problems"][0]["message"]
+
+
+def test_uninstalled_backend_fails_the_manifest_test(pytester):
+    result, payload = run_suite(pytester, "class TestGhost(BackendConformance):\n    backend = 'ghost'\n")
+    assert result.ret == 1
+    (problem,) = ops_of(payload, "ghost")["problems"]
+    assert "no backend named 'ghost' is installed" in problem["message"]
+
+
+def test_plugin_is_silent_in_sessions_without_conformance_tests(pytester):
+    pytester.makepyfile(test_plain="def test_one():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", *QUIET)
+    result.assert_outcomes(passed=1)
+    assert "kbit conformance" not in result.stdout.str()
+
+
+# ------------------------------------------------------------------------- units
+def test_plan_covers_every_variant_exactly_once():
+    from kbit_reference._manifest import MANIFEST
+
+    planned = plan(MANIFEST)
+    names = [case.test_name for case in planned]
+    assert len(names) == len(set(names))
+    for op, cases in op_cases().items():
+        compared = {c.variant for c in planned if c.op == op and c.kind in ("compare", "refuse")}
+        assert compared == set(cases.variants())
+
+
+def test_report_counts_and_verdict():
+    report = ConformanceReport()
+    report.add(Outcome("b", "cpu", "t1", "quantize", "compare", "passed"))
+    report.add(Outcome("b", "cpu", "t2", "quantize", "refuse", "refused"))
+    report.add(Outcome("b", "cpu", "t3", "dequantize", "goldens", "skipped", "no goldens"))
+    payload = report.to_json()
+    (run,) = payload["runs"]
+    assert run["conformant"] and run["ops"]["quantize"]["refused"] == 1 and run["totals"]["skipped"] == 1
+    report.add(Outcome("b", "cpu", "t4", "dequantize", "compare", "skipped", "unavailable"))
+    assert not report.to_json()["runs"][0]["conformant"]
+    assert "NOT CONFORMANT" in report.render() and "t4: unavailable" in report.render()
+
+
+REFERENCE_CLASS = """
+class TestRef(BackendConformance):
+    backend = "reference"
+"""
+
+
+def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_path):
+    missing = tmp_path / "nowhere"
+    result, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens", "--kbit-goldens", str(missing))
+    (run,) = payload["runs"]
+    assert run["totals"]["skipped"] == len(run["ops"]) == 2 and run["conformant"]
+    assert all(f"golden vectors not found at {missing}" in p["message"] for p in run["problems"])
+
+
+def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
+    from tests.conftest import GOLDENS
+
+    monkeypatch.setenv("KBIT_GOLDENS", str(GOLDENS.parent))  # a directory works as well as the file
+    _, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens")
+    assert payload["runs"][0]["totals"]["passed"] == 2
+
+
+def test_suite_runs_without_the_plugin(pytester):
+    # Without kbit's pytest plugin there is no report, but the class still generates and runs.
+    pytester.makepyfile(test_wrong=BACKENDS + REFERENCE_CLASS)
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "float32-64", *QUIET)
+    result.assert_outcomes(passed=4)  # compare and opcheck of both blockwise ops
+    assert "kbit conformance" not in result.stdout.str()
+
+
+def test_declared_op_without_cases_is_skipped_and_blocks_the_verdict(pytester):
+    from kbit._opnames import ALL_OPS
+
+    uncovered = sorted(ALL_OPS - set(op_cases()))
+    if not uncovered:
+        pytest.skip("every op has conformance cases")
+    _, payload = run_suite(
+        pytester,
+        f"""
+        class TestAhead(BackendConformance):
+            backend = "ahead"
+            manifest = manifest("ahead", "OffByOne", ops={{{uncovered[0]!r}: OpSupport()}})
+        """,
+        "-k", "test_has_cases",
+    )  # fmt: skip
+    run = ops_of(payload, "ahead")
+    (problem,) = run["problems"]
+    assert problem["test"] == f"test_has_cases[{uncovered[0]}]" and problem["status"] == "skipped"
+    assert "has no conformance cases" in problem["message"] and not run["conformant"]

@@ -1,0 +1,88 @@
+"""The NumPy plugin (plugins/kbit-numpy) through the conformance suite, in-process.
+
+The plugin is not installed in the development environment; its package is put on
+``sys.path`` and its manifest registered by the conformance class (``manifest = ...``),
+which is what a backend author does before packaging. The installed wheel is tested end to
+end in test_plugin_e2e.py.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kbit
+import kbit.functional as F
+from kbit.testing import BackendConformance
+
+PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "kbit-numpy"
+sys.path.append(str(PLUGIN))
+
+from kbit_numpy import _kernels  # noqa: E402
+from kbit_numpy._manifest import MANIFEST  # noqa: E402
+from kbit_numpy.backend import NumpyBackend  # noqa: E402
+
+
+class TestNumpyConformance(BackendConformance):
+    backend = "numpy"
+    device = "cpu"
+    manifest = MANIFEST
+
+
+@pytest.fixture
+def numpy_backend():
+    kbit.backends.register(MANIFEST)
+
+
+def test_outranks_the_reference_for_what_it_declares(numpy_backend):
+    assert kbit.backends.resolve("quantize_blockwise", "cpu", torch.float16, blocksize=64).name == "numpy"
+    bf16 = kbit.backends.resolve("quantize_blockwise", "cpu", torch.bfloat16, blocksize=64)
+    assert bf16.name == "reference" and bf16.rejected == (("numpy", "dtype bfloat16 not in declared ['float16', 'float32']"),)
+    assert kbit.backends.resolve("estimate_quantiles", "cpu", torch.float32).name == "reference"
+
+
+def test_public_api_round_trip_runs_on_numpy(numpy_backend):
+    A = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    codes, state = F.quantize_blockwise(A, blocksize=256)
+    with kbit.backends.use_backend("reference"):
+        ref_codes, ref_state = F.quantize_blockwise(A, blocksize=256)
+    assert torch.equal(codes, ref_codes) and torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(F.dequantize_blockwise(codes, state), F.dequantize_blockwise(ref_codes, ref_state, backend="reference"))
+
+
+def test_nearest_code_index_handles_duplicates_unsorted_tables_and_nan():
+    # A table padded with zeros holds 0 several times (indices 1..3): the lowest index wins.
+    code = np.array([-1.0, 0.0, 0.0, 0.0, 0.5, 1.0], dtype=np.float32)
+    values = np.array([0.0, 1e-9, -1e-9, 0.25, 0.2501, 2.0, -2.0, np.nan], dtype=np.float32)
+    assert _kernels.nearest_code_index(values, code).tolist() == [1, 1, 1, 1, 4, 5, 0, 5]
+    # An unsorted table: indices refer to the table as given.
+    table = np.array([0.5, -1.0, 0.0, 1.0], dtype=np.float32)
+    values = np.array([0.25, 0.26, -0.6, 0.9], dtype=np.float32)
+    assert _kernels.nearest_code_index(values, table).tolist() == [2, 0, 1, 3]
+
+
+def test_kbit_check_covers_every_declared_op(numpy_backend):
+    from kbit._selftest import run_checks
+
+    results = run_checks(kbit.backends.get("numpy"), kbit.backends.get("reference"))
+    assert {r.op for r in results} == set(MANIFEST.ops)
+    assert all(r.status == "passed" for r in results), results
+
+
+class WrongNoAbsmax(NumpyBackend):
+    """The numpy backend with code-only quantization one code too high."""
+
+    def quantize_no_absmax(self, A, *, code):
+        return (super().quantize_no_absmax(A, code=code).int() + 1).clamp(max=255).to(torch.uint8)
+
+
+def test_kbit_check_catches_a_wrong_op_through_the_conformance_cases():
+    from kbit._selftest import run_checks
+
+    kbit.backends.register(MANIFEST.model_copy(update={"name": "wrongnp", "factory": f"{__name__}:WrongNoAbsmax"}))
+    results = {r.op: r for r in run_checks(kbit.backends.get("wrongnp"), kbit.backends.get("reference"))}
+    assert results["quantize_no_absmax"].status == "failed"
+    assert "quantize_no_absmax-float16" in results["quantize_no_absmax"].detail
+    assert all(r.status == "passed" for op, r in results.items() if op != "quantize_no_absmax")
