@@ -16,6 +16,18 @@ _blockwise8 = {
     "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
 }
 
+OPTIMIZER_KINDS = ("adam", "momentum", "rmsprop", "lion", "adagrad", "lamb", "lars", "ademamix")
+
+_optimizer = {
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
+    # Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API).
+    "optimizer_update_8bit": OpSupport(
+        dtypes=FLOAT_DTYPES, optimizers=tuple(k for k in OPTIMIZER_KINDS if k != "ademamix")
+    ),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
+    "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPES),
+}
+
 MANIFEST = BackendManifest(
     name="reference",
     api_version=API_VERSION,
@@ -24,6 +36,6 @@ MANIFEST = BackendManifest(
     priority=0,
     device_types=("cpu",),
     factory="kbit_reference.backend:ReferenceBackend",
-    ops={**_blockwise8},
+    ops={**_blockwise8, **_optimizer},
     description="pure PyTorch; the correctness oracle and universal fallback",
 )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from kbit.backend import Backend
 
 from ._blockwise8 import Blockwise8Ops
+from ._optim import OptimizerOps
 
 
-class ReferenceBackend(Blockwise8Ops, Backend):
+class ReferenceBackend(Blockwise8Ops, OptimizerOps, Backend):
     """Pure-PyTorch implementation of every kbit op; runs wherever torch runs."""
 
     def is_available(self) -> bool:

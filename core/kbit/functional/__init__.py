@@ -24,6 +24,12 @@ from ._codebooks import (
     create_normal_map,
     get_4bit_type,
 )
+from ._optim import (
+    optimizer_update_8bit,
+    optimizer_update_8bit_blockwise,
+    optimizer_update_32bit,
+    percentile_clipping,
+)
 from ._quant_state import QuantState
 from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
 
@@ -41,7 +47,11 @@ __all__ = [
     "get_ptr",
     "histogram_scatter_add_2d",
     "is_on_gpu",
+    "optimizer_update_32bit",
+    "optimizer_update_8bit",
+    "optimizer_update_8bit_blockwise",
     "pack_dict_to_tensor",
+    "percentile_clipping",
     "quantize",
     "quantize_blockwise",
     "quantize_no_absmax",
