@@ -10,6 +10,7 @@ import pytest
 import kbit
 
 PUBLIC_MODULES = ["kbit", "kbit.functional", "kbit.backends", "kbit.backend"]
+PUBLIC_MODULES += ["kbit.optim", "kbit.nn"]
 
 
 def test_import_kbit_imports_no_backend_and_no_cupy():

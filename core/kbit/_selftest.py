@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._selftest_optim import OPTIMIZER_CHECKS, OPTIMIZER_REFERENCE_CHECKS
 from .backend import Backend
 from .functional._codebooks import cached_code
 
@@ -118,6 +119,9 @@ CHECKS: dict[str, Check] = {
 REFERENCE_CHECKS: dict[str, Callable[[Backend, torch.device], Optional[str]]] = {
     "quantize_blockwise": _check_reference_blockwise,
 }
+
+CHECKS.update(OPTIMIZER_CHECKS)
+REFERENCE_CHECKS.update(OPTIMIZER_REFERENCE_CHECKS)
 
 
 def run_checks(backend: Backend, reference: Backend) -> list[CheckResult]:

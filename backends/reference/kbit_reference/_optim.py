@@ -97,7 +97,7 @@ def _direction(h: _Hyper, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direc
     kind, b1, b2, t = h.kind, h.beta1, h.beta2, h.step
     if kind in ("adam", "lamb"):
         assert s2 is not None
-        s1.mul_(b1).add_(g, alpha=1.0 - b1)
+        s1.lerp_(g, 1.0 - b1)  # b1 m + (1 - b1) g in one pass
         s2.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         c1 = 1.0 - b1**t
         c2 = math.sqrt(1.0 - b2**t)
@@ -111,7 +111,7 @@ def _direction(h: _Hyper, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direc
     if kind == "lion":
         # The sign uses the momentum *before* this step's update of the state.
         sign = s1.mul(b1).add_(g, alpha=1.0 - b1).sign_()
-        s1.mul_(b2).add_(g, alpha=1.0 - b2)
+        s1.lerp_(g, 1.0 - b2)
         return _Direction(sign, numerator_is_temporary=True)
     if kind == "rmsprop":
         s1.mul_(b1).addcmul_(g, g, value=1.0 - b1)
@@ -122,8 +122,8 @@ def _direction(h: _Hyper, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direc
     if kind == "ademamix":
         assert s2 is not None
         m1, m2 = s1[0], s1[1]
-        m1.mul_(b1).add_(g, alpha=1.0 - b1)
-        m2.mul_(h.beta3).add_(g, alpha=1.0 - h.beta3)
+        m1.lerp_(g, 1.0 - b1)
+        m2.lerp_(g, 1.0 - h.beta3)
         s2.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         c1 = 1.0 - b1**t
         c2 = math.sqrt(1.0 - b2**t)
