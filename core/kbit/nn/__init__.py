@@ -3,7 +3,8 @@
 Each module family lives in its own private submodule and is re-exported here.
 """
 
-from ._embedding import Embedding, StableEmbedding
-
 __all__: list[str] = []
+
+from ._embedding import Embedding, StableEmbedding  # noqa: E402
+
 __all__ += ["Embedding", "StableEmbedding"]
