@@ -21,7 +21,7 @@ from ..functional._codebooks import create_dynamic_map
 from ._checkpoint import checked_param_state, flat_param_state, nest_quant_state
 from ._config import (
     HYPERPARAMETERS,
-    check_hyperparameters,
+    check_group_hyperparameters,
     check_layout_options,
     check_state_options,
     state_options,
@@ -90,7 +90,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Add a param group; its hyperparameters are validated like the constructor's."""
         if self.kind is not None:
             param_group = dict(param_group)
-            param_group.update(check_hyperparameters(self._owner, self.kind, param_group))
+            param_group.update(check_group_hyperparameters(self._owner, self.kind, param_group))
         super().add_param_group(param_group)
 
     def check_overrides(self) -> None:
@@ -110,7 +110,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             owner = f"{self._owner} (override for parameter {pindex} of group {gindex})"
             check_state_options(owner, override)
             config.update(override)
-            config.update(check_hyperparameters(owner, self.kind, config))
+            config.update(check_group_hyperparameters(owner, self.kind, config))
         return config
 
     # ---------------------------------------------------------------------- step
@@ -306,7 +306,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             new_group = {key: value for key, value in saved.items() if key != "params"}
-            new_group.update(check_hyperparameters(where, self.kind, new_group))
+            new_group.update(check_group_hyperparameters(where, self.kind, new_group))
             new_group["params"] = group["params"]
             new_groups.append(new_group)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
@@ -335,7 +335,7 @@ class _KindOptimizer(Optimizer8bit):
             percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
         )  # fmt: skip
         check_layout_options(owner, kind, vars(self.args), eight_bit=self.args.optim_bits == 8, block_wise=self.args.block_wise)
-        defaults = check_hyperparameters(owner, kind, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra))
+        defaults = check_group_hyperparameters(owner, kind, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra))
         super().__init__(params, defaults, self.args.optim_bits, is_paged)
         if self.is_paged:
             # Decided (and warned about) now, not at the first step: the user sees at once
@@ -413,7 +413,7 @@ class Optimizer2State(_KindOptimizer):
     ) -> None:
         extra = dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3) if optimizer_name == "ademamix" else {}
         if optimizer_name != "ademamix":
-            check_hyperparameters(type(self).__name__, F.optimizer_kind(type(self).__name__, optimizer_name),
+            check_group_hyperparameters(type(self).__name__, F.optimizer_kind(type(self).__name__, optimizer_name),
                                   dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3))  # fmt: skip
         super().__init__(
             optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size,

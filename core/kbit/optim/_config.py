@@ -97,7 +97,7 @@ def normalise_betas(owner: str, kind: OptimizerKind, betas: object) -> tuple[flo
     return values
 
 
-def check_hyperparameters(owner: str, kind: OptimizerKind, group: Mapping[str, Any]) -> dict[str, Any]:
+def check_group_hyperparameters(owner: str, kind: OptimizerKind, group: Mapping[str, Any]) -> dict[str, Any]:
     """Validated copy of the hyperparameters in ``group`` (betas normalised to a tuple)."""
     checked: dict[str, Any] = {}
     if "lr" in group:
