@@ -16,6 +16,7 @@ PUBLIC_MODULES = [
     "kbit.backend",
     "kbit.nn",
     "kbit.autograd",
+    "kbit.optim",
     "kbit.testing",
     "kbit.testing.tolerances",
 ]

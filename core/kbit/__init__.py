@@ -9,7 +9,7 @@ Importing kbit imports no backend and probes no device: backends are discovered 
 use.
 """
 
-from . import autograd, backends, functional, nn
+from . import autograd, backends, functional, nn, optim
 from ._errors import (
     BackendError,
     BackendNotFoundError,
@@ -37,6 +37,7 @@ __all__ = [
     "backends",
     "functional",
     "nn",
+    "optim",
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._selftest_optim import OPTIMIZER_CHECKS, OPTIMIZER_REFERENCE_CHECKS
 from .backend import Backend
 from .functional._codebooks import cached_code
 
@@ -220,6 +221,9 @@ REFERENCE_CHECKS: dict[str, Callable[[Backend, torch.device], Optional[str]]] = 
     "quantize_blockwise": _check_reference_blockwise,
     "int8_linear_matmul": _check_reference_int8,
 }
+
+CHECKS.update(OPTIMIZER_CHECKS)
+REFERENCE_CHECKS.update(OPTIMIZER_REFERENCE_CHECKS)
 
 
 def _case_check(op: str) -> Check:

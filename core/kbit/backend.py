@@ -244,6 +244,12 @@ class Backend(abc.ABC):
         raise self._refuse("int8_mixed_scaled_mm")
 
     # -------------------------------------------------------------------- optimizers
+    # Every update mutates ``p`` and its state tensors in place and returns nothing. The
+    # ``optimizer_name`` is one of "adam", "momentum", "rmsprop", "lion", "adagrad", "lamb",
+    # "lars", "ademamix"; a manifest lists the kinds it serves in ``OpSupport.optimizers``.
+    # Update rules and state layout: docs/formats.md section 5. For "ademamix" ``state1``
+    # stacks the two first moments, shape ``(2, *p.shape)`` (its absmax ``(2, nblocks)``).
+
     def optimizer_update_32bit(
         self,
         optimizer_name: str,
@@ -254,7 +260,6 @@ class Backend(abc.ABC):
         unorm_vec: Optional[Tensor],
         *,
         max_unorm: float,
-        param_norm: float,
         beta1: float,
         beta2: float,
         beta3: float,
@@ -266,7 +271,13 @@ class Backend(abc.ABC):
         gnorm_scale: float,
         skip_zeros: bool,
     ) -> None:
-        """One optimizer step with float32 state, updating ``p`` and the states in place."""
+        """One optimizer step with float32 state, updating ``p`` and the states in place.
+
+        With ``max_unorm > 0`` the backend computes ``||p||`` itself, stores the squared
+        update norm in ``unorm_vec[0]`` and scales the update down to at most
+        ``max_unorm * ||p||``. ``skip_zeros`` leaves elements whose gradient is exactly zero
+        untouched (parameter and state).
+        """
         raise self._refuse("optimizer_update_32bit")
 
     def optimizer_update_8bit(
@@ -293,7 +304,12 @@ class Backend(abc.ABC):
         unorm_vec: Optional[Tensor],
         max_unorm: float,
     ) -> None:
-        """One step with whole-tensor 8-bit state (one absmax per state), in place."""
+        """One step with whole-tensor 8-bit state (one absmax per state), in place.
+
+        States are read with the scales ``max1``/``max2``; the updated states' absmax is
+        written to ``new_max1``/``new_max2`` and the states are requantized with it. The
+        caller swaps ``max`` and ``new_max`` for the next step.
+        """
         raise self._refuse("optimizer_update_8bit")
 
     def optimizer_update_8bit_blockwise(
@@ -319,12 +335,24 @@ class Backend(abc.ABC):
         gnorm_scale: float,
         skip_zeros: bool,
     ) -> None:
-        """One step with blockwise 8-bit state (absmax per 256 elements), in place."""
+        """One step with blockwise 8-bit state (absmax per 256 elements), in place.
+
+        Each state block is dequantized, updated in float32 and requantized to the nearest
+        code with a fresh absmax, which is written back to ``absmax1``/``absmax2``.
+        """
         raise self._refuse("optimizer_update_8bit_blockwise")
 
     def percentile_clipping(
         self, grad: Tensor, gnorm_vec: Tensor, *, step: int, percentile: int
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Record ``||grad||^2`` in ``gnorm_vec`` (in place) and return
-        ``(current_gnorm, clip_value, gnorm_scale)``."""
+        ``(current_gnorm, clip_value, gnorm_scale)`` as 0-d float32 tensors."""
         raise self._refuse("percentile_clipping")
+
+    def paged_zeros(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A zero-filled tensor in memory the device can page out to the host (paged optimizers).
+
+        Only called on backends whose manifest lists the ``"paged_memory"`` feature; the
+        tensor must behave as an ordinary tensor on ``device`` for every op.
+        """
+        raise UnsupportedOpError("paged_zeros", self.name, "this backend has no paged (managed) memory")

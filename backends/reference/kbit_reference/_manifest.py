@@ -25,6 +25,18 @@ _int8 = {
     "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPES),
 }
 
+OPTIMIZER_KINDS = ("adam", "momentum", "rmsprop", "lion", "adagrad", "lamb", "lars", "ademamix")
+
+_optimizer = {
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
+    # Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API).
+    "optimizer_update_8bit": OpSupport(
+        dtypes=FLOAT_DTYPES, optimizers=tuple(k for k in OPTIMIZER_KINDS if k != "ademamix")
+    ),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
+    "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPES),
+}
+
 MANIFEST = BackendManifest(
     name="reference",
     api_version=API_VERSION,
@@ -33,6 +45,6 @@ MANIFEST = BackendManifest(
     priority=0,
     device_types=("cpu",),
     factory="kbit_reference.backend:ReferenceBackend",
-    ops={**_blockwise8, **_int8},
+    ops={**_blockwise8, **_int8, **_optimizer},
     description="pure PyTorch; the correctness oracle and universal fallback",
 )

@@ -6,9 +6,10 @@ from kbit.backend import Backend
 
 from ._blockwise8 import Blockwise8Ops
 from ._int8 import Int8Ops
+from ._optim import OptimizerOps
 
 
-class ReferenceBackend(Blockwise8Ops, Int8Ops, Backend):
+class ReferenceBackend(Blockwise8Ops, Int8Ops, OptimizerOps, Backend):
     """Pure-PyTorch implementation of every kbit op; runs wherever torch runs."""
 
     def is_available(self) -> bool:

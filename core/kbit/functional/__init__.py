@@ -31,6 +31,12 @@ from ._int8 import (
     int8_vectorwise_dequant,
     int8_vectorwise_quant,
 )
+from ._optim import (
+    optimizer_update_8bit,
+    optimizer_update_8bit_blockwise,
+    optimizer_update_32bit,
+    percentile_clipping,
+)
 from ._quant_state import QuantState
 from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
 
@@ -53,7 +59,11 @@ __all__ = [
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
     "is_on_gpu",
+    "optimizer_update_32bit",
+    "optimizer_update_8bit",
+    "optimizer_update_8bit_blockwise",
     "pack_dict_to_tensor",
+    "percentile_clipping",
     "quantize",
     "quantize_blockwise",
     "quantize_no_absmax",

@@ -8,3 +8,6 @@ __all__: list[str] = []
 from ._linear8bit import Embedding8bit, Int8Params, Linear8bitLt  # noqa: E402
 
 __all__ += ["Embedding8bit", "Int8Params", "Linear8bitLt"]
+from ._embedding import Embedding, StableEmbedding  # noqa: E402
+
+__all__ += ["Embedding", "StableEmbedding"]

@@ -10,6 +10,8 @@ __all__ = ["BLOCKWISE8_RANDN", "FOUR_BIT_RANDN", "NESTED_4BIT_RANDN", "OPTIMIZER
 
 from typing import NamedTuple
 
+__all__ += ["OPTIMIZER_TRAJECTORY", "OptimizerTrajectoryBar"]
+
 
 class ErrorBar(NamedTuple):
     """Upper bounds on mean absolute and mean relative error of a quantize round trip."""
@@ -55,6 +57,26 @@ class OptimizerBar(NamedTuple):
 
 
 OPTIMIZER_8BIT_VS_32BIT = OptimizerBar(state_atol=3e-3, state_rtol=1e-3, max_state_mismatches=20, param_mean_abs_err=6e-5)
+
+
+class OptimizerTrajectoryBar(NamedTuple):
+    """Agreement of a few-step optimizer trajectory with another implementation's.
+
+    Parameters: ``max |p - p_ref| <= param_rel * max |p_ref|`` at every step. 8-bit states:
+    at least ``min_equal_codes`` of the codes identical at every step (a nearest-code
+    quantizer and one that is off by a code at ties or by float rounding of the states
+    agree on nearly all of them) and ``absmax`` within ``absmax_rtol``.
+    """
+
+    param_rel_32bit: float
+    param_rel_8bit: float
+    min_equal_codes: float
+    absmax_rtol: float
+
+
+#: Goldens ``optim`` (issue 5) and backend-vs-reference optimizer checks.
+OPTIMIZER_TRAJECTORY = OptimizerTrajectoryBar(param_rel_32bit=1e-5, param_rel_8bit=1e-3, min_equal_codes=0.99,
+                                              absmax_rtol=1e-3)  # fmt: skip
 
 
 def mean_errors(original, roundtrip) -> ErrorBar:

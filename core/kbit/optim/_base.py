@@ -1,0 +1,422 @@
+"""The optimizer machinery shared by every kbit optimizer.
+
+:class:`Optimizer8bit` is a ``torch.optim.Optimizer`` that keeps, per parameter, 32-bit or
+8-bit state (blockwise or whole-tensor) and updates it with the fused kernels of
+:mod:`kbit.functional`. :class:`Optimizer1State` and :class:`Optimizer2State` are the
+bitsandbytes-compatible bases the concrete optimizers (``Adam``, ``Lion``, ...) derive from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._errors import KbitTypeError, KbitValueError
+from ..functional import _optim as F
+from ..functional._codebooks import create_dynamic_map
+from ._checkpoint import checked_param_state, flat_param_state, nest_quant_state
+from ._config import (
+    HYPERPARAMETERS,
+    check_group_hyperparameters,
+    check_layout_options,
+    check_state_options,
+    state_options,
+)
+from ._manager import GlobalOptimManager
+from ._paging import PagedAllocator
+
+__all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State", "ademamix_schedule"]
+
+
+def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
+                      t_alpha: Optional[int], t_beta3: Optional[int]) -> tuple[float, float]:  # fmt: skip
+    """AdEMAMix's warm-up of ``alpha`` and ``beta3`` at ``step`` (``None`` periods: constant).
+
+    ``alpha_t = min(t * alpha / t_alpha, alpha)``;
+    ``beta3_t = min(exp(ln b1 ln b3 / ((1 - t/T) ln b3 + (t/T) ln b1)), b3)`` with
+    ``T = t_beta3``: it rises from ``beta1`` to ``beta3`` over ``T`` steps.
+    """
+    alpha_t = alpha if t_alpha is None else min(step * alpha / t_alpha, alpha)
+    if t_beta3 is None or beta1 <= 0.0 or beta3 <= 0.0:
+        return beta3, alpha_t
+    ln1, ln3 = math.log(beta1), math.log(beta3)
+    fraction = step / t_beta3
+    beta3_t = min(math.exp(ln1 * ln3 / ((1.0 - fraction) * ln3 + fraction * ln1)), beta3)
+    return beta3_t, alpha_t
+
+
+class Optimizer8bit(torch.optim.Optimizer):
+    """Base class of kbit's optimizers: per-parameter 32-bit or 8-bit state.
+
+    Subclasses set :attr:`kind` (an entry of ``kbit.functional._optim.OPTIMIZER_KINDS``)
+    through :class:`Optimizer1State` / :class:`Optimizer2State`. What this class adds to
+    ``torch.optim.Optimizer``:
+
+    - per-parameter settings from :class:`GlobalOptimManager` (e.g. 32-bit state for one
+      embedding in an 8-bit optimizer);
+    - a step that checks all gradients first and changes nothing when one is sparse or
+      holds NaN/inf (a typed error says which parameter); see ``docs/optimizers.md``;
+    - checkpoints in the bitsandbytes layout (quantization tensors nested under
+      ``"__bnb_optimizer_quant_state__"``), loaded without casting and validated.
+    """
+
+    #: The optimizer kind; set by the concrete classes.
+    kind: Optional[F.OptimizerKind] = None
+    #: State width a class fixes (``Adam8bit``: 8); ``None`` lets ``optim_bits`` choose.
+    _fixed_optim_bits: Optional[int] = None
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], optim_bits: int = 32,
+                 is_paged: bool = False) -> None:  # fmt: skip
+        self.initialized = False
+        self.name2qmap: dict[tuple[str, str], torch.Tensor] = {}
+        self.is_paged = bool(is_paged)
+        self.mng = GlobalOptimManager.get_instance()
+        self.optim_bits = optim_bits
+        self._module_overrides: dict[int, dict[str, Any]] = {}
+        self._module_override_version = -1
+        self._allocator: Optional[PagedAllocator] = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters are validated like the constructor's."""
+        if self.kind is not None:
+            param_group = dict(param_group)
+            param_group.update(check_group_hyperparameters(self._owner, self.kind, param_group))
+        super().add_param_group(param_group)
+
+    def check_overrides(self) -> None:
+        """Resolve module overrides (``register_module_override``) to this optimizer's parameters."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._module_overrides = self.mng.module_overrides_for(params)
+        self._module_override_version = self.mng.module_override_version
+
+    def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
+        """The settings that apply to parameter ``pindex`` of group ``gindex``, validated."""
+        config = {key: group[key] for key in HYPERPARAMETERS if key in group}
+        config.update(vars(self.args))
+        p = group["params"][pindex]
+        override = dict(self._module_overrides.get(id(p), {}))
+        override.update(self.mng.config_for(p, gindex, pindex))
+        if override:
+            owner = f"{self._owner} (override for parameter {pindex} of group {gindex})"
+            check_state_options(owner, override)
+            config.update(override)
+            config.update(check_group_hyperparameters(owner, self.kind, config))
+        return config
+
+    # ---------------------------------------------------------------------- step
+    def _qmap(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self.name2qmap:
+            self.name2qmap[key] = create_dynamic_map(signed=name == "dynamic").to(device)
+        return self.name2qmap[key]
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor) -> torch.Tensor:
+        if self._allocator is not None:
+            return self._allocator.zeros(shape, dtype, p)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
+        """Allocate the state of ``p`` (8-bit when enabled and ``p`` has ``min_8bit_size`` elements)."""
+        if self.kind is None:
+            raise NotImplementedError(f"{self._owner} does not define an optimizer kind")
+        config = self.get_config(gindex, pindex, group)
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=config["block_wise"])
+        stacked = (2,) if self.kind.stacked_state1 else ()
+        shapes = [stacked + tuple(p.shape), tuple(p.shape)][: self.kind.num_states]
+        state = self.state[p]
+        state["step"] = 0
+        for which, shape in enumerate(shapes, start=1):
+            state[f"state{which}"] = self._zeros(shape, torch.uint8 if eight_bit else torch.float32, p)
+            if not eight_bit:
+                continue
+            # First moments (and every single state) are signed; second moments unsigned.
+            state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
+            if config["block_wise"]:
+                nblocks = -(-p.numel() // F.OPTIMIZER_BLOCKSIZE)
+                rows = stacked if which == 1 else ()
+                state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
+            else:
+                state[f"max{which}"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+                state[f"new_max{which}"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+        if config["percentile_clipping"] < 100:
+            state["gnorm_vec"] = torch.zeros(F.GNORM_HISTORY, dtype=torch.float32, device=p.device)
+        if config["max_unorm"] > 0:
+            state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+
+    def _check_gradients(self, work: list[tuple[int, int, dict, torch.Tensor]]) -> None:
+        """Refuse sparse and non-finite gradients before any state changes.
+
+        One reduction per gradient (its min and max: NaN and inf survive both) and one
+        host synchronisation per device for the whole step.
+        """
+        extremes: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for gindex, pindex, _, p in work:
+            if p.grad.is_sparse:
+                raise KbitTypeError(
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", "a sparse layout",
+                    "a dense gradient (kbit optimizers do not take sparse gradients; use sparse=False)",
+                )  # fmt: skip
+            if p.grad.numel():
+                extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
+        if all(bool(torch.isfinite(torch.cat(values)).all()) for values in extremes.values()):
+            return
+        for gindex, pindex, _, p in work:
+            if p.grad.numel() and not bool(torch.isfinite(p.grad).all()):
+                bad = int((~torch.isfinite(p.grad)).sum())
+                raise KbitValueError(
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}",
+                    f"{bad} NaN/inf value(s) of {p.grad.numel()}",
+                    "finite gradients; nothing was updated, so skipping this batch and stepping again is safe",
+                )  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``).
+
+        All gradients are checked first; a sparse or non-finite gradient raises and leaves
+        every parameter and state unchanged.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.initialized or self._module_override_version != self.mng.module_override_version:
+            self.check_overrides()
+            self.initialized = True
+        work = [
+            (gindex, pindex, group, p)
+            for gindex, group in enumerate(self.param_groups)
+            for pindex, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        self._check_gradients(work)
+        for gindex, pindex, group, p in work:
+            if not self.state[p]:
+                self.init_state(group, p, gindex, pindex)
+            self.update_step(group, p, gindex, pindex)
+        return loss
+
+    def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
+        """Apply one update to ``p`` with its state (layout chosen at :meth:`init_state`)."""
+        state = self.state[p]
+        config = self.get_config(gindex, pindex, group)
+        eight_bit = state["state1"].dtype == torch.uint8
+        block_wise = "absmax1" in state
+        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()  # the kernels update p in place
+        grad = p.grad
+        state["step"] += 1
+        step = state["step"]
+
+        gnorm_scale = 1.0
+        if config["percentile_clipping"] < 100:
+            fresh = "gnorm_vec" not in state  # clipping enabled by an override after step 1
+            if fresh:
+                state["gnorm_vec"] = torch.zeros(F.GNORM_HISTORY, dtype=torch.float32, device=p.device)
+            _, _, gnorm_scale = F.percentile_clipping(
+                grad, state["gnorm_vec"], 1 if fresh else step, config["percentile_clipping"]
+            )
+        unorm_vec = None
+        if config["max_unorm"] > 0:
+            unorm_vec = state.setdefault("unorm_vec", torch.zeros(1, dtype=torch.float32, device=p.device))
+
+        betas = config["betas"]
+        beta3, alpha = 0.0, 0.0
+        if self.kind.uses_beta3_alpha:
+            beta3, alpha = ademamix_schedule(step, betas[0], betas[2], config["alpha"], config["t_alpha"], config["t_beta3"])
+        common = dict(weight_decay=config["weight_decay"], gnorm_scale=gnorm_scale)
+        name = self.kind.name
+        if not eight_bit:
+            F.optimizer_update_32bit(
+                name, grad, p, state["state1"], betas[0], config["eps"], step, config["lr"], state.get("state2"),
+                betas[1], beta3, alpha, unorm_vec=unorm_vec, max_unorm=config["max_unorm"],
+                skip_zeros=config["skip_zeros"], **common,
+            )  # fmt: skip
+        elif block_wise:
+            F.optimizer_update_8bit_blockwise(
+                name, grad, p, state["state1"], state.get("state2"), betas[0], betas[1], beta3, alpha,
+                config["eps"], step, config["lr"], state["qmap1"], state.get("qmap2"), state["absmax1"],
+                state.get("absmax2"), skip_zeros=config["skip_zeros"], **common,
+            )  # fmt: skip
+        else:
+            F.optimizer_update_8bit(
+                name, grad, p, state["state1"], state.get("state2"), betas[0], betas[1], config["eps"], step,
+                config["lr"], state["qmap1"], state.get("qmap2"), state["max1"], state.get("max2"),
+                state["new_max1"], state.get("new_max2"), unorm_vec=unorm_vec, max_unorm=config["max_unorm"],
+                **common,
+            )  # fmt: skip
+            # The new scales become the current ones; the old buffers receive the next ones.
+            for which in (1, 2):
+                if f"max{which}" in state:
+                    state[f"max{which}"], state[f"new_max{which}"] = state[f"new_max{which}"], state[f"max{which}"]
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state with each parameter's quantization tensors nested under
+        ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes checkpoint layout)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {index: nest_quant_state(state) for index, state in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint in the nested or the flat layout.
+
+        Every parameter's state is checked against the parameter (kind, shapes, dtypes,
+        scales) before anything changes; a mismatch raises ``QuantStateError`` (a
+        ``ValueError``) naming the entry. Tensors are copied to the parameter's device and
+        never cast, so uint8 codes and float32 states load exactly.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        where = f"{self._owner}.load_state_dict"
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise KbitValueError(where, "state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
+        if len(saved_groups) != len(self.param_groups):
+            raise KbitValueError(where, "param_groups", f"{len(saved_groups)} groups", f"{len(self.param_groups)} like this optimizer")
+        id_to_param: dict[Any, tuple[torch.Tensor, str]] = {}
+        for gindex, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise KbitValueError(
+                    where, f"param_groups[{gindex}]", f"{len(saved['params'])} parameters",
+                    f"{len(group['params'])} like this optimizer's group {gindex}",
+                )  # fmt: skip
+            for pindex, (saved_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                id_to_param[saved_id] = (p, f"parameter {pindex} of group {gindex}")
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for saved_id, param_state in state_dict["state"].items():
+            if saved_id not in id_to_param:
+                raise KbitValueError(where, "state", saved_id, "the index of a parameter in param_groups")
+            p, label = id_to_param[saved_id]
+            new_state[p] = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+        new_groups = []
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            new_group = {key: value for key, value in saved.items() if key != "params"}
+            new_group.update(check_group_hyperparameters(where, self.kind, new_group))
+            new_group["params"] = group["params"]
+            new_groups.append(new_group)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+class _KindOptimizer(Optimizer8bit):
+    """Shared constructor of :class:`Optimizer1State` and :class:`Optimizer2State`."""
+
+    _num_states = 0
+
+    def __init__(self, optimizer_name: str, params: Iterable[Any], lr: float, betas: Any, eps: float,
+                 weight_decay: float, optim_bits: int, args: Any, min_8bit_size: int, *, percentile_clipping: int,
+                 block_wise: bool, max_unorm: float, skip_zeros: bool, is_paged: bool,
+                 extra: dict[str, Any]) -> None:  # fmt: skip
+        owner = type(self).__name__
+        kind = F.optimizer_kind(owner, optimizer_name)
+        if kind.num_states != self._num_states:
+            base = "Optimizer1State" if kind.num_states == 1 else "Optimizer2State"
+            raise KbitValueError(owner, "optimizer_name", optimizer_name, f"a {self._num_states}-state kind; use {base}")
+        self.kind = kind
+        self.optimizer_name = kind.name
+        self.args = state_options(
+            owner, args, self._fixed_optim_bits, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
+        )  # fmt: skip
+        check_layout_options(owner, kind, vars(self.args), eight_bit=self.args.optim_bits == 8, block_wise=self.args.block_wise)
+        defaults = check_group_hyperparameters(owner, kind, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra))
+        super().__init__(params, defaults, self.args.optim_bits, is_paged)
+        if self.is_paged:
+            # Decided (and warned about) now, not at the first step: the user sees at once
+            # whether paging is real.
+            op = "optimizer_update_8bit_blockwise" if self.args.optim_bits == 8 else "optimizer_update_32bit"
+            params = [p for group in self.param_groups for p in group["params"]]
+            self._allocator = PagedAllocator(owner, params, op, kind.name)
+
+
+class Optimizer1State(_KindOptimizer):
+    """Base of the one-state optimizers (momentum, lars, rmsprop, adagrad, lion).
+
+    ``betas`` carries the kind's decay rates: ``(momentum, 0)`` for SGD and LARS,
+    ``(alpha, 0)`` for RMSprop, ``(0, 0)`` for Adagrad and ``(beta1, beta2)`` for Lion.
+    State options after ``min_8bit_size`` are keyword-only.
+    """
+
+    _num_states = 1
+
+    def __init__(
+        self,
+        optimizer_name: str,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.0),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        skip_zeros: bool = False,
+        is_paged: bool = False,
+    ) -> None:
+        super().__init__(
+            optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size,
+            percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm,
+            skip_zeros=skip_zeros, is_paged=is_paged, extra={},
+        )  # fmt: skip
+
+
+class Optimizer2State(_KindOptimizer):
+    """Base of the two-state optimizers (adam, lamb, ademamix).
+
+    ``alpha``, ``t_alpha`` and ``t_beta3`` are AdEMAMix's (mixing weight and warm-up
+    periods); other kinds refuse non-default values. State options after ``min_8bit_size``
+    are keyword-only.
+    """
+
+    _num_states = 2
+
+    def __init__(
+        self,
+        optimizer_name: str,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, ...] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        skip_zeros: bool = False,
+        is_paged: bool = False,
+        alpha: float = 0.0,
+        t_alpha: Optional[int] = None,
+        t_beta3: Optional[int] = None,
+    ) -> None:
+        extra = dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3) if optimizer_name == "ademamix" else {}
+        if optimizer_name != "ademamix":
+            check_group_hyperparameters(type(self).__name__, F.optimizer_kind(type(self).__name__, optimizer_name),
+                                  dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3))  # fmt: skip
+        super().__init__(
+            optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size,
+            percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm,
+            skip_zeros=skip_zeros, is_paged=is_paged, extra=extra,
+        )  # fmt: skip

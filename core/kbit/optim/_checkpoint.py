@@ -1,0 +1,124 @@
+"""Optimizer checkpoints: the nested ``__bnb_optimizer_quant_state__`` layout and its checks.
+
+``state_dict()`` moves the quantization tensors of each parameter's state (the states
+themselves, code tables, scales, clipping history) under one nested key, so sharded
+checkpoint tools that cast floating-point state to the model's dtype leave them alone.
+Loading accepts that layout and the flat one, checks every state against the parameter it
+belongs to before changing anything, and never casts a tensor: uint8 codes stay codes and
+float32 states stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .._errors import QuantStateError
+from ..functional._optim import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, OptimizerKind
+
+__all__ = ["QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state"]
+
+#: The nested key of the format (kept byte-identical for interoperability).
+QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+
+#: Per-parameter state entries that live under :data:`QUANT_STATE_KEY` in a checkpoint.
+QUANT_STATE_KEYS = frozenset(
+    {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2",
+     "gnorm_vec", "unorm_vec"}
+)  # fmt: skip
+
+
+def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of one parameter's state with the quantization entries nested."""
+    outer = {key: value for key, value in param_state.items() if key not in QUANT_STATE_KEYS}
+    inner = {key: value for key, value in param_state.items() if key in QUANT_STATE_KEYS}
+    if inner:
+        outer[QUANT_STATE_KEY] = inner
+    return outer
+
+
+def flat_param_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
+    """One parameter's state in the flat form, from either the nested or the flat form."""
+    flat = {key: value for key, value in param_state.items() if key != QUANT_STATE_KEY}
+    nested = param_state.get(QUANT_STATE_KEY)
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            raise QuantStateError(QUANT_STATE_KEY, f"expected a dict, got {type(nested).__name__}")
+        both = sorted(set(nested) & set(flat))
+        if both:
+            raise QuantStateError(both[0], "present both nested and at the top level; which one is meant?")
+        flat.update(nested)
+    return flat
+
+
+def _require(prefix: str, state: Mapping[str, Any], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if key not in state:
+        raise QuantStateError(f"{prefix}{key}", "missing")
+    value = state[key]
+    if not isinstance(value, torch.Tensor):
+        raise QuantStateError(f"{prefix}{key}", f"expected a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise QuantStateError(f"{prefix}{key}", f"dtype {value.dtype}, expected {dtype} (states are never cast)")
+    if tuple(value.shape) != shape:
+        raise QuantStateError(f"{prefix}{key}", f"shape {tuple(value.shape)} does not fit this parameter: expected {shape}")
+
+
+def _check_quantized(prefix: str, state: Mapping[str, Any], which: int, rows: int, numel: int) -> list[str]:
+    """Check the code table and scales of uint8 state ``which``; return the keys used."""
+    _require(prefix, state, f"qmap{which}", torch.float32, (256,))
+    nblocks = -(-numel // OPTIMIZER_BLOCKSIZE)
+    if f"absmax{which}" in state:
+        _require(prefix, state, f"absmax{which}", torch.float32, (rows, nblocks) if rows > 1 else (nblocks,))
+        return [f"qmap{which}", f"absmax{which}"]
+    if f"max{which}" in state:
+        for key in (f"max{which}", f"new_max{which}"):
+            _require(prefix, state, key, torch.float32, (1,))
+        return [f"qmap{which}", f"max{which}", f"new_max{which}"]
+    raise QuantStateError(f"{prefix}absmax{which}", f"missing: uint8 state{which} needs absmax{which} or max{which}")
+
+
+def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one parameter's flat state against ``p``; return it with tensors on ``p``'s device.
+
+    Tensors are copied (never cast), so the loaded optimizer shares no storage with the
+    checkpoint it came from. ``label`` names the parameter in error messages.
+    """
+    prefix = f"{label}."
+    if not state:
+        return {}
+    step = state.get("step")
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = int(step.item())
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise QuantStateError(f"{prefix}step", f"expected a non-negative int, got {step!r}")
+    rows = 2 if kind.stacked_state1 else 1
+    shapes = {1: ((2,) if rows == 2 else ()) + tuple(p.shape), 2: tuple(p.shape)}
+    if "state1" not in state:
+        raise QuantStateError(f"{prefix}state1", f"missing (keys: {sorted(state)}); not a kbit/bitsandbytes state?")
+    dtype = state["state1"].dtype if isinstance(state["state1"], torch.Tensor) else None
+    if dtype not in (torch.float32, torch.uint8):
+        raise QuantStateError(f"{prefix}state1", f"expected a float32 or uint8 tensor, got {dtype or type(state['state1']).__name__}")
+    known = ["step"]
+    for which in range(1, kind.num_states + 1):
+        _require(prefix, state, f"state{which}", dtype, shapes[which])
+        known.append(f"state{which}")
+        if dtype == torch.uint8:
+            known += _check_quantized(prefix, state, which, rows if which == 1 else 1, p.numel())
+    if "gnorm_vec" in state:
+        _require(prefix, state, "gnorm_vec", torch.float32, (GNORM_HISTORY,))
+        known.append("gnorm_vec")
+    if "unorm_vec" in state:
+        _require(prefix, state, "unorm_vec", torch.float32, tuple(state["unorm_vec"].shape))
+        if state["unorm_vec"].numel() != 1:
+            raise QuantStateError(f"{prefix}unorm_vec", "expected one element")
+        known.append("unorm_vec")
+    # States first: an extra state2 says more about the mismatch than its extra absmax2.
+    unknown = sorted(set(state) - set(known), key=lambda key: (not key.startswith("state"), key))
+    if unknown:
+        raise QuantStateError(f"{prefix}{unknown[0]}", f"not part of a {kind.name!r} optimizer state of this layout")
+    loaded: dict[str, Any] = {"step": step}
+    for key in known[1:]:
+        loaded[key] = state[key].to(device=p.device, copy=True)
+    return loaded
