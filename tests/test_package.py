@@ -9,7 +9,7 @@ import pytest
 
 import kbit
 
-PUBLIC_MODULES = ["kbit", "kbit.functional", "kbit.backends", "kbit.backend"]
+PUBLIC_MODULES = ["kbit", "kbit.functional", "kbit.backends", "kbit.backend", "kbit.nn", "kbit.autograd"]
 
 
 def test_import_kbit_imports_no_backend_and_no_cupy():

@@ -25,6 +25,7 @@ from ._errors import (
     UnsupportedOpError,
 )
 from ._version import __version__
+from .autograd import matmul_4bit
 
 #: Capabilities of this build, for code that feature-tests (bitsandbytes convention).
 features = {"multi_backend"}
@@ -36,6 +37,7 @@ __all__ = [
     "backends",
     "functional",
     "nn",
+    "matmul_4bit",
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",

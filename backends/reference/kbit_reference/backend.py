@@ -5,9 +5,10 @@ from __future__ import annotations
 from kbit.backend import Backend
 
 from ._blockwise8 import Blockwise8Ops
+from ._quant4 import Quant4Ops
 
 
-class ReferenceBackend(Blockwise8Ops, Backend):
+class ReferenceBackend(Blockwise8Ops, Quant4Ops, Backend):
     """Pure-PyTorch implementation of every kbit op; runs wherever torch runs."""
 
     def is_available(self) -> bool:

@@ -4,4 +4,6 @@ Each matmul family lives in its own private submodule and is re-exported here an
 top level of ``kbit``.
 """
 
-__all__: list[str] = []
+from ._matmul4bit import matmul_4bit
+
+__all__: list[str] = ["matmul_4bit"]

@@ -3,4 +3,16 @@
 Each module family lives in its own private submodule and is re-exported here.
 """
 
-__all__: list[str] = []
+from ._embedding4bit import Embedding4bit, EmbeddingFP4, EmbeddingNF4
+from ._linear4bit import Linear4bit, LinearFP4, LinearNF4
+from ._params4bit import Params4bit
+
+__all__: list[str] = [
+    "Embedding4bit",
+    "EmbeddingFP4",
+    "EmbeddingNF4",
+    "Linear4bit",
+    "LinearFP4",
+    "LinearNF4",
+    "Params4bit",
+]
