@@ -236,14 +236,17 @@ class Weight4bitStateDict:
         key = prefix + "weight"
         stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        # Build (and so validate) the new weight before anything else is loaded: a bad
+        # checkpoint must leave the module exactly as it was.
+        weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key not in state_dict:
-            return  # the base class has recorded it as missing (when strict)
+        if weight is None:
+            return  # the base class has recorded the weight as missing (when strict)
         if key in missing_keys:
             missing_keys.remove(key)
-        self._load_weight(key, state_dict[key], stats)
+        self.weight = weight
 
-    def _load_weight(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> None:
+    def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
         current = self.weight
         device = current.device if current.device.type != "meta" else value.device
         expected = torch.Size(self._weight_shape())
@@ -252,15 +255,14 @@ class Weight4bitStateDict:
             state = QuantState.from_dict(copied, device=device)
             if state.shape != expected:
                 raise QuantStateError(key, f"holds a weight of shape {tuple(state.shape)}; this module needs {tuple(expected)}")
-            self.weight = Params4bit._from_state(value.detach().clone(), state, device)
-            return
+            return Params4bit._from_state(value.detach().clone(), state, device)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise KbitTypeError(
-                "load_state_dict", key, found, "a float weight, or packed codes with their quant-state keys"
+                "load_state_dict", key, f"dtype {found}", "a float weight, or packed codes with their quant-state keys"
             )
         if value.shape != expected:
             raise KbitValueError("load_state_dict", f"{key}.shape", tuple(value.shape), f"expected {tuple(expected)}")
         settings = {name: getattr(current, name) for name in ("blocksize", "compress_statistics", "quant_type", "quant_storage")}
         fresh = Params4bit(value.detach().to(device, copy=True), False, **settings)
-        self.weight = fresh._quantize() if device.type != "meta" else fresh
+        return fresh._quantize() if device.type != "meta" else fresh
