@@ -333,6 +333,7 @@ def test_opcheck(op_name):
         opcheck(op, args)
 
 
+@pytest.mark.slow
 def test_quantize_round_trip_compiles_without_graph_breaks():
     def round_trip(x):
         packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -348,3 +349,40 @@ def test_every_quant4_op_is_served_by_the_reference():
     for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit"):
         resolution = kbit.backends.resolve(op, "cpu", dtype=torch.bfloat16, blocksize=4096, quant_type="fp4")
         assert resolution.name == "reference" and not resolution.fallback
+
+
+# ------------------------------------------------------------------------ self-test
+from kbit_reference.backend import ReferenceBackend  # noqa: E402
+
+
+class SwappedNibbles(ReferenceBackend):
+    """A deliberately wrong backend: nibbles swapped, and dequantization one ulp off."""
+
+    def quantize_4bit(self, A, **kwargs):
+        packed, absmax = super().quantize_4bit(A, **kwargs)
+        raw = packed.reshape(-1).view(torch.uint8)
+        return (raw % 16 * 16 + raw // 16).view(packed.dtype).reshape(packed.shape), absmax
+
+    def dequantize_4bit(self, A, **kwargs):
+        out = super().dequantize_4bit(A, **kwargs)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+
+@pytest.mark.parametrize(("factory", "status"), [("SwappedNibbles", "failed"), ("ReferenceBackend", "passed")])
+def test_kbit_check_compares_4bit_ops_with_the_reference(factory, status):
+    from kbit._selftest import run_checks
+    from kbit.backend import API_VERSION, BackendManifest, OpSupport
+
+    module = "tests.test_quant4" if factory == "SwappedNibbles" else "kbit_reference.backend"
+    support = OpSupport(dtypes=("float32", "bfloat16"), quant_storages=("uint8", "float32"))
+    kbit.backends.register(
+        BackendManifest(
+            name="candidate",
+            api_version=API_VERSION,
+            device_types=("cpu",),
+            factory=f"{module}:{factory}",
+            ops={"quantize_4bit": support, "dequantize_4bit": support},
+        )
+    )
+    results = run_checks(kbit.backends.get("candidate"), kbit.backends.get("reference"))
+    assert {r.op: r.status for r in results} == {"quantize_4bit": status, "dequantize_4bit": status}

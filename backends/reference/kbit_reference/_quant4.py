@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -64,14 +65,19 @@ class Quant4Ops:
         shape: Sequence[int],
         dtype: torch.dtype,
     ) -> Tensor:
-        out = torch.empty(tuple(shape), dtype=dtype, device=A.device)
-        numel = out.numel()
+        numel = math.prod(shape)
         packed = A.reshape(-1).view(torch.uint8)[: (numel + 1) // 2]
         pairs = _pair_table(get_4bit_type(quant_type, device=A.device))
-        # int32 indices: half the memory of the int64 that plain indexing would use.
-        values = torch.index_select(pairs, 0, packed.to(torch.int32)).view(-1)[:numel]
-        blockwise_apply(values, absmax.to(torch.float32), blocksize, out.view(-1))
-        return out
+        # int32 indices: half the memory of int64. embedding() is torch's fastest row
+        # gather on CPU (about twice index_select's throughput here).
+        values = torch.nn.functional.embedding(packed.to(torch.int32), pairs).view(-1)
+        # Scale in place in float32, then cast once: on CPU a multiply that stores straight
+        # into a 16-bit tensor is about 1.5x slower than these two passes.
+        scaled = blockwise_apply(values[:numel], absmax.to(torch.float32), blocksize, values[:numel])
+        result = scaled.view(tuple(shape))
+        if dtype != torch.float32:
+            return result.to(dtype)
+        return result if values.numel() == numel else result.clone()  # no padding left in storage
 
     def matmul_4bit(
         self,

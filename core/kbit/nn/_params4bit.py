@@ -101,13 +101,15 @@ class Params4bit(torch.nn.Parameter):
         return cls._from_state(data, state, device, requires_grad)
 
     @classmethod
-    def _from_state(cls, data: torch.Tensor, state: QuantState, device: torch.device, requires_grad: bool = False):
+    def _from_state(
+        cls, data: torch.Tensor, state: QuantState, device: torch.device, requires_grad: bool = False, key: str = "weight"
+    ) -> "Params4bit":
         if not isinstance(data, torch.Tensor) or data.dtype not in QUANT_STORAGES_4BIT:
             found = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
-            raise QuantStateError("weight", f"packed data must be a uint8/float16/bfloat16/float32 tensor, got {found}")
+            raise QuantStateError(key, f"packed data must be a uint8/float16/bfloat16/float32 tensor, got {found}")
         problem = packed_size_problem(data, state.shape)
         if problem:
-            raise QuantStateError("weight", problem)
+            raise QuantStateError(key, problem)
         return cls(
             data.to(device).reshape(-1, 1),
             requires_grad,
@@ -184,6 +186,16 @@ class Params4bit(torch.nn.Parameter):
         """float64 before quantization; packed codes are left as they are."""
         return self._cast(torch.float64)
 
+    def detach(self) -> "Params4bit":
+        """A detached alias that stays a ``Params4bit`` with the same quant state.
+
+        ``Module.to`` rebuilds parameters through ``Parameter(moved)`` when it cannot swap
+        ``.data`` in place (moves to ``meta``, or with
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), which
+        requires ``detach`` to keep the type.
+        """
+        return Params4bit(torch.Tensor.detach(self), False, **self._attributes())
+
     def __deepcopy__(self, memo: dict) -> "Params4bit":
         attributes = self._attributes()
         attributes["quant_state"] = copy.deepcopy(self.quant_state, memo)
@@ -226,6 +238,8 @@ class Weight4bitStateDict:
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
+        if not keep_vars:
+            destination[prefix + "weight"] = weight.data  # a plain tensor, loadable with weights_only
         if getattr(weight, "bnb_quantized", False) and weight.quant_state is not None:
             for key, value in weight.quant_state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
@@ -234,7 +248,8 @@ class Weight4bitStateDict:
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         key = prefix + "weight"
-        stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
+        # Full keys: QuantState.from_dict strips the prefix itself and names them in errors.
+        stats = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
         # Build (and so validate) the new weight before anything else is loaded: a bad
         # checkpoint must leave the module exactly as it was.
@@ -255,7 +270,7 @@ class Weight4bitStateDict:
             state = QuantState.from_dict(copied, device=device)
             if state.shape != expected:
                 raise QuantStateError(key, f"holds a weight of shape {tuple(state.shape)}; this module needs {tuple(expected)}")
-            return Params4bit._from_state(value.detach().clone(), state, device)
+            return Params4bit._from_state(value.detach().clone(), state, device, key=key)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise KbitTypeError(
