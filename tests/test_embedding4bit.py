@@ -8,6 +8,12 @@ import kbit.nn._embedding4bit as embedding_module
 from kbit.nn import Embedding4bit, EmbeddingFP4, EmbeddingNF4
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Modules initialise their weights from the global RNG: make that deterministic too."""
+    torch.manual_seed(0)
+
+
 def _indices(*shape, high, seed=0):
     return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 

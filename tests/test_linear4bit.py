@@ -11,6 +11,12 @@ import kbit.functional as F
 from kbit import KbitTypeError, KbitValueError, QuantStateError
 from kbit.nn import Linear4bit, LinearFP4, LinearNF4, Params4bit
 
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Modules initialise their weights from the global RNG: make that deterministic too."""
+    torch.manual_seed(0)
+
 GOLDEN_KEYS = [
     "weight",
     "bias",
@@ -116,6 +122,24 @@ def test_moves_carry_the_quant_state():
     state = module.weight.quant_state
     assert isinstance(module.weight, Params4bit) and module.weight.device.type == "meta"
     assert state.absmax.device.type == "meta" and state.state2.absmax.device.type == "meta"
+
+
+def test_meta_initialisation_then_to_empty():
+    torch.manual_seed(0)
+    module = LinearNF4(64, 32, device="meta")
+    assert isinstance(module.weight, Params4bit) and module.weight.device.type == "meta"
+    module.to_empty(device="cpu")  # generic code: the weight comes back as a plain Parameter
+    dense = torch.nn.Linear(64, 32)
+    module.load_state_dict(dense.state_dict())
+    assert isinstance(module.weight, Params4bit) and module.weight.quant_type == "nf4"
+    x = _seeded(2, 64)
+    torch.testing.assert_close(module(x), _float_reference(module, x))
+    # The dense layer's weights, not random ones (those would be off by more than 100%).
+    assert (module(x) - dense(x)).abs().mean() < 0.2 * dense(x).abs().mean()
+    untouched = LinearFP4(64, 32, device="meta").to_empty(device="cpu")
+    torch.nn.init.normal_(untouched.weight)
+    untouched(x)  # quantizes on first forward, with the settings it was built with
+    assert isinstance(untouched.weight, Params4bit) and untouched.weight.quant_type == "fp4"
 
 
 def test_moves_that_rebuild_parameters_keep_the_subclass():

@@ -9,6 +9,12 @@ from kbit import KbitTypeError, KbitValueError
 from kbit.nn import LinearNF4
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Modules initialise their weights from the global RNG: make that deterministic too."""
+    torch.manual_seed(0)
+
+
 def _seeded(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 

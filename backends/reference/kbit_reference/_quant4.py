@@ -94,15 +94,5 @@ class Quant4Ops:
         )
         return torch.nn.functional.linear(A, weight)
 
-    def gemv_4bit(
-        self,
-        A: Tensor,
-        B: Tensor,
-        *,
-        shape: Sequence[int],
-        absmax: Tensor,
-        blocksize: int,
-        quant_type: str,
-    ) -> Tensor:
-        # One row: the reference has no faster way than the general product.
-        return self.matmul_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    # One row: the reference has no faster way than the general product.
+    gemv_4bit = matmul_4bit

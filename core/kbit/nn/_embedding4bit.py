@@ -8,7 +8,7 @@ import torch
 
 from ..functional._quant4 import checked_4bit_state, dequantize_4bit
 from ..functional._quant_state import QuantState
-from ._params4bit import Params4bit, Weight4bitStateDict
+from ._params4bit import Weight4bitStateDict
 
 __all__ = ["Embedding4bit", "EmbeddingNF4", "EmbeddingFP4"]
 
@@ -40,22 +40,14 @@ class Embedding4bit(Weight4bitStateDict, torch.nn.Embedding):
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
         self.dtype = self.weight.dtype
-        self.weight = Params4bit(
-            self.weight.data,
-            requires_grad=False,
-            compress_statistics=False,
-            quant_type=quant_type,
-            quant_storage=quant_storage,
-        )
+        self._init_4bit_weight(compress_statistics=False, quant_type=quant_type, quant_storage=quant_storage)
 
     def _weight_shape(self) -> tuple[int, int]:
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """The rows of ``input`` (integer indices of any shape), shape ``(*input.shape, dim)``."""
-        weight = self.weight
-        if not weight.bnb_quantized:
-            weight._quantize(weight.device)
+        weight = self._quantized_weight()
         state = weight.quant_state
         if self.embedding_dim % state.blocksize:
             return torch.nn.functional.embedding(input, dequantize_4bit(weight, state))

@@ -8,7 +8,7 @@ import torch
 
 from ..autograd._matmul4bit import matmul_4bit
 from ..functional._validate import FLOAT_DTYPES, check_choice
-from ._params4bit import Params4bit, Weight4bitStateDict
+from ._params4bit import Weight4bitStateDict
 
 __all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -50,12 +50,8 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
         if compute_dtype is not None:
             check_choice("Linear4bit", "compute_dtype", compute_dtype, FLOAT_DTYPES)
         super().__init__(input_features, output_features, bias, device)
-        self.weight = Params4bit(
-            self.weight.data,
-            requires_grad=False,
-            compress_statistics=compress_statistics,
-            quant_type=quant_type,
-            quant_storage=quant_storage,
+        self._init_4bit_weight(
+            compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
         )
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
@@ -65,9 +61,7 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
-        weight = self.weight
-        if not weight.bnb_quantized:
-            weight._quantize(weight.device)  # never moved: quantize where it lives
+        weight = self._quantized_weight()
         if self.compute_dtype is None:
             self.compute_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -75,8 +69,8 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        weight = self.weight
-        return f"{super().extra_repr()}, quant_type={weight.quant_type}, compute_dtype={self.compute_dtype}"
+        quant_type = self._settings()["quant_type"]
+        return f"{super().extra_repr()}, quant_type={quant_type}, compute_dtype={self.compute_dtype}"
 
 
 class LinearNF4(Linear4bit):

@@ -22,7 +22,8 @@ from ..functional._validate import check_choice
 
 __all__ = ["Params4bit"]
 
-_ATTRIBUTES = ("blocksize", "compress_statistics", "quant_type", "quant_storage", "quant_state", "bnb_quantized")
+_SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
+_ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized")
 
 
 def _rebuild_params4bit(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> "Params4bit":
@@ -226,6 +227,31 @@ class Weight4bitStateDict:
     def _weight_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    def _init_4bit_weight(self, **settings: Any) -> None:
+        """Wrap the float weight the ``torch.nn`` base created; remember how to quantize it."""
+        self._quant_settings = settings
+        self.weight = Params4bit(self.weight.data, requires_grad=False, **settings)
+
+    def _settings(self) -> dict[str, Any]:
+        """How float weights are quantized: the weight's own settings, else the remembered ones."""
+        weight = self.weight
+        if isinstance(weight, Params4bit):
+            return {name: getattr(weight, name) for name in _SETTINGS}
+        return self._quant_settings
+
+    def _quantized_weight(self) -> Params4bit:
+        """The weight, quantized where it lives if it never was.
+
+        Generic tensor code such as ``Module.to_empty`` can replace the ``Params4bit`` by a
+        plain ``Parameter``; it is wrapped again with the remembered settings.
+        """
+        weight = self.weight
+        if not isinstance(weight, Params4bit):
+            weight = self.weight = Params4bit(weight.data, requires_grad=False, **self._settings())
+        if not weight.bnb_quantized:
+            weight._quantize(weight.device)
+        return weight
+
     @property
     def quant_state(self) -> Optional[QuantState]:
         """The weight's :class:`~kbit.functional.QuantState` (None before quantization)."""
@@ -260,6 +286,7 @@ class Weight4bitStateDict:
         if key in missing_keys:
             missing_keys.remove(key)
         self.weight = weight
+        self._quant_settings = self._settings()
 
     def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
         current = self.weight
@@ -278,6 +305,5 @@ class Weight4bitStateDict:
             )
         if value.shape != expected:
             raise KbitValueError("load_state_dict", f"{key}.shape", tuple(value.shape), f"expected {tuple(expected)}")
-        settings = {name: getattr(current, name) for name in ("blocksize", "compress_statistics", "quant_type", "quant_storage")}
-        fresh = Params4bit(value.detach().to(device, copy=True), False, **settings)
+        fresh = Params4bit(value.detach().to(device, copy=True), False, **self._settings())
         return fresh._quantize() if device.type != "meta" else fresh
