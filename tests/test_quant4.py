@@ -15,7 +15,6 @@ from kbit.testing.tolerances import (
     mean_errors,
 )
 
-
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
