@@ -6,7 +6,7 @@ import torch
 import kbit
 import kbit.functional as F
 from kbit import KbitTypeError, KbitValueError
-from kbit.nn import LinearNF4
+from kbit.nn import LinearNF4, Params4bit
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,10 @@ def test_weights_are_frozen():
     layer = LinearNF4(64, 8).to("cpu")
     with pytest.raises(RuntimeError, match="floating point"):
         layer.weight.requires_grad_(True)  # uint8 codes cannot require a gradient at all
+    trainable_float = Params4bit(torch.randn(8, 64), requires_grad=True, quant_type="nf4")
+    with pytest.raises(KbitValueError, match="frozen"):
+        trainable_float.to("cpu")
+    assert trainable_float.shape == (8, 64) and not trainable_float.bnb_quantized  # left as it was
 
 
 def test_bad_arguments():
@@ -74,7 +78,7 @@ def test_bad_arguments():
         kbit.matmul_4bit(_seeded(2, 64), packed, state, bias=torch.zeros(23))
     with pytest.raises(KbitTypeError, match="A has dtype torch.int64"):
         kbit.matmul_4bit(torch.ones(2, 64, dtype=torch.long), packed, state)
-    with pytest.raises(KbitValueError, match="cannot hold"):
+    with pytest.raises(KbitValueError, match="B.shape.*cannot hold"):
         kbit.matmul_4bit(_seeded(2, 64), packed[:-1], state)
     _, flat_state = F.quantize_4bit(_seeded(24 * 64), quant_type="nf4")
     with pytest.raises(KbitValueError, match="2-D"):

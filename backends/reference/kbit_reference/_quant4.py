@@ -52,7 +52,8 @@ class Quant4Ops:
         absmax = block_absmax(flat, blocksize)
         normalised = blockwise_apply(flat, reciprocal_or_zero(absmax), blocksize, torch.empty_like(flat))
         indices = nearest_code_index(normalised, table)
-        zero_index = int(nearest_code_index(torch.zeros(1, device=A.device), table))
+        # The pad nibble is the code 0.0 quantizes to, looked up on the host (no device sync).
+        zero_index = int(nearest_code_index(torch.zeros(1), get_4bit_type(quant_type)))
         return _to_storage(_pack_nibbles(indices, zero_index), quant_storage), absmax
 
     def dequantize_4bit(

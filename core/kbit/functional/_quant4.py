@@ -49,9 +49,9 @@ def packed_size_problem(packed: torch.Tensor, shape: torch.Size) -> Optional[str
 
 
 def checked_4bit_state(
-    op: str, packed: torch.Tensor, quant_state: object, backend: Optional[str]
+    op: str, packed: torch.Tensor, quant_state: object, backend: Optional[str], name: str = "A"
 ) -> tuple[torch.Tensor, torch.Size]:
-    """Validate a 4-bit ``quant_state`` against its packed tensor.
+    """Validate a 4-bit ``quant_state`` against its packed tensor (the argument ``name``).
 
     Returns ``(absmax, shape)`` with the float32 per-block scales (a nested absmax
     expanded) on ``packed``'s device. Raises typed errors naming the mismatch.
@@ -64,7 +64,7 @@ def checked_4bit_state(
         raise KbitValueError(op, "quant_state.shape", None, "a 4-bit state must record the original shape")
     problem = packed_size_problem(packed, quant_state.shape)
     if problem:
-        raise KbitValueError(op, "A.shape", tuple(packed.shape), problem)
+        raise KbitValueError(op, f"{name}.shape", tuple(packed.shape), problem)
     scales = _float_absmax(op, quant_state, backend)
     check_numel(op, "quant_state.absmax", scales, -(-quant_state.shape.numel() // quant_state.blocksize))
     return scales.to(packed.device), quant_state.shape
@@ -212,7 +212,7 @@ def check_4bit_matmul(op: str, A: torch.Tensor, B: torch.Tensor, quant_state: ob
     """Shared checks of the 4-bit products; returns ``(absmax, shape)`` as the op takes them."""
     check_dtype(op, "A", A, FLOAT_DTYPES)
     check_dtype(op, "B", B, QUANT_STORAGES_4BIT)
-    scales, shape = checked_4bit_state(op, B, quant_state, backend)
+    scales, shape = checked_4bit_state(op, B, quant_state, backend, name="B")
     if len(shape) != 2:
         raise KbitValueError(op, "quant_state.shape", tuple(shape), "a 4-bit weight must be 2-D [out_features, in_features]")
     if A.dim() == 0 or A.shape[-1] != shape[1]:

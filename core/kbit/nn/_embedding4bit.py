@@ -56,7 +56,7 @@ class Embedding4bit(Weight4bitStateDict, torch.nn.Embedding):
     def _lookup_rows(self, input: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
         # Row r is bytes [r * dim / 2, (r + 1) * dim / 2) and blocks [r * dim / bs, ...):
         # gather those for the requested rows and dequantize just them.
-        scales, _ = checked_4bit_state("Embedding4bit", weight, state, None)
+        scales, _ = checked_4bit_state("Embedding4bit", weight, state, None, name="weight")
         rows, dim = self.num_embeddings, self.embedding_dim
         table = weight.detach().reshape(-1).view(torch.uint8)[: rows * dim // 2].view(rows, dim // 2)
         index = input.reshape(-1)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..autograd._matmul4bit import matmul_4bit
-from ..functional._validate import FLOAT_DTYPES, check_choice
+from ..functional._validate import FLOAT_DTYPES, check_choice, check_dtype
 from ._params4bit import Weight4bitStateDict
 
 __all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]
@@ -61,11 +61,12 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
+        check_dtype("Linear4bit", "x", x, FLOAT_DTYPES)
         weight = self._quantized_weight()
-        if self.compute_dtype is None:
-            self.compute_dtype = x.dtype
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = matmul_4bit(x.to(self.compute_dtype), weight, weight.quant_state, bias=bias)
+        compute_dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute_dtype)
+        out = matmul_4bit(x.to(compute_dtype), weight, weight.quant_state, bias=bias)
+        self.compute_dtype = compute_dtype  # the first input that worked picks it
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -124,6 +124,10 @@ class Params4bit(torch.nn.Parameter):
 
     def _quantize(self, device: Optional[torch.device | str] = None) -> "Params4bit":
         """Quantize in place (on ``device``) and return self."""
+        if self.requires_grad:
+            raise KbitValueError(
+                "Params4bit", "requires_grad", True, "4-bit weights are frozen; train adapters (e.g. LoRA) instead"
+            )
         weight = self.data.contiguous()
         if device is not None:
             weight = weight.to(device)
