@@ -25,7 +25,7 @@ from ._errors import (
     UnsupportedOpError,
 )
 from ._version import __version__
-from .autograd import MatmulLtState, matmul
+from .autograd import MatmulLtState, matmul, matmul_4bit
 
 #: Capabilities of this build, for code that feature-tests (bitsandbytes convention).
 features = {"multi_backend"}
@@ -38,6 +38,9 @@ __all__ = [
     "functional",
     "nn",
     "optim",
+    "matmul",
+    "matmul_4bit",
+    "MatmulLtState",
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",
@@ -50,6 +53,4 @@ __all__ = [
     "NoBackendError",
     "QuantStateError",
     "UnsupportedOpError",
-    "MatmulLtState",
-    "matmul",
 ]

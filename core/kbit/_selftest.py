@@ -206,6 +206,71 @@ def _check_reference_int8(reference: Backend, device: torch.device) -> Optional[
     return None if error < INT8_MATMUL_REL_ERR else f"int8 matmul relative error {error:.4f} >= {INT8_MATMUL_REL_ERR}"
 
 
+def _check_quantize_4bit(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    """Packed bytes and absmax bit-exact with the reference (NF4 and FP4 codes alike)."""
+    op = "quantize_4bit"
+    for dtype_name in _declared(backend, op, "dtypes", ("float32",)):
+        dtype = getattr(torch, dtype_name)
+        for quant_type in _declared(backend, op, "quant_types", ("nf4", "fp4")):
+            for storage_name in _declared(backend, op, "quant_storages", ("uint8",)):
+                storage = getattr(torch, storage_name)
+                for blocksize in _declared(backend, op, "blocksizes", (64,))[:2]:
+                    A = _sample(3 * blocksize + 17, dtype, device)  # odd count, partial last block
+                    kwargs = dict(blocksize=blocksize, quant_type=quant_type, quant_storage=storage)
+                    packed, absmax = backend.quantize_4bit(A, **kwargs)
+                    ref_packed, ref_absmax = reference.quantize_4bit(A, **kwargs)
+                    label = f"{dtype_name}, {quant_type}, {storage_name}, blocksize {blocksize}"
+                    problem = _compare(f"packed bytes ({label})", _bytes(packed), _bytes(ref_packed)) or _compare(
+                        f"absmax ({label})", absmax, ref_absmax
+                    )
+                    if problem:
+                        return problem
+    return None
+
+
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    return packed.reshape(-1).view(torch.uint8)
+
+
+def _check_dequantize_4bit(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    """Dequantized values of random codes bit-exact with the reference."""
+    op = "dequantize_4bit"
+    generator = torch.Generator().manual_seed(77)
+    for dtype_name in _declared(backend, op, "dtypes", ("float32",)):
+        dtype = getattr(torch, dtype_name)
+        for quant_type in _declared(backend, op, "quant_types", ("nf4", "fp4")):
+            for blocksize in _declared(backend, op, "blocksizes", (64,))[:2]:
+                shape = (3, blocksize + 3)  # odd count, rows that are not whole blocks
+                numel = shape[0] * shape[1]
+                A = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=generator).to(device)
+                absmax = (torch.rand(-(-numel // blocksize), generator=generator) * 3).to(device)
+                kwargs = dict(absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=dtype)
+                problem = _compare(
+                    f"dequantize ({dtype_name}, {quant_type}, blocksize {blocksize})",
+                    backend.dequantize_4bit(A, **kwargs),
+                    reference.dequantize_4bit(A, **kwargs),
+                )
+                if problem:
+                    return problem
+    return None
+
+
+def _check_reference_quantize_4bit(reference: Backend, device: torch.device) -> Optional[str]:
+    """The reference against the format's 4-bit quality bars (mean errors on randn)."""
+    from .testing.tolerances import FOUR_BIT_RANDN, FOUR_BIT_SEED_SLACK, mean_errors
+
+    A = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+    for quant_type in ("nf4", "fp4"):
+        for blocksize in (64, 4096):
+            kwargs = dict(blocksize=blocksize, quant_type=quant_type)
+            packed, absmax = reference.quantize_4bit(A, quant_storage=torch.uint8, **kwargs)
+            back = reference.dequantize_4bit(packed, absmax=absmax, shape=A.shape, dtype=torch.float32, **kwargs)
+            errors, bar = mean_errors(A, back), FOUR_BIT_RANDN[(quant_type, blocksize)]
+            if not errors.abs_err < bar.abs_err * FOUR_BIT_SEED_SLACK:
+                return f"{quant_type}, blocksize {blocksize}: mean abs round-trip error {errors.abs_err:.4f} >= {bar.abs_err}"
+    return None
+
+
 #: Checks by op name; an op the backend does not declare is skipped.
 CHECKS: dict[str, Check] = {
     "quantize_blockwise": _check_blockwise,
@@ -214,12 +279,15 @@ CHECKS: dict[str, Check] = {
     "int8_linear_matmul": _check_int8_matmul,
     "int8_mm_dequant": _check_int8_mm_dequant,
     "int8_mixed_scaled_mm": _check_int8_mixed_scaled_mm,
+    "quantize_4bit": _check_quantize_4bit,
+    "dequantize_4bit": _check_dequantize_4bit,
 }
 
 #: Checks of the reference backend itself, by op name.
 REFERENCE_CHECKS: dict[str, Callable[[Backend, torch.device], Optional[str]]] = {
     "quantize_blockwise": _check_reference_blockwise,
     "int8_linear_matmul": _check_reference_int8,
+    "quantize_4bit": _check_reference_quantize_4bit,
 }
 
 CHECKS.update(OPTIMIZER_CHECKS)

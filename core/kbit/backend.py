@@ -138,9 +138,11 @@ class Backend(abc.ABC):
     ) -> tuple[Tensor, Tensor]:
         """Quantize ``A`` to 4-bit ``quant_type`` ("nf4" or "fp4") codes in blocks.
 
-        Returns ``(packed, absmax)``: two codes per byte (element ``2j`` in the high nibble),
-        stored with shape ``((numel + 1) // (2 * itemsize), 1)`` viewed as ``quant_storage``,
-        and float32 ``absmax`` per block.
+        Returns ``(packed, absmax)``: two codes per byte (element ``2j`` in the high nibble,
+        an odd count padding the last low nibble with the code of 0.0), the bytes
+        zero-padded to whole ``quant_storage`` elements and viewed as a
+        ``(ceil(((numel + 1) // 2) / itemsize), 1)`` tensor of ``quant_storage``, and
+        float32 ``absmax`` per block.
         """
         raise self._refuse("quantize_4bit")
 
@@ -154,7 +156,8 @@ class Backend(abc.ABC):
         shape: Sequence[int],
         dtype: torch.dtype,
     ) -> Tensor:
-        """Unpack and dequantize 4-bit codes to a tensor of ``shape`` and ``dtype``."""
+        """Unpack the codes in ``A`` (any storage dtype, read as bytes) and return
+        ``table[code] * absmax[block]`` computed in float32, as ``dtype`` with ``shape``."""
         raise self._refuse("dequantize_4bit")
 
     def gemv_4bit(
@@ -164,11 +167,12 @@ class Backend(abc.ABC):
         *,
         shape: Sequence[int],
         absmax: Tensor,
-        code: Tensor,
         blocksize: int,
+        quant_type: str,
     ) -> Tensor:
-        """``A @ dequant(B).T`` for a single input row (``A`` holds one row per leading
-        index), dequantizing ``B`` (logical ``shape`` ``[out, in]``) on the fly."""
+        """``A @ dequant(B).T`` for a single input row (``A`` has one row, any leading
+        dims of size 1), dequantizing ``B`` (logical ``shape`` ``[out, in]``, float32
+        ``absmax``) on the fly. Output ``(*A.shape[:-1], out)`` in ``A``'s dtype."""
         raise self._refuse("gemv_4bit")
 
     def matmul_4bit(
@@ -178,10 +182,10 @@ class Backend(abc.ABC):
         *,
         shape: Sequence[int],
         absmax: Tensor,
-        code: Tensor,
         blocksize: int,
+        quant_type: str,
     ) -> Tensor:
-        """``A @ dequant(B).T`` for any number of rows of ``A``; output in ``A``'s dtype."""
+        """``A @ dequant(B).T`` for any leading dimensions of ``A``; output in ``A``'s dtype."""
         raise self._refuse("matmul_4bit")
 
     # ------------------------------------------------------------------------- int8

@@ -16,6 +16,15 @@ _blockwise8 = {
     "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
 }
 
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_quant4_support = OpSupport(
+    dtypes=FLOAT_DTYPES,
+    blocksizes=BLOCKSIZES_4BIT,
+    quant_types=("nf4", "fp4"),
+    quant_storages=("uint8", "float16", "bfloat16", "float32"),
+)
+_quant4 = {op: _quant4_support for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit")}
+
 _int8 = {
     "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPES),
     "int8_vectorwise_dequant": OpSupport(dtypes=("float32",)),
@@ -45,6 +54,6 @@ MANIFEST = BackendManifest(
     priority=0,
     device_types=("cpu",),
     factory="kbit_reference.backend:ReferenceBackend",
-    ops={**_blockwise8, **_int8, **_optimizer},
+    ops={**_blockwise8, **_quant4, **_int8, **_optimizer},
     description="pure PyTorch; the correctness oracle and universal fallback",
 )

@@ -4,8 +4,7 @@ Each matmul family lives in its own private submodule and is re-exported here an
 top level of ``kbit``.
 """
 
-__all__: list[str] = []
+from ._matmul4bit import matmul_4bit
+from ._matmul8bit import MatmulLtState, matmul
 
-from ._matmul8bit import MatmulLtState, matmul  # noqa: E402
-
-__all__ += ["MatmulLtState", "matmul"]
+__all__ = ["MatmulLtState", "matmul", "matmul_4bit"]

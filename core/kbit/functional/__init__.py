@@ -37,6 +37,15 @@ from ._optim import (
     optimizer_update_32bit,
     percentile_clipping,
 )
+from ._quant4 import (
+    dequantize_4bit,
+    dequantize_fp4,
+    dequantize_nf4,
+    gemv_4bit,
+    quantize_4bit,
+    quantize_fp4,
+    quantize_nf4,
+)
 from ._quant_state import QuantState
 from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
 
@@ -47,9 +56,13 @@ __all__ = [
     "create_linear_map",
     "create_normal_map",
     "dequantize",
+    "dequantize_4bit",
     "dequantize_blockwise",
+    "dequantize_fp4",
+    "dequantize_nf4",
     "dequantize_no_absmax",
     "estimate_quantiles",
+    "gemv_4bit",
     "get_4bit_type",
     "get_ptr",
     "histogram_scatter_add_2d",
@@ -65,7 +78,10 @@ __all__ = [
     "pack_dict_to_tensor",
     "percentile_clipping",
     "quantize",
+    "quantize_4bit",
     "quantize_blockwise",
+    "quantize_fp4",
+    "quantize_nf4",
     "quantize_no_absmax",
     "unpack_tensor_to_dict",
 ]

@@ -1,18 +1,68 @@
-"""``QuantState``: everything needed to dequantize a quantized tensor."""
+"""``QuantState``: everything needed to dequantize a quantized tensor, and its serialized form.
+
+A 4-bit state serializes (``as_dict(packed=True)``) to the tensors ``absmax``,
+``quant_map`` and, when nested, ``nested_absmax`` and ``nested_quant_map``, plus one uint8
+tensor ``quant_state.bitsandbytes__<quant_type>`` holding the other fields as UTF-8 JSON.
+That is the layout of hub checkpoints (``docs/quant4.md``).
+
+:meth:`QuantState.from_dict` reads it back. Those bytes usually come from a file somebody
+downloaded, so the reader trusts nothing: every field is checked for type, range and
+agreement with the tensors, and every problem raises :class:`~kbit.QuantStateError`
+naming the offending key. A state that loads is one that dequantizes.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Mapping, Optional
 
 import torch
 
+from .._errors import KbitValueError, QuantStateError
+from ._codebooks import get_4bit_type
+from ._utils import pack_dict_to_tensor, unpack_tensor_to_dict
+from ._validate import BLOCKSIZES_8BIT, FLOAT_DTYPES
+
 __all__ = ["QuantState"]
+
+#: 4-bit value types (format constant).
+QUANT_TYPES_4BIT = ("nf4", "fp4")
+#: Blocksizes of 4-bit quantization (format constant).
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: dtypes packed 4-bit data may be stored as (the bytes are only reinterpreted).
+QUANT_STORAGES_4BIT = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+
+#: Name of the JSON tensor, after the prefix, is this plus the quant type.
+PACKED_KEY = "quant_state.bitsandbytes__"
+
+# A state claiming more elements than this is corrupt, not big: 2**48 4-bit codes would
+# be 128 TiB. Checking it keeps absurd sizes from turning into huge allocations.
+_MAX_NUMEL = 2**48
+_MAX_RANK = 16
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+_FIELDS = (
+    "quant_type",
+    "absmax",
+    "blocksize",
+    "quant_map",
+    "dtype",
+    "shape",
+    "nested_absmax",
+    "nested_blocksize",
+    "nested_quant_map",
+    "nested_dtype",
+    "nested_offset",
+)
 
 
 def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     if a is None or b is None:
         return a is b
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class QuantState:
@@ -66,6 +116,64 @@ class QuantState:
             self.state2.to(device)
         return self
 
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as a flat dict, the form checkpoints store.
+
+        Unpacked: ``quant_type``, ``absmax``, ``blocksize``, ``quant_map``, ``dtype`` (a
+        name such as ``"bfloat16"``), ``shape`` (a tuple) and, when nested,
+        ``nested_absmax``, ``nested_blocksize``, ``nested_quant_map``, ``nested_dtype`` and
+        ``nested_offset`` (a float). Packed (``packed=True``, 4-bit only): only tensors,
+        the non-tensor fields moving into one uint8 tensor of UTF-8 JSON under
+        ``quant_state.bitsandbytes__<quant_type>``. Code tables are copies, so editing the
+        result never changes this state.
+        """
+        if packed and self.quant_type not in QUANT_TYPES_4BIT:
+            raise KbitValueError(
+                "QuantState.as_dict", "quant_type", self.quant_type, "only 4-bit (nf4/fp4) states have a packed form"
+            )
+        # Insertion order fixes both the tensor order and the JSON key order of the
+        # packed form; checkpoints written elsewhere have exactly this order.
+        fields: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": None if self.code is None else self.code.clone(),
+            "dtype": None if self.dtype is None else _dtype_name(self.dtype),
+            "shape": None if self.shape is None else tuple(self.shape),
+        }
+        if self.nested:
+            fields.update(
+                nested_absmax=self.state2.absmax,
+                nested_blocksize=self.state2.blocksize,
+                nested_quant_map=self.state2.code.clone(),
+                nested_dtype=_dtype_name(self.state2.dtype),
+                nested_offset=float(self.offset),
+            )
+        if not packed:
+            return fields
+        result = {key: value for key, value in fields.items() if isinstance(value, torch.Tensor)}
+        meta = {key: value for key, value in fields.items() if not isinstance(value, torch.Tensor)}
+        result[PACKED_KEY + self.quant_type] = pack_dict_to_tensor(meta)
+        return result
+
+    @classmethod
+    def from_dict(cls, qs_dict: Mapping[str, Any], device: Optional[torch.device | str] = None) -> "QuantState":
+        """Rebuild a 4-bit state from :meth:`as_dict` output, packed or not.
+
+        Keys may carry any prefix (everything up to the last ``.`` is ignored, and the
+        JSON tensor is found by its ``quant_state.bitsandbytes__<type>`` ending), so a
+        module's slice of a state dict (``weight.absmax``, ...) can be passed directly.
+        Keys that are not quant-state fields are ignored. Tensors are moved to ``device``.
+
+        Raises:
+            QuantStateError: naming the key, for anything malformed: bytes that are not
+                UTF-8 JSON, an unknown quant type, a missing field, a wrong type, a
+                negative or absurd size, tensors that disagree with the shape, or one
+                field given twice (two states in one dict).
+        """
+        fields, origin, prefix = _collect_fields(qs_dict)
+        return _StateReader(fields, origin, prefix, device).read()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QuantState):
             return NotImplemented
@@ -88,4 +196,158 @@ class QuantState:
         return (
             f"QuantState(shape={shape}, dtype={self.dtype}, blocksize={self.blocksize}, "
             f"quant_type={self.quant_type!r}{nested})"
+        )
+
+
+def packed_json_type(key: str) -> Optional[str]:
+    """The quant type named by a ``...quant_state.bitsandbytes__<type>`` key, else None.
+
+    The type is returned as written (possibly unknown); the caller validates it.
+    """
+    head, _, last = key.rpartition(".")
+    marker = PACKED_KEY.split(".")[1]
+    if not last.startswith(marker) or not (head == "quant_state" or head.endswith(".quant_state")):
+        return None
+    return last[len(marker) :]
+
+
+def _collect_fields(qs_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], str]:
+    """Gather the quant-state fields of ``qs_dict`` with prefixes stripped.
+
+    Returns ``(fields, origin, prefix)``: the field values by bare name, the key each one
+    came from (for error messages), and the prefix of the state's keys.
+    """
+    if not isinstance(qs_dict, Mapping):
+        raise QuantStateError("<quant state>", f"expected a dict of tensors, got {type(qs_dict).__name__}")
+    fields: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    prefix: Optional[str] = None
+
+    def put(name: str, value: Any, source: str) -> None:
+        if name in fields:
+            raise QuantStateError(source, f"field {name!r} is also given by {origin[name]!r} (several states in one dict?)")
+        fields[name], origin[name] = value, source
+
+    packed_key = None
+    for key, value in qs_dict.items():
+        if not isinstance(key, str):
+            raise QuantStateError(repr(key), "keys must be strings")
+        quant_type = packed_json_type(key)
+        if quant_type is None:
+            name = key.rpartition(".")[2]
+            if name in _FIELDS:
+                put(name, value, key)
+                prefix = key[: len(key) - len(name)] if prefix is None else prefix
+            continue
+        if packed_key is not None:
+            raise QuantStateError(key, f"a second packed quant state besides {packed_key!r}")
+        packed_key = key
+        prefix = key[: len(key) - len(PACKED_KEY) - len(quant_type)]
+        if quant_type not in QUANT_TYPES_4BIT:
+            raise QuantStateError(key, f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)})")
+        for name, item in unpack_tensor_to_dict(value, key).items():
+            if name in _FIELDS:
+                put(name, item, f"{key}:{name}")
+        if fields.get("quant_type", quant_type) != quant_type:
+            raise QuantStateError(
+                origin["quant_type"], f"quant_type {fields['quant_type']!r} contradicts the key's {quant_type!r}"
+            )
+    if packed_key is None and "quant_type" not in fields:
+        raise QuantStateError(
+            "quant_state", f"found neither a packed '{PACKED_KEY}<type>' tensor nor an unpacked 'quant_type' field"
+        )
+    return fields, origin, prefix or ""
+
+
+class _StateReader:
+    """Validates collected fields and builds the :class:`QuantState` (one use)."""
+
+    def __init__(self, fields: dict[str, Any], origin: dict[str, str], prefix: str, device) -> None:
+        self.fields, self.origin, self.prefix, self.device = fields, origin, prefix, device
+
+    def fail(self, name: str, problem: str) -> QuantStateError:
+        return QuantStateError(self.origin.get(name, self.prefix + name), problem)
+
+    def get(self, name: str) -> Any:
+        if name not in self.fields:
+            raise self.fail(name, "missing")
+        return self.fields[name]
+
+    def integer(self, name: str, allowed: tuple[int, ...]) -> int:
+        value = self.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            raise self.fail(name, f"{value!r} is not a valid value (expected one of {list(allowed)})")
+        return value
+
+    def dtype(self, name: str) -> torch.dtype:
+        value = self.get(name)
+        if not isinstance(value, str) or value not in _DTYPES_BY_NAME:
+            raise self.fail(name, f"{value!r} is not a supported dtype (expected one of {sorted(_DTYPES_BY_NAME)})")
+        return _DTYPES_BY_NAME[value]
+
+    def shape(self) -> torch.Size:
+        value = self.get("shape")
+        if not isinstance(value, (list, tuple)) or len(value) > _MAX_RANK:
+            raise self.fail("shape", f"{value!r} is not a shape (expected a list of at most {_MAX_RANK} sizes)")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value):
+            raise self.fail("shape", f"{list(value)} has a size that is not a non-negative integer")
+        if math.prod(value) > _MAX_NUMEL:
+            raise self.fail("shape", f"{list(value)} is absurdly large ({math.prod(value)} elements)")
+        return torch.Size(value)
+
+    def tensor(self, name: str, dtype: torch.dtype, numel: int, why: str = "") -> torch.Tensor:
+        value = self.get(name)
+        if not isinstance(value, torch.Tensor):
+            raise self.fail(name, f"expected a tensor, got {type(value).__name__}")
+        if value.dtype != dtype or value.dim() != 1 or value.numel() != numel:
+            raise self.fail(
+                name,
+                f"got a {value.dtype} tensor of shape {tuple(value.shape)} but the state needs "
+                f"{_dtype_name(dtype)} of shape ({numel},){why}",
+            )
+        return value
+
+    def read(self) -> QuantState:
+        state = self._validated()
+        return state.to(self.device) if self.device is not None else state
+
+    def _validated(self) -> QuantState:
+        quant_type = self.get("quant_type")
+        if quant_type not in QUANT_TYPES_4BIT:
+            raise self.fail("quant_type", f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)})")
+        blocksize = self.integer("blocksize", BLOCKSIZES_4BIT)
+        dtype = self.dtype("dtype")
+        shape = self.shape()
+        blocks = -(-shape.numel() // blocksize)
+        per_block = f" (one per block of {blocksize} in shape {list(shape)})"
+        code = self.tensor("quant_map", torch.float32, 16)
+        table = get_4bit_type(quant_type, device=code.device)
+        # Value comparison (FP4's -0 equals 0); meta tensors hold no values to compare.
+        if code.device.type != "meta" and not bool((code == table).all()):
+            raise self.fail("quant_map", f"does not hold the {quant_type} table; it would decode to wrong values")
+        if not any(name.startswith("nested_") for name in self.fields):
+            absmax = self.tensor("absmax", torch.float32, blocks, per_block)
+            return QuantState(absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+        codes = self.tensor("absmax", torch.uint8, blocks, per_block)
+        nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT)
+        nested_dtype = self.dtype("nested_dtype")
+        offset = self.get("nested_offset")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise self.fail("nested_offset", f"{offset!r} is not a finite number")
+        state2 = QuantState(
+            self.tensor("nested_absmax", torch.float32, -(-blocks // nested_blocksize)),
+            shape=(blocks,),
+            code=self.tensor("nested_quant_map", torch.float32, 256),
+            blocksize=nested_blocksize,
+            dtype=nested_dtype,
+        )
+        return QuantState(
+            codes,
+            shape=shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=torch.tensor(float(offset), dtype=torch.float32, device=codes.device),
+            state2=state2,
         )

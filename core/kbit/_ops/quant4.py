@@ -1,0 +1,118 @@
+"""Custom ops of the 4-bit family: NF4/FP4 quantize, dequantize, gemv and matmul.
+
+Packed 4-bit data is a flat byte stream (two codes per byte, element ``2j`` in the high
+nibble) stored as a ``(rows, 1)`` tensor of the storage dtype; see ``docs/quant4.md``.
+The matmul ops take float32 per-block scales: a nested (compressed) absmax is expanded by
+the caller first, so backends only ever see plain scales.
+
+``gemv_4bit`` and ``matmul_4bit`` carry an autograd formula (gradient to ``A`` only): the
+packed weight is frozen and integer-typed, so it has no gradient to give.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import backend_for
+
+Tensor = torch.Tensor
+
+
+def packed_rows(numel: int, storage: torch.dtype) -> int:
+    """Rows of the ``(rows, 1)`` packed tensor holding ``numel`` 4-bit codes as ``storage``.
+
+    ``(numel + 1) // 2`` bytes, rounded UP to whole ``storage`` elements: when the byte
+    count is not a multiple of the storage item size the last element is zero-padded
+    instead of dropping bytes (the format's ``(n + 1) // (2 * itemsize)`` would lose them).
+    """
+    itemsize = torch.empty((), dtype=storage).element_size()
+    return -(-((numel + 1) // 2) // itemsize)
+
+
+def _num_blocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+@torch.library.custom_op("kbit::quantize_4bit", mutates_args=())
+def quantize_4bit(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
+    """4-bit blockwise quantization; returns ``(packed (rows, 1) quant_storage, absmax float32)``."""
+    backend = backend_for("quantize_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    return backend.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+
+
+@quantize_4bit.register_fake
+def _(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (
+        A.new_empty((packed_rows(A.numel(), quant_storage), 1), dtype=quant_storage),
+        A.new_empty((_num_blocks(A.numel(), blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("kbit::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
+    """Unpack and dequantize 4-bit codes to a ``dtype`` tensor of ``shape``."""
+    backend = backend_for(
+        "dequantize_4bit", A, dtype, blocksize=blocksize, quant_type=quant_type, quant_storage=A.dtype
+    )
+    return backend.dequantize_4bit(
+        A, absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=dtype
+    )
+
+
+@dequantize_4bit.register_fake
+def _(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    return A.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.custom_op("kbit::gemv_4bit", mutates_args=())
+def gemv_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
+    """``A @ dequant(B).T`` for a single row ``A`` (``B`` logically ``shape = [out, in]``)."""
+    backend = backend_for("gemv_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
+    return backend.gemv_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+
+
+@torch.library.custom_op("kbit::matmul_4bit", mutates_args=())
+def matmul_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
+    """``A @ dequant(B).T`` for any leading dimensions of ``A``; output in ``A``'s dtype."""
+    backend = backend_for("matmul_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
+    return backend.matmul_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+
+
+def _matmul_fake(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
+    return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+gemv_4bit.register_fake(_matmul_fake)
+matmul_4bit.register_fake(_matmul_fake)
+
+
+def _setup_matmul_context(ctx, inputs, output) -> None:
+    _, B, absmax, blocksize, quant_type, shape = inputs
+    ctx.save_for_backward(B, absmax)
+    ctx.blocksize, ctx.quant_type, ctx.shape = blocksize, quant_type, shape
+
+
+def _matmul_backward(ctx, grad_output: Tensor):
+    # d(A @ W.T)/dA = grad @ W, with W dequantized in the gradient's dtype. The packed
+    # weight and its scales are constants: no gradient for them (or for the ints).
+    B, absmax = ctx.saved_tensors
+    grad_A = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_4bit(B, absmax, ctx.blocksize, ctx.quant_type, ctx.shape, grad_output.dtype)
+        grad_A = torch.matmul(grad_output, weight)
+    return grad_A, None, None, None, None, None
+
+
+gemv_4bit.register_autograd(_matmul_backward, setup_context=_setup_matmul_context)
+matmul_4bit.register_autograd(_matmul_backward, setup_context=_setup_matmul_context)

@@ -1,0 +1,110 @@
+"""``Linear4bit`` and its NF4/FP4 shorthands: a linear layer with a frozen 4-bit weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..autograd._matmul4bit import matmul_4bit
+from ..functional._validate import FLOAT_DTYPES, check_choice, check_dtype
+from ._params4bit import Weight4bitStateDict
+
+__all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]
+
+
+class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
+    """``torch.nn.Linear`` whose weight is stored as 4-bit NF4 or FP4 codes.
+
+    The weight is created in float and quantized on the first move to a device
+    (``.to("cpu")`` included) or on the first forward. The forward computes in
+    ``compute_dtype`` (taken from the first input when None), with the bias cast to it,
+    and returns the input's dtype. Gradients reach the input and the bias; the 4-bit
+    weight is frozen (train adapters such as LoRA on top of it).
+
+    ``state_dict()`` writes the hub checkpoint layout (``weight``, ``bias``,
+    ``weight.absmax``, ``weight.quant_map``, ... ``weight.quant_state.bitsandbytes__<type>``)
+    and ``load_state_dict`` reads it directly, or a float ``weight`` (quantized on load).
+
+    Args:
+        input_features, output_features, bias: as for ``torch.nn.Linear``.
+        compute_dtype: float16, bfloat16 or float32 for the matmul; None picks the dtype
+            of the first input.
+        compress_statistics: nested (8-bit) absmax, see :func:`kbit.functional.quantize_4bit`.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        quant_storage: dtype the packed bytes are viewed as.
+        device: where the float weight is created.
+    """
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device: Optional[torch.device | str] = None,
+    ) -> None:
+        if compute_dtype is not None:
+            check_choice("Linear4bit", "compute_dtype", compute_dtype, FLOAT_DTYPES)
+        super().__init__(input_features, output_features, bias, device)
+        self._init_4bit_weight(
+            compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
+        )
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+
+    def _weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
+        check_dtype("Linear4bit", "x", x, FLOAT_DTYPES)
+        weight = self._quantized_weight()
+        compute_dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute_dtype)
+        out = matmul_4bit(x.to(compute_dtype), weight, weight.quant_state, bias=bias)
+        self.compute_dtype = compute_dtype  # the first input that worked picks it
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        quant_type = self._settings()["quant_type"]
+        return f"{super().extra_repr()}, quant_type={quant_type}, compute_dtype={self.compute_dtype}"
+
+
+class LinearNF4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="nf4"`` (the QLoRA default)."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: Optional[torch.device | str] = None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, device
+        )
+
+
+class LinearFP4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="fp4"``."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: Optional[torch.device | str] = None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device
+        )

@@ -1,0 +1,313 @@
+"""``Params4bit``, a weight that quantizes itself to 4 bits, and the state-dict support of the
+modules that hold one.
+
+A ``Params4bit`` starts as an ordinary float tensor. The first move to a device (``.to``,
+``.cpu()``, ``.cuda()``; on CPU ``.to("cpu")`` counts) or the first forward of its module
+quantizes it: ``data`` becomes the packed codes and ``quant_state`` the
+:class:`~kbit.functional.QuantState`. From then on moves carry the packed bytes and the
+state along and dtype conversions leave the bytes alone (casting them would destroy them).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+
+from .._errors import KbitTypeError, KbitValueError, QuantStateError
+from ..functional._quant4 import packed_size_problem, quantize_4bit
+from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
+from ..functional._validate import check_choice
+
+__all__ = ["Params4bit"]
+
+_SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
+_ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized")
+
+
+def _rebuild_params4bit(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> "Params4bit":
+    # Module-level so pickle (torch.save / torch.load) can find it by name.
+    return Params4bit(data, requires_grad, **attributes)
+
+
+class Params4bit(torch.nn.Parameter):
+    """A frozen weight parameter stored as 4-bit NF4/FP4 codes.
+
+    Args:
+        data: the float weight (or packed codes with ``bnb_quantized=True``).
+        requires_grad: must stay False once quantized (4-bit weights are frozen).
+        quant_state: the :class:`~kbit.functional.QuantState` of packed ``data``.
+        blocksize, compress_statistics, quant_type, quant_storage: how to quantize, see
+            :func:`kbit.functional.quantize_4bit`.
+        module: accepted for bitsandbytes compatibility; kbit modules read the state
+            from their weight, so nothing needs a back reference.
+        bnb_quantized: whether ``data`` already holds packed codes.
+    """
+
+    def __new__(
+        cls,
+        data: Optional[torch.Tensor] = None,
+        requires_grad: bool = False,
+        quant_state: Optional[QuantState] = None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        module: Optional[torch.nn.Module] = None,
+        bnb_quantized: bool = False,
+    ) -> "Params4bit":
+        op = "Params4bit"
+        check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)
+        check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
+        check_choice(op, "quant_storage", quant_storage, QUANT_STORAGES_4BIT)
+        if data is None:
+            data = torch.empty(0)
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.blocksize = blocksize
+        self.compress_statistics = bool(compress_statistics)
+        self.quant_type = quant_type
+        self.quant_storage = quant_storage
+        self.quant_state = quant_state
+        self.bnb_quantized = bnb_quantized
+        return self
+
+    def _attributes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _ATTRIBUTES}
+
+    def _with_data(self, data: torch.Tensor) -> "Params4bit":
+        if data is self:
+            return self
+        return Params4bit(data, self.requires_grad, **self._attributes())
+
+    @classmethod
+    def from_prequantized(
+        cls,
+        data: torch.Tensor,
+        quantized_stats: dict[str, Any],
+        requires_grad: bool = False,
+        device: Optional[torch.device | str] = None,
+        module: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> "Params4bit":
+        """A quantized parameter from packed ``data`` and its serialized quant state.
+
+        ``quantized_stats`` is the ``weight.``-prefixed (or unprefixed) part of a
+        checkpoint, read by :meth:`QuantState.from_dict`, which validates it. ``device``
+        defaults to ``data``'s. Extra keyword arguments are accepted for bitsandbytes
+        compatibility and ignored: the state decides blocksize, type and storage.
+        """
+        device = torch.device(device) if device is not None else data.device
+        state = QuantState.from_dict(quantized_stats, device=device)
+        return cls._from_state(data, state, device, requires_grad)
+
+    @classmethod
+    def _from_state(
+        cls, data: torch.Tensor, state: QuantState, device: torch.device, requires_grad: bool = False, key: str = "weight"
+    ) -> "Params4bit":
+        if not isinstance(data, torch.Tensor) or data.dtype not in QUANT_STORAGES_4BIT:
+            found = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
+            raise QuantStateError(key, f"packed data must be a uint8/float16/bfloat16/float32 tensor, got {found}")
+        problem = packed_size_problem(data, state.shape)
+        if problem:
+            raise QuantStateError(key, problem)
+        return cls(
+            data.to(device).reshape(-1, 1),
+            requires_grad,
+            quant_state=state,
+            blocksize=state.blocksize,
+            compress_statistics=state.nested,
+            quant_type=state.quant_type,
+            quant_storage=data.dtype,
+            bnb_quantized=True,
+        )
+
+    def _quantize(self, device: Optional[torch.device | str] = None) -> "Params4bit":
+        """Quantize in place (on ``device``) and return self."""
+        if self.requires_grad:
+            raise KbitValueError(
+                "Params4bit", "requires_grad", True, "4-bit weights are frozen; train adapters (e.g. LoRA) instead"
+            )
+        weight = self.data.contiguous()
+        if device is not None:
+            weight = weight.to(device)
+        packed, state = quantize_4bit(
+            weight,
+            blocksize=self.blocksize,
+            compress_statistics=self.compress_statistics,
+            quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
+        )
+        self.data = packed
+        self.quant_state = state
+        self.bnb_quantized = True
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """Move (quantizing on the first move to a real device) or, before quantization, cast."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if not self.bnb_quantized:
+            if device is not None and device.type != "meta":
+                # In place: Module.to keeps this object and only swaps in the returned
+                # data, so the quant state must land on this very object.
+                if dtype is not None:
+                    self.data = self.data.to(dtype)
+                return self._quantize(device)
+            return self._with_data(torch.Tensor.to(self, device=device, dtype=dtype, non_blocking=non_blocking))
+        if device is None:
+            return self  # a dtype alone would reinterpret packed bytes as numbers
+        if self.quant_state is not None:
+            # In place, so the parameter object a module keeps sees the move (Module.to
+            # swaps only .data into the original parameter).
+            self.quant_state.to(device)
+        return self._with_data(torch.Tensor.to(self, device=device, non_blocking=non_blocking))
+
+    def cpu(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """Move to (and on first move quantize on) the CPU."""
+        return self.to("cpu")
+
+    def cuda(self, device: Optional[torch.device | int | str] = None, non_blocking: bool = False, **kwargs: Any):
+        """Move to (and on first move quantize on) a CUDA device."""
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        return self.to(device if device is not None else "cuda", non_blocking=non_blocking)
+
+    def _cast(self, dtype: torch.dtype) -> "Params4bit":
+        return self if self.bnb_quantized else self._with_data(self.data.to(dtype))
+
+    def half(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """float16 before quantization; packed codes are left as they are."""
+        return self._cast(torch.float16)
+
+    def bfloat16(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """bfloat16 before quantization; packed codes are left as they are."""
+        return self._cast(torch.bfloat16)
+
+    def float(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """float32 before quantization; packed codes are left as they are."""
+        return self._cast(torch.float32)
+
+    def double(self, *args: Any, **kwargs: Any) -> "Params4bit":
+        """float64 before quantization; packed codes are left as they are."""
+        return self._cast(torch.float64)
+
+    def detach(self) -> "Params4bit":
+        """A detached alias that stays a ``Params4bit`` with the same quant state.
+
+        ``Module.to`` rebuilds parameters through ``Parameter(moved)`` when it cannot swap
+        ``.data`` in place (moves to ``meta``, or with
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), which
+        requires ``detach`` to keep the type.
+        """
+        return Params4bit(torch.Tensor.detach(self), False, **self._attributes())
+
+    def __deepcopy__(self, memo: dict) -> "Params4bit":
+        attributes = self._attributes()
+        attributes["quant_state"] = copy.deepcopy(self.quant_state, memo)
+        result = Params4bit(self.data.clone(), self.requires_grad, **attributes)
+        memo[id(self)] = result
+        return result
+
+    def __reduce_ex__(self, protocol: int):
+        return _rebuild_params4bit, (self.data, self.requires_grad, self._attributes())
+
+    def __repr__(self) -> str:
+        if not self.bnb_quantized:
+            return f"Params4bit (not yet quantized, {self.quant_type}) containing:\n{self.data!r}"
+        return f"Params4bit({self.quant_state!r}, packed {tuple(self.shape)} {self.dtype} on {self.device})"
+
+
+class Weight4bitStateDict:
+    """State-dict save/load for a module whose ``weight`` is a :class:`Params4bit`.
+
+    Saving writes the hub layout: ``weight`` (packed codes) and, next to it,
+    ``weight.absmax``, ``weight.quant_map``, ... and ``weight.quant_state.bitsandbytes__<type>``.
+    Loading accepts that layout directly (validated; the module adopts the checkpoint's
+    quant type and blocksize) and also a plain float ``weight``, which is quantized on
+    load with the module's settings. A mix-in placed before the ``torch.nn`` base class;
+    the module says which float shape its weight has via :meth:`_weight_shape`.
+    """
+
+    def _weight_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _init_4bit_weight(self, **settings: Any) -> None:
+        """Wrap the float weight the ``torch.nn`` base created; remember how to quantize it."""
+        self._quant_settings = settings
+        self.weight = Params4bit(self.weight.data, requires_grad=False, **settings)
+
+    def _settings(self) -> dict[str, Any]:
+        """How float weights are quantized: the weight's own settings, else the remembered ones."""
+        weight = self.weight
+        if isinstance(weight, Params4bit):
+            return {name: getattr(weight, name) for name in _SETTINGS}
+        return self._quant_settings
+
+    def _quantized_weight(self) -> Params4bit:
+        """The weight, quantized where it lives if it never was.
+
+        Generic tensor code such as ``Module.to_empty`` can replace the ``Params4bit`` by a
+        plain ``Parameter``; it is wrapped again with the remembered settings.
+        """
+        weight = self.weight
+        if not isinstance(weight, Params4bit):
+            weight = self.weight = Params4bit(weight.data, requires_grad=False, **self._settings())
+        if not weight.bnb_quantized:
+            weight._quantize(weight.device)
+        return weight
+
+    @property
+    def quant_state(self) -> Optional[QuantState]:
+        """The weight's :class:`~kbit.functional.QuantState` (None before quantization)."""
+        return getattr(self.weight, "quant_state", None)
+
+    @quant_state.setter
+    def quant_state(self, state: Optional[QuantState]) -> None:
+        self.weight.quant_state = state
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = self.weight
+        if not keep_vars:
+            destination[prefix + "weight"] = weight.data  # a plain tensor, loadable with weights_only
+        if getattr(weight, "bnb_quantized", False) and weight.quant_state is not None:
+            for key, value in weight.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "weight"
+        # Full keys: QuantState.from_dict strips the prefix itself and names them in errors.
+        stats = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
+        rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        # Build (and so validate) the new weight before anything else is loaded: a bad
+        # checkpoint must leave the module exactly as it was.
+        weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if weight is None:
+            return  # the base class has recorded the weight as missing (when strict)
+        if key in missing_keys:
+            missing_keys.remove(key)
+        self.weight = weight
+        self._quant_settings = self._settings()
+
+    def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
+        current = self.weight
+        device = current.device if current.device.type != "meta" else value.device
+        expected = torch.Size(self._weight_shape())
+        if stats:
+            copied = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+            state = QuantState.from_dict(copied, device=device)
+            if state.shape != expected:
+                raise QuantStateError(key, f"holds a weight of shape {tuple(state.shape)}; this module needs {tuple(expected)}")
+            return Params4bit._from_state(value.detach().clone(), state, device, key=key)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise KbitTypeError(
+                "load_state_dict", key, f"dtype {found}", "a float weight, or packed codes with their quant-state keys"
+            )
+        if value.shape != expected:
+            raise KbitValueError("load_state_dict", f"{key}.shape", tuple(value.shape), f"expected {tuple(expected)}")
+        fresh = Params4bit(value.detach().to(device, copy=True), False, **self._settings())
+        return fresh._quantize() if device.type != "meta" else fresh
