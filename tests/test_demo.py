@@ -1,0 +1,93 @@
+"""``kbit demo``: the README's main job."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kbit._demo import DemoConfig, run_demo
+from kbit._demo._progress import Progress
+from kbit.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory) -> tuple[dict, str]:
+    """One 20-step demo run through the console script, as a user would start it."""
+    path = tmp_path_factory.mktemp("demo") / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "kbit", "demo", "--steps", "20", "--json", str(path)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return json.loads(path.read_text()), result.stdout
+
+
+def test_demo_report_meets_the_promises(demo_report):
+    report, _ = demo_report
+    weights = report["memory"]["base_weights"]
+    assert weights["nf4_bytes"] <= 0.3 * weights["bf16_bytes"]
+    state = report["memory"]["optimizer_state"]
+    assert state["bytes_8bit"] <= 0.27 * state["bytes_32bit"]
+    for run in report["training"].values():
+        assert run["loss_end"] < run["loss_start"] / 2, run["optimizer"]
+        assert len(run["losses"]) == 20 and run["tokens_per_second"] > 0
+    # The 8-bit run tracks the 32-bit one closely on this task.
+    kbit_run, baseline = report["training"]["kbit"], report["training"]["baseline"]
+    assert kbit_run["optimizer"] == "PagedAdamW8bit" and baseline["optimizer"] == "AdamW"
+    assert abs(kbit_run["loss_end"] - baseline["loss_end"]) < 0.1 * baseline["loss_start"]
+
+
+def test_demo_says_which_backend_served_each_op(demo_report):
+    report, stdout = demo_report
+    served = report["backends"]
+    for op in ("quantize_4bit", "matmul_4bit", "optimizer_update_8bit_blockwise"):
+        assert sum(served[op].values()) > 0, op
+    assert all(name == "reference" for calls in served.values() for name in calls)
+    assert "optimizer_update_8bit_blockwise" in stdout and "reference (" in stdout
+
+
+def test_demo_prints_plain_progress_when_not_a_terminal(demo_report):
+    _, stdout = demo_report
+    assert "NF4 + PagedAdamW8bit: step 20/20 loss" in stdout
+    assert "\r" not in stdout
+    assert "kbit / bf16" in stdout and "8-bit" in stdout
+
+
+def test_progress_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = Progress("run", 4, stream)
+    for step in range(1, 5):
+        progress.update(step, 1.0 / step)
+    text = stream.getvalue()
+    assert text.count("\r") == 4 and "[" + "#" * 30 + "]" in text and text.endswith("\n")
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "curves.png"
+    assert main(["demo", "--steps", "5", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
+    assert main(["demo", "--steps", "5", "--plot", "x.png"]) == 2
+    assert "pip install 'kbit[plot]'" in capsys.readouterr().err
+
+
+def test_bad_arguments():
+    assert main(["demo", "--steps", "2"]) == 2
+    with pytest.raises(SystemExit):
+        main(["demo", "--size", "huge"])
+    with pytest.raises(ValueError, match="huge"):
+        run_demo(DemoConfig(size="huge"))
