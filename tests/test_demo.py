@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import kbit
 from kbit._demo import DemoConfig, run_demo
 from kbit._demo._progress import Progress
 from kbit.cli import main
@@ -43,8 +44,13 @@ def test_demo_says_which_backend_served_each_op(demo_report):
     served = report["backends"]
     for op in ("quantize_4bit", "matmul_4bit", "optimizer_update_8bit_blockwise"):
         assert sum(served[op].values()) > 0, op
-    assert all(name == "reference" for calls in served.values() for name in calls)
-    assert "optimizer_update_8bit_blockwise" in stdout and "reference (" in stdout
+    # Whichever backends this environment has (the reference alone in CI, a plugin too on
+    # a developer's machine) served the ops, and the printed report names them.
+    available = {record.name for record in kbit.backends.list() if record.state == "available"}
+    names = {name for calls in served.values() for name in calls}
+    assert names and names <= available, (names, available)
+    assert "optimizer_update_8bit_blockwise" in stdout
+    assert all(f"{name} (" in stdout for name in names)
 
 
 def test_demo_prints_plain_progress_when_not_a_terminal(demo_report):

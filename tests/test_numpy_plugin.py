@@ -1,11 +1,12 @@
 """The NumPy plugin (plugins/kbit-numpy) through the conformance suite, in-process.
 
-The plugin is not installed in the development environment; its package is put on
-``sys.path`` and its manifest registered by the conformance class (``manifest = ...``),
+The plugin is not installed in the development environment; its package is imported from
+the source tree and its manifest registered by the conformance class (``manifest = ...``),
 which is what a backend author does before packaging. The installed wheel is tested end to
 end in test_plugin_e2e.py.
 """
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,7 +19,26 @@ import kbit.functional as F
 from kbit.testing import BackendConformance
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "kbit-numpy"
-sys.path.append(str(PLUGIN))
+
+
+def _import_source_package(name: str, directory: Path) -> None:
+    """Import package ``name`` from ``directory`` without putting the directory on sys.path.
+
+    Putting the plugin's folder on ``sys.path`` would also expose a ``kbit_numpy.egg-info``
+    left there by an editable install, and with it an entry point every later test's
+    discovery would pick up.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        name, directory / name / "__init__.py", submodule_search_locations=[str(directory / name)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_import_source_package("kbit_numpy", PLUGIN)
 
 from kbit_numpy import _kernels  # noqa: E402
 from kbit_numpy._manifest import MANIFEST  # noqa: E402

@@ -1,5 +1,6 @@
 """Backend selection: explicit request > KBIT_BACKEND > priority, fallback, explanations."""
 
+import os
 import warnings
 
 import pytest
@@ -108,6 +109,22 @@ def test_fallback_error_policy(monkeypatch):
         assert isinstance(info.value, kbit.UnsupportedOpError)
         _quantize(torch.float32)  # what it declares still works
     assert CALLS == ["partial"]
+
+
+def test_use_backend_fallback_overrides_the_environment_for_the_block_only(monkeypatch):
+    kbit.backends.register(_manifest("partial"))
+    monkeypatch.setenv("KBIT_FALLBACK", "reference")
+    with kbit.backends.use_backend("partial", fallback="error"):
+        with pytest.raises(kbit.NoBackendError, match="partial: dtype float16"):
+            _quantize(torch.float16)
+        with kbit.backends.use_backend("partial"):  # an inner block without fallback= keeps it
+            with pytest.raises(kbit.NoBackendError):
+                _quantize(torch.float16)
+    assert os.environ["KBIT_FALLBACK"] == "reference"
+    with kbit.backends.use_backend("partial"), pytest.warns(kbit.KbitFallbackWarning):
+        _quantize(torch.float16)  # outside the block the environment's policy applies again
+    with pytest.raises(kbit.KbitValueError, match="fallback='never'"):
+        kbit.backends.use_backend("partial", fallback="never")
 
 
 def test_bad_fallback_policy_is_reported(monkeypatch):

@@ -58,44 +58,6 @@ def _declared(backend: Backend, op: str, field: str, default: tuple) -> tuple:
     return tuple(values) if values is not None else default
 
 
-def _check_blockwise(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
-    code = cached_code("dynamic", device)
-    dtypes = _declared(backend, "quantize_blockwise", "dtypes", ("float32",))
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        for blocksize in _declared(backend, "quantize_blockwise", "blocksizes", (64,))[:2]:
-            A = _sample(3 * blocksize + 17, dtype, device)
-            label = f"{dtype_name}, blocksize {blocksize}"
-            codes, absmax = backend.quantize_blockwise(A, code=code, blocksize=blocksize)
-            ref_codes, ref_absmax = reference.quantize_blockwise(A, code=code, blocksize=blocksize)
-            problem = _compare(f"codes ({label})", codes, ref_codes) or _compare(
-                f"absmax ({label})", absmax, ref_absmax
-            )
-            if problem:
-                return problem
-    return None
-
-
-def _check_dequantize_blockwise(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
-    code = cached_code("dynamic", device)
-    generator = torch.Generator().manual_seed(99)
-    for dtype_name in _declared(backend, "dequantize_blockwise", "dtypes", ("float32",)):
-        dtype = getattr(torch, dtype_name)
-        for blocksize in _declared(backend, "dequantize_blockwise", "blocksizes", (64,))[:2]:
-            numel = 2 * blocksize + 5
-            A = torch.randint(0, 256, (numel,), dtype=torch.uint8, generator=generator).to(device)
-            absmax = (torch.rand(-(-numel // blocksize), generator=generator) * 3).to(device)
-            kwargs = dict(absmax=absmax, code=code, blocksize=blocksize, dtype=dtype)
-            problem = _compare(
-                f"dequantize ({dtype_name}, blocksize {blocksize})",
-                backend.dequantize_blockwise(A, **kwargs),
-                reference.dequantize_blockwise(A, **kwargs),
-            )
-            if problem:
-                return problem
-    return None
-
-
 def _check_reference_blockwise(reference: Backend, device: torch.device) -> Optional[str]:
     """The reference against the format's quality bar (mean abs error < 0.011 on randn)."""
     code = cached_code("dynamic", device)
@@ -273,8 +235,6 @@ def _check_reference_quantize_4bit(reference: Backend, device: torch.device) -> 
 
 #: Checks by op name; an op the backend does not declare is skipped.
 CHECKS: dict[str, Check] = {
-    "quantize_blockwise": _check_blockwise,
-    "dequantize_blockwise": _check_dequantize_blockwise,
     "int8_vectorwise_quant": _check_int8_quant,
     "int8_linear_matmul": _check_int8_matmul,
     "int8_mm_dequant": _check_int8_mm_dequant,

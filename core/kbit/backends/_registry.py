@@ -124,6 +124,11 @@ _preference: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "kbit_backend_preference", default=()
 )
 
+# A fallback policy set by ``use_backend(..., fallback=...)``; None defers to KBIT_FALLBACK.
+_fallback_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "kbit_fallback_override", default=None
+)
+
 
 def _split_names(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
@@ -320,7 +325,7 @@ class Registry:
             raise KbitValueError("resolve", "op", op, f"known ops: {sorted(ALL_OPS)}")
         dtype_name = _dtype_name(dtype)
         norm_params = _normalise_params(op, params)
-        policy = os.environ.get("KBIT_FALLBACK", "reference").strip() or "reference"
+        policy = _fallback_override.get() or os.environ.get("KBIT_FALLBACK", "reference").strip() or "reference"
         if policy not in FALLBACK_POLICIES:
             raise KbitValueError(op, "KBIT_FALLBACK", policy, f"expected one of {list(FALLBACK_POLICIES)}")
         preference = self.preference()
@@ -435,26 +440,34 @@ class use_backend:  # noqa: N801 - used like a function: ``with use_backend("cud
 
     Accepts one name or an ordered list. Inside the block these backends are tried first,
     in order, for every device type they serve; an op none of them supports falls back (or
-    is refused) per ``KBIT_FALLBACK``. Naming a backend that is not installed, broken or
-    disabled raises on the first call that would use it. Nests; the innermost wins.
+    is refused) per ``KBIT_FALLBACK``, or per ``fallback`` (``"reference"`` or ``"error"``)
+    when given, for this block and this thread or task only. Naming a backend that is not
+    installed, broken or disabled raises on the first call that would use it. Nests; the
+    innermost wins.
     """
 
-    def __init__(self, names: str | Sequence[str]) -> None:
+    def __init__(self, names: str | Sequence[str], *, fallback: Optional[str] = None) -> None:
         if isinstance(names, str):
             names = (names,)
         self.names = tuple(names)
         if not self.names or not all(isinstance(n, str) and n for n in self.names):
             raise KbitValueError("use_backend", "names", names, "one backend name or a non-empty list of names")
-        self._token: Optional[contextvars.Token] = None
+        if fallback is not None and fallback not in FALLBACK_POLICIES:
+            raise KbitValueError("use_backend", "fallback", fallback, f"expected one of {list(FALLBACK_POLICIES)}")
+        self.fallback = fallback
+        self._tokens: Optional[tuple[contextvars.Token, contextvars.Token]] = None
 
     def __enter__(self) -> "use_backend":
-        self._token = _preference.set(self.names)
+        # Without ``fallback`` an enclosing block's override stays in force.
+        self._tokens = (_preference.set(self.names), _fallback_override.set(self.fallback or _fallback_override.get()))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._token is not None
-        _preference.reset(self._token)
-        self._token = None
+        assert self._tokens is not None
+        preference, fallback = self._tokens
+        _fallback_override.reset(fallback)
+        _preference.reset(preference)
+        self._tokens = None
 
 
 def iter_records() -> Iterator[BackendRecord]:

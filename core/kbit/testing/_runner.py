@@ -1,16 +1,14 @@
 """Running conformance cases: the backend under test against the reference, pinned.
 
 Every call goes through the public dispatch path (``torch.ops.kbit.<op>`` and the
-registry) with the backend *pinned*: preferred alone, and ``KBIT_FALLBACK=error``, so a call
+registry) with the backend *pinned*: preferred alone, with fallback off, so a call
 the backend does not serve raises instead of quietly running on the reference. The oracle
 is the reference backend, pinned the same way, on CPU copies of the same inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -32,19 +30,13 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def pinned(name: str) -> Iterator[None]:
-    """Inside the block, kbit routes every call to backend ``name`` or raises: no fallback."""
-    previous = os.environ.get("KBIT_FALLBACK")
-    os.environ["KBIT_FALLBACK"] = "error"
-    try:
-        with use_backend(name):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("KBIT_FALLBACK", None)
-        else:
-            os.environ["KBIT_FALLBACK"] = previous
+def pinned(name: str) -> use_backend:
+    """Inside the block, kbit routes every call to backend ``name`` or raises: no fallback.
+
+    The policy is set for the block's thread or task only (``use_backend(fallback=...)``),
+    never through the process-wide ``KBIT_FALLBACK`` variable.
+    """
+    return use_backend(name, fallback="error")
 
 
 def _to(value: Any, device: str | torch.device) -> Any:
