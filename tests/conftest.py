@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 import kbit
+from kbit.testing._goldens import find_goldens, load_goldens
 
 # pytester runs the conformance suite on deliberately wrong backends in a nested session.
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDENS = Path(os.environ.get("KBIT_GOLDENS", REPO.parent / "shared" / "spec" / "goldens" / "goldens.pt"))
 
 
 @pytest.fixture(scope="session")
-def goldens() -> dict:
-    """The interoperability vectors of ../shared/spec/goldens (skips when absent)."""
-    if not GOLDENS.is_file():
-        pytest.skip(f"golden vectors not found at {GOLDENS} (set KBIT_GOLDENS to their goldens.pt)")
-    return torch.load(GOLDENS, weights_only=True)
+def goldens(request: pytest.FixtureRequest) -> dict:
+    """The interoperability vectors of ../shared/spec/goldens (skips, saying why, when absent).
+
+    Found the way the conformance suite finds them (``--kbit-goldens``, ``KBIT_GOLDENS``,
+    then ``../shared/spec/goldens`` beside the checkout).
+    """
+    path, why_not = find_goldens(request.config.getoption("--kbit-goldens", None), REPO)
+    if path is None:
+        pytest.skip(why_not)
+    return load_goldens(path)
 
 
 @pytest.fixture(autouse=True)

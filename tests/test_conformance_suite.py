@@ -335,9 +335,8 @@ def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_pat
 
 
 def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
-    from tests.conftest import GOLDENS
-
-    monkeypatch.setenv("KBIT_GOLDENS", str(GOLDENS.parent))  # a directory works as well as the file
+    path, _ = find_goldens()  # the `goldens` fixture has skipped if there is none
+    monkeypatch.setenv("KBIT_GOLDENS", str(path.parent))  # a directory works as well as the file
     _, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens")
     assert payload["runs"][0]["totals"]["passed"] == 2
 
