@@ -180,7 +180,8 @@ def test_double_quant_bad_buffer_touches_no_buffer():
 
 
 # ------------------------------------------------------------------------ int8 matmul
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 5), (64, 512, 48), (3, 2500, 9)])
+# K == 1 with N > 1: torch._int_mm on CPU returns uninitialised memory there.
+@pytest.mark.parametrize("shape", [(1, 1, 1), (4, 1, 3), (1, 1, 6), (7, 33, 5), (64, 512, 48), (3, 2500, 9)])
 def test_int8_linear_matmul_is_exact(shape):
     M, K, N = shape
     A, B = _int8(M, K, seed=M), _int8(N, K, seed=K)
