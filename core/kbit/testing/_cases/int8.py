@@ -95,7 +95,7 @@ def _quant_inputs(variant: Variant) -> list[InputSet]:
         entry("one_row", _randn(variant, "one_row", 1, 24)),
         entry("one_row_outliers", _with_outliers(variant, "one_row_outliers", 1, 16, [5]), _THRESHOLD),
         entry("k_one", _randn(variant, "k_one", 5, 1)),
-        entry("k_one_outliers", _randn(variant, "k_one_outliers", 5, 1) * 4, 4.0),
+        entry("k_one_outliers", _randn(variant, "k_one_outliers", 5, 1).index_fill(0, torch.tensor([2]), 5.0), 4.0),
         entry("zero_rows", zero_rows),
         entry("zero_rows_threshold", zero_rows.clone(), 1.5),
         entry("only_outliers", only_outliers, _THRESHOLD),
