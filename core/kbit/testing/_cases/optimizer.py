@@ -45,7 +45,7 @@ Tensor = torch.Tensor
 FAMILY = "optimizer"
 
 #: Update steps per trajectory (step counts 1..STEPS, or from the input's step on).
-STEPS = 4
+STEPS = 3
 
 _FLOATS = tuple(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
 _ALL_KINDS = tuple(OPTIMIZER_KINDS)
@@ -165,17 +165,15 @@ def _update_inputs(op: str) -> Callable[[Variant], list[InputSet]]:
                 hyper.pop("skip_zeros")
             return InputSet(name, _start(op, kind, p, g.to(dtype), **hyper))
 
-        # Two full blocks of 256 and a partial one; states of the 8-bit ops use them.
-        sets = [
-            entry("typical", (23, 23)),
-            entry("decay_and_scale", (529,), weight_decay=0.05, gnorm_scale=0.7, eps=1e-3, lr=3e-2),
-            entry("one_element", (1,)),
-        ]
+        # Weight decay, gradient scaling, a visible eps and (where the op has it) the trust
+        # ratio clipping of LAMB/LARS, which any kind may use, in one trajectory.
+        extras = dict(weight_decay=0.05, gnorm_scale=0.7, eps=1e-3, lr=3e-2)
         if has_unorm:
-            sets.append(entry("trust_ratio", (300,), max_unorm=0.02))
+            extras["max_unorm"] = 0.02
+        sets = [entry("typical", (23, 23)), entry("decay_scale_clip", (529,), **extras), entry("one_element", (1,))]
         if has_skip:
             sets.append(entry("skip_zeros", (300,), zeros=True, skip_zeros=True, weight_decay=0.05))
-        return sets
+        return sets  # 529 elements: two full blocks of 256 and a partial one
 
     return inputs
 
