@@ -495,7 +495,9 @@ def _as_backend(cls, name):
 def test_selftest_int8_checks():
     reference = kbit.backends.get("reference")
     int8_checks = {"int8_vectorwise_quant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_scaled_mm"}
-    agreeing = run_checks(_as_backend(ReferenceBackend, "twin"), reference)
+    # The other int8 ops get checks derived from the conformance cases; those route through
+    # the registry by name, and these unregistered twins are not in it.
+    agreeing = [r for r in run_checks(_as_backend(ReferenceBackend, "twin"), reference) if r.op in int8_checks]
     assert {r.op for r in agreeing} == int8_checks and all(r.status == "passed" for r in agreeing)
     broken = {r.op: r for r in run_checks(_as_backend(_ShiftedMatmul, "shifted"), reference)}
     assert broken["int8_linear_matmul"].status == "failed"
