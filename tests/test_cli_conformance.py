@@ -50,12 +50,17 @@ def test_parser_knows_the_command():
 
 def test_reference_passes_and_exits_zero(tmp_path):
     # opcheck is left out: its first call costs seconds, and it runs in-process elsewhere.
-    selection = "(test_manifest or blockwise-float32-64 or test_goldens) and not test_opcheck"
+    selection = (
+        "(test_manifest or blockwise-float32-64 or test_goldens or int8_linear_matmul"
+        " or optimizer_update_8bit_blockwise-float32-adam) and not test_opcheck"
+    )
     result, payload = conformance(tmp_path, "reference", "-k", selection)
     assert result.returncode == 0, result.stdout + result.stderr
     (run,) = payload["runs"]
     assert run["backend"] == "reference" and run["device"] == "cpu" and run["conformant"]
     assert run["ops"]["quantize_blockwise"]["passed"] == 1 + GOLDEN_CHECKS_RUN  # compare, goldens
+    assert run["ops"]["int8_linear_matmul"]["passed"] == 1
+    assert run["ops"]["optimizer_update_8bit_blockwise"]["passed"] == 1 + GOLDEN_CHECKS_RUN
     assert "backend 'reference' on cpu: CONFORMANT" in result.stdout
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kbit.functional as F
-from kbit.testing._cases import op_cases
+from kbit.testing._cases import golden_checks, op_cases
 from kbit.testing._goldens import find_goldens
 from kbit.testing._plan import plan
 from kbit.testing._report import ConformanceReport, Outcome
@@ -78,6 +78,34 @@ class Sloppy(ReferenceBackend):
         super().histogram_scatter_add_2d(histogram, index1=index1, index2=index2, source=source * 1.0001)
 
 
+class FloorInt8(ReferenceBackend):
+    """Row-wise int8 codes rounded down instead of half-to-even."""
+    def int8_vectorwise_quant(self, A, *, threshold):
+        CA, stats, cols = super().int8_vectorwise_quant(A, threshold=threshold)
+        rows = A.reshape(-1, A.shape[-1]).float()
+        floor = torch.floor(rows * 127 / stats.clamp_min(1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
+        codes = CA.reshape(rows.shape)
+        return torch.where(codes == 0, codes, floor).reshape(A.shape), stats, cols
+
+
+class IntMmEverywhere(ReferenceBackend):
+    """torch._int_mm for every shape, K == 1 included (where it returns garbage on CPU)."""
+    def int8_linear_matmul(self, A, B):
+        return torch._int_mm(A.reshape(-1, A.shape[-1]), B.t()).reshape(*A.shape[:-1], B.shape[0])
+
+
+class SwappedBetas(ReferenceBackend):
+    """Blockwise 8-bit optimizer with beta1 and beta2 exchanged."""
+    def optimizer_update_8bit_blockwise(self, *args, beta1, beta2, **kwargs):
+        super().optimizer_update_8bit_blockwise(*args, beta1=beta2, beta2=beta1, **kwargs)
+
+
+class LionUphill(ReferenceBackend):
+    """32-bit Lion stepping along the sign of the momentum instead of against it."""
+    def optimizer_update_32bit(self, optimizer_name, *args, lr, **kwargs):
+        super().optimizer_update_32bit(optimizer_name, *args, lr=-lr if optimizer_name == "lion" else lr, **kwargs)
+
+
 class Missing(ReferenceBackend):
     def is_available(self):
         return "no Acme accelerator found"
@@ -91,6 +119,7 @@ QUIET = ("-W", "ignore::pytest.PytestAssertRewriteWarning")
 GOLDEN_CHECKS_RUN = int(find_goldens()[0] is not None)
 
 ONLY_QB = '{"quantize_blockwise": OpSupport(dtypes=FLOATS, blocksizes=(64, 256))}'
+INT8_OPS = '{op: REFERENCE.ops[op] for op in REFERENCE.ops if op.startswith("int8_")}'
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -228,6 +257,88 @@ def test_expected_failures_are_strict_and_checked(pytester):
     assert "test_matches_reference[quantize_4bit-nf4]" in outcomes["test_manifest"]["message"]
 
 
+def failed_tests(run: dict) -> set[str]:
+    return {p["test"] for p in run["problems"] if p["status"] == "failed"}
+
+
+def test_int8_rounding_down_fails_the_quantizer_only(pytester):
+    _, payload = run_suite(
+        pytester,
+        f"""
+        class TestFloor(BackendConformance):
+            backend = "floor"
+            manifest = manifest("floor", "FloorInt8", ops={INT8_OPS})
+        """,
+        "-k", "not test_opcheck",
+    )  # fmt: skip
+    run = ops_of(payload, "floor")
+    compared = {f"test_matches_reference[int8_vectorwise_quant-{dtype}]" for dtype in ("float16", "bfloat16", "float32")}
+    golden = {"test_goldens[int8_vectorwise_quant]"} if GOLDEN_CHECKS_RUN else set()
+    assert failed_tests(run) == compared | golden
+    assert run["ops"]["int8_double_quant"]["passed"] > 0 and run["ops"]["int8_double_quant"]["failed"] == 0
+    messages = "\n".join(p["message"] for p in run["problems"])
+    assert "ties: CA:" in messages
+    assert "codes differ from the goldens" in messages or not GOLDEN_CHECKS_RUN
+
+
+def test_int8_matmul_at_k_one_is_checked(pytester):
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestIntMm(BackendConformance):
+            backend = "intmm"
+            manifest = manifest("intmm", "IntMmEverywhere", ops={"int8_linear_matmul": OpSupport(dtypes=("int8",))})
+        """,
+        "-k", "test_matches_reference",
+    )  # fmt: skip
+    (problem,) = ops_of(payload, "intmm")["problems"]
+    assert problem["test"] == "test_matches_reference[int8_linear_matmul-int8]"
+    assert "k_one: out:" in problem["message"] and "typical" not in problem["message"]
+
+
+def test_swapped_optimizer_betas_fail_every_kind_that_reads_beta1(pytester):
+    from kbit.functional._optim import OPTIMIZER_KINDS
+
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestSwapped(BackendConformance):
+            backend = "swapped"
+            manifest = manifest("swapped", "SwappedBetas", ops={
+                "optimizer_update_8bit_blockwise": OpSupport(dtypes=("float32",), optimizers=tuple(REFERENCE.ops[
+                    "optimizer_update_8bit_blockwise"].optimizers)),
+                "optimizer_update_32bit": OpSupport(dtypes=("float32",), optimizers=("adam", "lion")),
+            })
+        """,
+        "-k", "test_matches_reference or test_goldens",
+    )  # fmt: skip
+    run = ops_of(payload, "swapped")
+    wrong = {f"test_matches_reference[optimizer_update_8bit_blockwise-float32-{kind}]"
+             for kind, spec in OPTIMIZER_KINDS.items() if spec.uses_beta1}  # fmt: skip
+    golden = {"test_goldens[optimizer_update_8bit_blockwise]"} if GOLDEN_CHECKS_RUN else set()
+    assert failed_tests(run) == wrong | golden
+    assert run["ops"]["optimizer_update_32bit"]["passed"] == 2 + GOLDEN_CHECKS_RUN
+    assert run["ops"]["optimizer_update_8bit_blockwise"]["passed"] == 1  # adagrad reads no beta
+
+
+def test_lion_with_the_wrong_sign_fails_lion_only(pytester):
+    _, payload = run_suite(
+        pytester,
+        """
+        class TestUphill(BackendConformance):
+            backend = "uphill"
+            manifest = manifest("uphill", "LionUphill", ops={
+                "optimizer_update_32bit": OpSupport(dtypes=FLOATS, optimizers=("adam", "lion", "momentum")),
+            })
+        """,
+        "-k", "test_matches_reference",
+    )  # fmt: skip
+    run = ops_of(payload, "uphill")
+    assert failed_tests(run) == {f"test_matches_reference[optimizer_update_32bit-{dtype}-lion]" for dtype in
+                                 ("float16", "bfloat16", "float32")}  # fmt: skip
+    assert "p@1:" in run["problems"][0]["message"]
+
+
 def test_manifest_claims_beyond_the_api_and_bad_tolerances_fail(pytester):
     _, payload = run_suite(
         pytester,
@@ -330,7 +441,7 @@ def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_pat
     missing = tmp_path / "nowhere"
     result, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens", "--kbit-goldens", str(missing))
     (run,) = payload["runs"]
-    assert run["totals"]["skipped"] == len(run["ops"]) == 2 and run["conformant"]
+    assert run["totals"]["skipped"] == len(run["ops"]) == len(golden_checks()) and run["conformant"]
     assert all(f"golden vectors not found at {missing}" in p["message"] for p in run["problems"])
 
 
@@ -338,7 +449,7 @@ def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
     path, _ = find_goldens()  # the `goldens` fixture has skipped if there is none
     monkeypatch.setenv("KBIT_GOLDENS", str(path.parent))  # a directory works as well as the file
     _, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens")
-    assert payload["runs"][0]["totals"]["passed"] == 2
+    assert payload["runs"][0]["totals"]["passed"] == len(golden_checks())
 
 
 def test_suite_runs_without_the_plugin(pytester):

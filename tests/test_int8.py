@@ -180,7 +180,8 @@ def test_double_quant_bad_buffer_touches_no_buffer():
 
 
 # ------------------------------------------------------------------------ int8 matmul
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 5), (64, 512, 48), (3, 2500, 9)])
+# K == 1 with N > 1: torch._int_mm on CPU returns uninitialised memory there.
+@pytest.mark.parametrize("shape", [(1, 1, 1), (4, 1, 3), (1, 1, 6), (7, 33, 5), (64, 512, 48), (3, 2500, 9)])
 def test_int8_linear_matmul_is_exact(shape):
     M, K, N = shape
     A, B = _int8(M, K, seed=M), _int8(N, K, seed=K)
@@ -494,7 +495,9 @@ def _as_backend(cls, name):
 def test_selftest_int8_checks():
     reference = kbit.backends.get("reference")
     int8_checks = {"int8_vectorwise_quant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_scaled_mm"}
-    agreeing = run_checks(_as_backend(ReferenceBackend, "twin"), reference)
+    # The other int8 ops get checks derived from the conformance cases; those route through
+    # the registry by name, and these unregistered twins are not in it.
+    agreeing = [r for r in run_checks(_as_backend(ReferenceBackend, "twin"), reference) if r.op in int8_checks]
     assert {r.op for r in agreeing} == int8_checks and all(r.status == "passed" for r in agreeing)
     broken = {r.op: r for r in run_checks(_as_backend(_ShiftedMatmul, "shifted"), reference)}
     assert broken["int8_linear_matmul"].status == "failed"

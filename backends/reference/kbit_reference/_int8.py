@@ -89,11 +89,12 @@ def exact_int8_matmul_float32(A: Tensor, B: Tensor) -> Tensor:
 def _int_mm_applies(A: Tensor, B: Tensor) -> bool:
     """Whether ``torch._int_mm`` takes these shapes on this device.
 
-    On CPU it takes any shape. On CUDA it needs more than 16 rows and K, N multiples of 8
-    (K at least 16); elsewhere it is not implemented.
+    On CPU it takes any shape but K == 1, where (torch 2.13) it returns uninitialised memory
+    as soon as B has more than one row. On CUDA it needs more than 16 rows and K, N
+    multiples of 8 (K at least 16); elsewhere it is not implemented.
     """
     if A.device.type == "cpu":
-        return True
+        return A.shape[1] > 1
     if A.device.type == "cuda":
         M, K = A.shape
         return M > 16 and K >= 16 and K % 8 == 0 and B.shape[0] % 8 == 0

@@ -135,4 +135,10 @@ def golden_problems(
         with pinned(backend):
             return _to_cpu(getattr(torch.ops.kbit, op)(*_to(args, device)))
 
-    return check.check(GoldenContext(goldens, declared, call))
+    def mutate(op: str, *args: Any) -> tuple:
+        moved = _to(args, device)
+        with pinned(backend):
+            getattr(torch.ops.kbit, op)(*moved)
+        return _to_cpu(moved)
+
+    return check.check(GoldenContext(goldens, declared, call, mutate))

@@ -99,6 +99,17 @@ OPTIMIZER_TRAJECTORY = OptimizerTrajectoryBar(param_rel_32bit=1e-5, param_rel_8b
                                               absmax_rtol=1e-3)  # fmt: skip
 
 
+#: Golden ``optim`` (trajectory, step, state) where fewer codes than
+#: ``OPTIMIZER_TRAJECTORY.min_equal_codes`` agree, and the share that must. Adam's second
+#: moment after step 1 is ``(1 - beta2) g**2``: values crowded near zero, where the unsigned
+#: dynamic map's codes are about 1e-5 apart. The incumbent's quantizer that recorded the
+#: goldens is not exact-nearest (it picks a code up to 3e-5 farther, docs/formats.md
+#: section 2), so 2.9% of those codes differ from kbit's nearest ones.
+OPTIMIZER_GOLDEN_CODE_EXCEPTIONS: dict[tuple[str, int, str], float] = {("Adam8bit", 1, "state2"): 0.97}
+
+__all__ += ["OPTIMIZER_GOLDEN_CODE_EXCEPTIONS"]
+
+
 def mean_errors(original, roundtrip) -> ErrorBar:
     """Mean absolute and mean relative error of ``roundtrip`` against ``original``.
 
@@ -156,6 +167,27 @@ CONFORMANCE: dict[str, Tolerance] = {
     "estimate_quantiles": Tolerance(rtol=1e-5, atol=1e-6),
     # Accumulation order of duplicate indices is unspecified.
     "histogram_scatter_add_2d": Tolerance(rtol=1e-5, atol=1e-5),
+    # int8: ``A * stats / 127`` may be evaluated as ``A * (stats / 127)`` or with a
+    # reciprocal multiply (a float32 ulp or two). A 16-bit output is rounded once from the
+    # float32 result, so the int8 cases also allow one step of that dtype there.
+    "int8_vectorwise_dequant": Tolerance(rtol=1e-6, atol=0.0),
+    # The same freedom in ``C * row * col / 127**2 + bias``; atol covers the bias
+    # cancelling a product of magnitude up to about 10.
+    "int8_mm_dequant": Tolerance(rtol=1e-6, atol=1e-6),
+    # Plus the outlier columns' float32 dot products, whose accumulation order is free.
+    "int8_mixed_scaled_mm": Tolerance(rtol=1e-5, atol=1e-5),
+    # Optimizers (the cases in kbit/testing/_cases/optimizer.py explain the rules): the
+    # update rules leave the order of float32 operations free (lerp or multiply-add, fused
+    # addcdiv, the norms of LAMB/LARS and of percentile clipping). States and norms are held
+    # to this tolerance; the parameter's atol + rtol are taken relative to how far the
+    # reference moved it over the trajectory, and 8-bit codes and scales follow
+    # OPTIMIZER_TRAJECTORY.
+    "optimizer_update_32bit": Tolerance(rtol=1e-5, atol=1e-5),
+    # A code that flips at a midpoint moves that element's next updates by one code step
+    # (about 1% of the state): a few percent of the parameters' movement.
+    "optimizer_update_8bit": Tolerance(rtol=5e-2, atol=1e-6),
+    "optimizer_update_8bit_blockwise": Tolerance(rtol=5e-2, atol=1e-6),
+    "percentile_clipping": Tolerance(rtol=1e-5, atol=0.0),
 }
 
 

@@ -191,12 +191,14 @@ class GoldenContext:
     ``declares(op, dtype, **params)`` says whether the backend's manifest covers a variant
     (a check only uses entries the backend declares); ``call(op, *args)`` runs
     ``torch.ops.kbit.<op>`` on the backend (arguments moved to its device, results back on
-    the CPU).
+    the CPU); ``mutate(op, *args)`` runs an in-place op the same way and returns its
+    arguments after the call, on the CPU (an optimizer step).
     """
 
     goldens: Mapping[str, Any]
     declares: Callable[..., bool]
     call: Callable[..., Any]
+    mutate: Optional[Callable[..., tuple]] = None
 
 
 @dataclasses.dataclass(frozen=True)
