@@ -172,6 +172,36 @@ def test_nan_gradient_raises_and_changes_nothing(cls):
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
+def _bad_group_two(opt, q):
+    opt.param_groups[1]["lr"] = -1.0  # edited after construction, as schedulers do
+
+
+def _bad_override(opt, q):
+    O.GlobalOptimManager.get_instance().override_config(q, "eps", -1.0)
+
+
+def _bad_layout_override(opt, q):
+    # max_unorm needs 32-bit or whole-tensor state; q keeps blockwise 8-bit state
+    O.GlobalOptimManager.get_instance().override_config(q, "max_unorm", 1.0)
+
+
+@pytest.mark.parametrize("spoil", [_bad_group_two, _bad_override, _bad_layout_override])
+@pytest.mark.parametrize("first_step_done", [False, True])
+def test_a_bad_setting_anywhere_raises_before_any_parameter_moves(spoil, first_step_done):
+    p, q = _param(5000), _param(5000, seed=2)
+    opt = O.Adam8bit([{"params": [p]}, {"params": [q]}], lr=1e-2)
+    if first_step_done:
+        _grad(p), _grad(q)
+        opt.step()
+    params, states = (p.detach().clone(), q.detach().clone()), _state_copy(opt)
+    spoil(opt, q)
+    _grad(p, seed=3), _grad(q, seed=4)
+    with pytest.raises(KbitValueError, match="group 1"):
+        opt.step()
+    assert torch.equal(p, params[0]) and torch.equal(q, params[1]), "group 0 must not be stepped"
+    assert _same_state(_state_copy(opt), states), "no state may change (not even the step count)"
+
+
 def test_sparse_gradients_raise_a_typed_error():
     embedding = torch.nn.Embedding(100, 64, sparse=True)
     opt = O.Adam8bit(embedding.parameters())

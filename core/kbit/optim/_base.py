@@ -100,17 +100,42 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._module_override_version = self.mng.module_override_version
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
-        """The settings that apply to parameter ``pindex`` of group ``gindex``, validated."""
+        """The settings that apply to parameter ``pindex`` of group ``gindex``, validated.
+
+        Validated on every call, not only at construction: schedulers and users edit
+        ``param_groups`` and ``args`` in place, and overrides may be registered at any time.
+        """
         config = {key: group[key] for key in HYPERPARAMETERS if key in group}
         config.update(vars(self.args))
         p = group["params"][pindex]
         override = dict(self._module_overrides.get(id(p), {}))
         override.update(self.mng.config_for(p, gindex, pindex))
+        owner = f"{self._owner} (parameter {pindex} of group {gindex})"
         if override:
             owner = f"{self._owner} (override for parameter {pindex} of group {gindex})"
-            check_state_options(owner, override)
             config.update(override)
-            config.update(check_group_hyperparameters(owner, self.kind, config))
+        check_state_options(owner, config)
+        config.update(check_group_hyperparameters(owner, self.kind, config))
+        return config
+
+    @staticmethod
+    def _new_layout(config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
+        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``."""
+        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"], bool(config["block_wise"])
+
+    def _layout(self, config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
+        """``(eight_bit, block_wise)`` of ``p``'s state: as allocated, or as ``config`` will allocate it."""
+        state = self.state.get(p)  # .get: the defaultdict must not grow an empty entry
+        if state:
+            return state["state1"].dtype == torch.uint8, "absmax1" in state
+        return self._new_layout(config, p)
+
+    def _checked_config(self, gindex: int, pindex: int, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """:meth:`get_config` plus the layout checks the update of ``p`` will make."""
+        config = self.get_config(gindex, pindex, group)
+        eight_bit, block_wise = self._layout(config, p)
+        owner = f"{self._owner} (parameter {pindex} of group {gindex})"
+        check_layout_options(owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
         return config
 
     # ---------------------------------------------------------------------- step
@@ -125,13 +150,20 @@ class Optimizer8bit(torch.optim.Optimizer):
             return self._allocator.zeros(shape, dtype, p)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
-    def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
-        """Allocate the state of ``p`` (8-bit when enabled and ``p`` has ``min_8bit_size`` elements)."""
-        if self.kind is None:
-            raise NotImplementedError(f"{self._owner} does not define an optimizer kind")
-        config = self.get_config(gindex, pindex, group)
-        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
-        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=config["block_wise"])
+    def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int,
+                   config: Optional[dict[str, Any]] = None) -> None:  # fmt: skip
+        """Allocate the state of ``p`` (8-bit when enabled and ``p`` has ``min_8bit_size`` elements).
+
+        ``config`` is the already checked result of :meth:`_checked_config` (``step`` passes
+        it); without it the settings are looked up and checked here.
+        """
+        self._require_kind()
+        checked = config is not None
+        if config is None:
+            config = self.get_config(gindex, pindex, group)
+        eight_bit, block_wise = self._new_layout(config, p)
+        if not checked:
+            check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
         stacked = (2,) if self.kind.stacked_state1 else ()
         shapes = [stacked + tuple(p.shape), tuple(p.shape)][: self.kind.num_states]
         state = self.state[p]
@@ -142,7 +174,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 continue
             # First moments (and every single state) are signed; second moments unsigned.
             state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
-            if config["block_wise"]:
+            if block_wise:
                 nblocks = -(-p.numel() // F.OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
                 state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
@@ -200,20 +232,32 @@ class Optimizer8bit(torch.optim.Optimizer):
             for pindex, p in enumerate(group["params"])
             if p.grad is not None
         ]
+        self._require_kind()
         self._check_gradients(work)
-        for gindex, pindex, group, p in work:
-            if not self.state[p]:
-                self.init_state(group, p, gindex, pindex)
-            self.update_step(group, p, gindex, pindex)
+        # Every parameter's settings are checked before the first one is updated, so a bad
+        # setting in a later group cannot leave the earlier groups already stepped.
+        configs = [self._checked_config(gindex, pindex, group, p) for gindex, pindex, group, p in work]
+        for (gindex, pindex, group, p), config in zip(work, configs, strict=True):
+            if not self.state.get(p):
+                self.init_state(group, p, gindex, pindex, config=config)
+            self.update_step(group, p, gindex, pindex, config=config)
         return loss
 
-    def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
-        """Apply one update to ``p`` with its state (layout chosen at :meth:`init_state`)."""
+    def _require_kind(self) -> None:
+        if self.kind is None:
+            raise NotImplementedError(f"{self._owner} does not define an optimizer kind")
+
+    def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int,
+                    config: Optional[dict[str, Any]] = None) -> None:  # fmt: skip
+        """Apply one update to ``p`` with its state (layout chosen at :meth:`init_state`).
+
+        ``config`` as for :meth:`init_state`.
+        """
+        self._require_kind()
+        if config is None:
+            config = self._checked_config(gindex, pindex, group, p)
         state = self.state[p]
-        config = self.get_config(gindex, pindex, group)
-        eight_bit = state["state1"].dtype == torch.uint8
-        block_wise = "absmax1" in state
-        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
+        eight_bit, block_wise = self._layout(config, p)
         if not p.is_contiguous():
             p.data = p.data.contiguous()  # the kernels update p in place
         grad = p.grad
