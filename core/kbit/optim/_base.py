@@ -18,7 +18,7 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from ..functional import _optim as F
 from ..functional._codebooks import create_dynamic_map
-from ._checkpoint import checked_param_state, flat_param_state, nest_quant_state
+from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state
 from ._config import (
     HYPERPARAMETERS,
     check_group_hyperparameters,
@@ -332,7 +332,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise KbitValueError(where, "state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         if len(saved_groups) != len(self.param_groups):
             raise KbitValueError(where, "param_groups", f"{len(saved_groups)} groups", f"{len(self.param_groups)} like this optimizer")
-        id_to_param: dict[Any, tuple[torch.Tensor, str]] = {}
+        id_to_param: dict[Any, tuple[torch.Tensor, str, int, int]] = {}
         for gindex, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise KbitValueError(
@@ -340,13 +340,18 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{len(group['params'])} like this optimizer's group {gindex}",
                 )  # fmt: skip
             for pindex, (saved_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                id_to_param[saved_id] = (p, f"parameter {pindex} of group {gindex}")
+                id_to_param[saved_id] = (p, f"parameter {pindex} of group {gindex}", gindex, pindex)
+        self.check_overrides()  # the expected layouts depend on module overrides too
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for saved_id, param_state in state_dict["state"].items():
             if saved_id not in id_to_param:
                 raise KbitValueError(where, "state", saved_id, "the index of a parameter in param_groups")
-            p, label = id_to_param[saved_id]
-            new_state[p] = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            p, label, gindex, pindex = id_to_param[saved_id]
+            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            if loaded:
+                config = self.get_config(gindex, pindex, self.param_groups[gindex])
+                check_state_layout(label, loaded, config, *self._new_layout(config, p))
+            new_state[p] = loaded
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             new_group = {key: value for key, value in saved.items() if key != "params"}
