@@ -403,3 +403,52 @@ def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
     opt.step()
     assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
     assert kbit.backends.resolve("optimizer_update_8bit_blockwise", "cpu", "float32", optimizer="adam").name == "pagedref"
+
+
+ONE_OP_PAGED_PLUGIN = """
+import torch
+from kbit.backend import API_VERSION, BackendManifest
+from kbit_reference._manifest import MANIFEST as REFERENCE
+from kbit_reference.backend import ReferenceBackend
+
+ALLOCATED = []
+
+class PagedBackend(ReferenceBackend):
+    def paged_zeros(self, shape, dtype, device):
+        ALLOCATED.append((tuple(shape), dtype))
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+MANIFEST = BackendManifest(
+    name="{name}", api_version=API_VERSION, priority=10, device_types=("cpu",),
+    factory="{name}_pkg.manifest:PagedBackend",
+    ops={{"{op}": REFERENCE.ops["{op}"]}},
+    features=("paged_memory",),
+)
+"""
+
+
+@pytest.mark.parametrize(
+    "op, make, numel, dtype",
+    [
+        ("optimizer_update_8bit", lambda ps: O.PagedAdam8bit(ps, block_wise=False), 5000, torch.uint8),
+        ("optimizer_update_32bit", lambda ps: O.PagedAdam8bit(ps), 1000, torch.float32),  # below min_8bit_size
+    ],
+    ids=["whole-tensor-8bit", "small-parameter-32bit"],
+)
+def test_paging_asks_the_registry_about_the_op_the_state_is_updated_with(make_plugin, op, make, numel, dtype):
+    name = op.replace("optimizer_update_", "paged")
+    make_plugin(name, name, ONE_OP_PAGED_PLUGIN.format(name=name, op=op))
+    plugin = __import__(f"{name}_pkg.manifest", fromlist=["ALLOCATED"])
+    p = _param(numel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", O.KbitPagedMemoryWarning)
+        opt = make([p])
+    _grad(p)
+    opt.step()
+    assert plugin.ALLOCATED == [((numel,), dtype), ((numel,), dtype)]
+
+
+@pytest.mark.parametrize("make", [O.PagedAdam8bit, O.PagedLion32bit])
+def test_a_named_backend_that_is_missing_raises_instead_of_running_unpaged(make):
+    with kbit.backends.use_backend("no-such-backend"), pytest.raises(kbit.BackendNotFoundError, match="no-such-backend"):
+        make([_param()])

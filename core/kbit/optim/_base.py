@@ -49,6 +49,13 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
     return beta3_t, alpha_t
 
 
+def update_op(eight_bit: bool, block_wise: bool) -> str:
+    """The registry op that updates state of this layout."""
+    if not eight_bit:
+        return "optimizer_update_32bit"
+    return "optimizer_update_8bit_blockwise" if block_wise else "optimizer_update_8bit"
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of kbit's optimizers: per-parameter 32-bit or 8-bit state.
 
@@ -145,9 +152,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.name2qmap[key] = create_dynamic_map(signed=name == "dynamic").to(device)
         return self.name2qmap[key]
 
-    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor) -> torch.Tensor:
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor, op: str) -> torch.Tensor:
         if self._allocator is not None:
-            return self._allocator.zeros(shape, dtype, p)
+            return self._allocator.zeros(shape, dtype, p, op)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int,
@@ -169,7 +176,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] = 0
         for which, shape in enumerate(shapes, start=1):
-            state[f"state{which}"] = self._zeros(shape, torch.uint8 if eight_bit else torch.float32, p)
+            dtype = torch.uint8 if eight_bit else torch.float32
+            state[f"state{which}"] = self._zeros(shape, dtype, p, update_op(eight_bit, block_wise))
             if not eight_bit:
                 continue
             # First moments (and every single state) are signed; second moments unsigned.
@@ -388,10 +396,14 @@ class _KindOptimizer(Optimizer8bit):
         super().__init__(params, defaults, self.args.optim_bits, is_paged)
         if self.is_paged:
             # Decided (and warned about) now, not at the first step: the user sees at once
-            # whether paging is real.
-            op = "optimizer_update_8bit_blockwise" if self.args.optim_bits == 8 else "optimizer_update_32bit"
-            params = [p for group in self.param_groups for p in group["params"]]
-            self._allocator = PagedAllocator(owner, params, op, kind.name)
+            # whether paging is real. Each parameter asks about the op its state will use.
+            self.check_overrides()
+            uses = [
+                (p, update_op(*self._new_layout(self.get_config(gindex, pindex, group), p)))
+                for gindex, group in enumerate(self.param_groups)
+                for pindex, p in enumerate(group["params"])
+            ]
+            self._allocator = PagedAllocator(owner, uses, kind.name)
 
 
 class Optimizer1State(_KindOptimizer):
