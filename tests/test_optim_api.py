@@ -369,6 +369,16 @@ def test_paged_optimizer_on_the_reference_backend_warns_once_and_matches_unpaged
     assert torch.equal(p_paged, p_plain)
 
 
+def test_the_paged_memory_warning_is_a_top_level_kbit_warning():
+    from kbit._errors import KbitPagedMemoryWarning
+
+    assert kbit.KbitPagedMemoryWarning is KbitPagedMemoryWarning is O.KbitPagedMemoryWarning
+    assert "KbitPagedMemoryWarning" in kbit.__all__
+    assert issubclass(KbitPagedMemoryWarning, kbit.KbitWarning)
+    with pytest.warns(kbit.KbitPagedMemoryWarning):
+        O.PagedAdam([_param()])
+
+
 PAGED_PLUGIN = """
 import torch
 from kbit.backend import API_VERSION, BackendManifest

@@ -17,18 +17,14 @@ from typing import Optional
 
 import torch
 
-from .._errors import KbitWarning, UnsupportedOpError
+from .._errors import KbitPagedMemoryWarning, UnsupportedOpError
 from ..backend import Backend
 from ..backends._registry import REGISTRY
 
-__all__ = ["KbitPagedMemoryWarning", "PAGED_MEMORY_FEATURE", "PagedAllocator"]
+__all__ = ["PAGED_MEMORY_FEATURE", "PagedAllocator"]
 
 #: Manifest feature of backends that can allocate paged state (``Backend.paged_zeros``).
 PAGED_MEMORY_FEATURE = "paged_memory"
-
-
-class KbitPagedMemoryWarning(KbitWarning):
-    """A paged optimizer runs with ordinary memory because its backend has no managed memory."""
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
