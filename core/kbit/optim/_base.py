@@ -9,15 +9,16 @@ bitsandbytes-compatible bases the concrete optimizers (``Adam``, ``Lion``, ...) 
 from __future__ import annotations
 
 import math
+import types
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
 from ..functional import _optim as F
-from ..functional._codebooks import create_dynamic_map
+from ..functional._codebooks import cached_code
 from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state
 from ._config import (
     HYPERPARAMETERS,
@@ -47,6 +48,10 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
     fraction = step / t_beta3
     beta3_t = min(math.exp(ln1 * ln3 / ((1.0 - fraction) * ln3 + fraction * ln1)), beta3)
     return beta3_t, alpha_t
+
+
+#: ``name2qmap`` keys (bitsandbytes' names) and the shared code tables they stand for.
+_QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
 
 
 def update_op(eight_bit: bool, block_wise: bool) -> str:
@@ -79,7 +84,6 @@ class Optimizer8bit(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], optim_bits: int = 32,
                  is_paged: bool = False) -> None:  # fmt: skip
         self.initialized = False
-        self.name2qmap: dict[tuple[str, str], torch.Tensor] = {}
         self.is_paged = bool(is_paged)
         self.mng = GlobalOptimManager.get_instance()
         self.optim_bits = optim_bits
@@ -146,11 +150,19 @@ class Optimizer8bit(torch.optim.Optimizer):
         return config
 
     # ---------------------------------------------------------------------- step
-    def _qmap(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, str(device))
-        if key not in self.name2qmap:
-            self.name2qmap[key] = create_dynamic_map(signed=name == "dynamic").to(device)
-        return self.name2qmap[key]
+    @property
+    def name2qmap(self) -> Mapping[str, torch.Tensor]:
+        """The 8-bit state code tables (CPU copies), read-only: ``"dynamic"`` (signed, first
+        moments and single states) and ``"udynamic"`` (unsigned, second moments).
+
+        A view on the process-wide tables of :func:`kbit.functional._codebooks.cached_code`,
+        which every optimizer's states share (per device); never modify them in place.
+        """
+        return types.MappingProxyType({name: cached_code(code) for name, code in _QMAP_CODES.items()})
+
+    @staticmethod
+    def _qmap(name: str, device: torch.device) -> torch.Tensor:
+        return cached_code(_QMAP_CODES[name], device)
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor, op: str) -> torch.Tensor:
         if self._allocator is not None:
