@@ -354,6 +354,37 @@ def test_module_overrides_do_not_keep_modules_alive():
     assert mng.module_weight_config_triple == []
 
 
+def test_overrides_of_dead_parameters_are_pruned():
+    mng = O.GlobalOptimManager.get_instance()
+    p, kept = _param(), _param(seed=1)
+    mng.override_config([p, kept], "optim_bits", 32)
+    dead = id(p)
+    del p
+    gc.collect()
+    # An id can be reused by a new tensor; a stale entry would hand it the dead one's settings.
+    assert dead not in mng.pid2config and id(kept) in mng.pid2config
+    embedding = kbit.nn.StableEmbedding(10, 4)
+    del embedding
+    gc.collect()
+    kbit.nn.StableEmbedding(10, 4)  # registering prunes the dead module's entry
+    assert len(mng._module_overrides) == 1
+
+
+def test_module_overrides_registered_after_initialize_reach_an_existing_optimizer():
+    first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    mng = O.GlobalOptimManager.get_instance()
+    mng.register_module_override(first, "weight", {"optim_bits": 32})
+    opt = O.Adam8bit([first.weight, second.weight])
+    _grad(first.weight)
+    opt.step()
+    assert opt.state[first.weight]["state1"].dtype == torch.float32
+    mng.initialize()  # forget everything, then register as many overrides as before
+    mng.register_module_override(second, "weight", {"optim_bits": 32})
+    _grad(second.weight)
+    opt.step()
+    assert opt.state[second.weight]["state1"].dtype == torch.float32, "the new override must be seen"
+
+
 # ------------------------------------------------------------------------------ paging
 def test_paged_optimizer_on_the_reference_backend_warns_once_and_matches_unpaged():
     p_paged, p_plain = _param(), _param()
