@@ -136,6 +136,24 @@ def test_args_object_overrides_keywords():
     assert state["state1"].dtype == torch.uint8 and "max1" in state and "gnorm_vec" in state
 
 
+def test_derived_attributes_follow_the_settings_they_come_from():
+    p = _param()
+    opt = O.Adam([p], optim_bits=8)
+    assert opt.optim_bits == 8 and opt.optimizer_name == "adam"
+    opt.args.optim_bits = 32  # state options are read at every step, so they may be changed
+    assert opt.optim_bits == 32
+    _grad(p)
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.float32
+    mng = O.GlobalOptimManager.get_instance()
+    q = _param(seed=1)
+    mng.override_config(q, "lr", 0.0)
+    assert mng.uses_config_override
+    del q
+    gc.collect()
+    assert not mng.uses_config_override, "no override is left once its parameter is gone"
+
+
 def test_every_api_class_is_exported_with_its_variants():
     families = ["Adam", "AdamW", "Adagrad", "LAMB", "LARS", "Lion", "RMSprop", "SGD", "AdEMAMix"]
     for family in families:

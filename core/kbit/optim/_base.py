@@ -86,7 +86,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.initialized = False
         self.is_paged = bool(is_paged)
         self.mng = GlobalOptimManager.get_instance()
-        self.optim_bits = optim_bits
+        self._optim_bits = optim_bits  # only for subclasses without ``args``; see optim_bits
         self._module_overrides: dict[int, dict[str, Any]] = {}
         self._module_override_version = -1
         self._allocator: Optional[PagedAllocator] = None
@@ -96,6 +96,17 @@ class Optimizer8bit(torch.optim.Optimizer):
     @property
     def _owner(self) -> str:
         return type(self).__name__
+
+    @property
+    def optim_bits(self) -> int:
+        """The state width new states get (``args.optim_bits``, read at every step)."""
+        args = getattr(self, "args", None)
+        return args.optim_bits if args is not None else self._optim_bits
+
+    @property
+    def optimizer_name(self) -> Optional[str]:
+        """The name of :attr:`kind` (``"adam"``, ``"lion"``, ...)."""
+        return None if self.kind is None else self.kind.name
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyperparameters are validated like the constructor's."""
@@ -398,7 +409,6 @@ class _KindOptimizer(Optimizer8bit):
             base = "Optimizer1State" if kind.num_states == 1 else "Optimizer2State"
             raise KbitValueError(owner, "optimizer_name", optimizer_name, f"a {self._num_states}-state kind; use {base}")
         self.kind = kind
-        self.optimizer_name = kind.name
         self.args = state_options(
             owner, args, self._fixed_optim_bits, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
             percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,

@@ -59,7 +59,6 @@ class GlobalOptimManager:
         self._pid_refs: dict[int, weakref.ref] = {}
         #: Overrides by ``(group index, parameter index)``, from :meth:`register_parameters`.
         self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
-        self.uses_config_override = False
         self._module_overrides: list[tuple[weakref.ref, str, dict[str, Any]]] = []
         #: Changes whenever module overrides change, so optimizers re-resolve them.
         self.module_override_version = next(self._versions)
@@ -112,7 +111,6 @@ class GlobalOptimManager:
         config = _check_override(where, key_value_dict)
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
-        self.uses_config_override = True
         for p in parameters:
             if not isinstance(p, torch.Tensor):
                 raise KbitTypeError(where, "parameters", f"an element of type {type(p).__name__}", "tensors")
@@ -141,8 +139,12 @@ class GlobalOptimManager:
         config = _check_override(where, config)
         self._module_overrides = [entry for entry in self._module_overrides if entry[0]() is not None]
         self._module_overrides.append((weakref.ref(module), param_name, config))
-        self.uses_config_override = True
         self.module_override_version = next(self._versions)
+
+    @property
+    def uses_config_override(self) -> bool:
+        """Whether any override is registered (for a live parameter, position or module)."""
+        return bool(self.pid2config or self.index2config or any(True for _ in self._live_module_overrides()))
 
     @property
     def module_weight_config_triple(self) -> list[tuple[torch.nn.Module, str, dict[str, Any]]]:
