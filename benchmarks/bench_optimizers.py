@@ -8,8 +8,8 @@ fixed random gradients. For each optimizer it prints:
 
 - ms per step: the fastest of ``--repeats`` steps, after one warm-up step that allocates
   the state;
-- state bytes per parameter: the bytes of every tensor in ``optimizer.state`` divided by
-  the number of parameters;
+- state bytes per parameter: the bytes of the distinct storages in ``optimizer.state``
+  (shared code tables once) divided by the number of parameters;
 - peak extra memory during a step: the rise of the process's resident set during one
   (warm) step above what it held just before the step, i.e. every temporary the step
   allocates. Measured by resetting the kernel's high-water mark (``/proc/self/clear_refs``)
@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 import kbit
+from kbit._demo._accounting import optimizer_state_bytes  # the demo's: shared tables counted once
 
 
 def _ensure_malloc_returns_memory() -> None:
@@ -63,15 +64,6 @@ def _peak_extra_bytes(step: Callable[[], object]) -> Optional[int]:
     if before is None or peak is None:
         return None
     return max(peak - before, 0) * 1024
-
-
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
 
 
 def main() -> None:
@@ -116,7 +108,7 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
         gc.collect()
         extra = _peak_extra_bytes(optimizer.step)
-        state = _state_bytes(optimizer) / numel
+        state = optimizer_state_bytes(optimizer) / numel
         extra_text = ("n/a", "n/a") if extra is None else (f"{extra / 2**20:.0f}", f"{extra / numel:.2f}")
         print(f"{name:<20} {best * 1e3:>9.1f} {state:>14.3f} {extra_text[0]:>14} {extra_text[1]:>14}", flush=True)
         del optimizer

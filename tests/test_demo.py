@@ -97,3 +97,27 @@ def test_bad_arguments():
         main(["demo", "--size", "huge"])
     with pytest.raises(ValueError, match="huge"):
         run_demo(DemoConfig(size="huge"))
+
+
+def test_the_optimizer_benchmark_counts_state_bytes_with_the_demo_helper():
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import kbit
+    from kbit._demo._accounting import optimizer_state_bytes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optimizers.py"
+    spec = importlib.util.spec_from_file_location("bench_optimizers_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params = [torch.nn.Parameter(torch.randn(5000)) for _ in range(2)]
+    optimizer = kbit.optim.Adam8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    # Both parameters' states index the same two code tables: counted once, not per parameter.
+    codes, scales = 2 * 2 * 5000, 2 * 2 * 20 * 4
+    assert optimizer_state_bytes(optimizer) == codes + scales + 2 * 256 * 4
+    assert bench.optimizer_state_bytes(optimizer) == optimizer_state_bytes(optimizer)

@@ -136,3 +136,20 @@ def test_8bit_adam_converges_like_32bit_adam():
     initial = _train(O.Adam32bit, steps=0)
     assert loss32 < initial / 5, "the task must be learnable for the comparison to mean anything"
     assert abs(loss8 - loss32) <= 0.05 * loss32, (loss8, loss32)
+
+
+def test_optimizers_share_the_standard_qmaps_instead_of_rebuilding_them():
+    from kbit.functional._codebooks import cached_code
+
+    p, q = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    first, second = O.Adam8bit([p]), O.Adam8bit([q])
+    for param, opt in ((p, first), (q, second)):
+        param.grad = torch.randn(5000)
+        opt.step()
+    assert first.state[p]["qmap1"] is second.state[q]["qmap1"] is cached_code("dynamic", p.device)
+    assert first.state[p]["qmap2"] is second.state[q]["qmap2"] is cached_code("dynamic_unsigned", p.device)
+    assert set(first.name2qmap) == {"dynamic", "udynamic"}
+    assert first.name2qmap["dynamic"] is cached_code("dynamic")
+    assert first.name2qmap["udynamic"] is cached_code("dynamic_unsigned")
+    with pytest.raises(TypeError):
+        first.name2qmap["dynamic"] = torch.zeros(256)  # a view on the shared tables, not a copy

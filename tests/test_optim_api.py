@@ -136,6 +136,24 @@ def test_args_object_overrides_keywords():
     assert state["state1"].dtype == torch.uint8 and "max1" in state and "gnorm_vec" in state
 
 
+def test_derived_attributes_follow_the_settings_they_come_from():
+    p = _param()
+    opt = O.Adam([p], optim_bits=8)
+    assert opt.optim_bits == 8 and opt.optimizer_name == "adam"
+    opt.args.optim_bits = 32  # state options are read at every step, so they may be changed
+    assert opt.optim_bits == 32
+    _grad(p)
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.float32
+    mng = O.GlobalOptimManager.get_instance()
+    q = _param(seed=1)
+    mng.override_config(q, "lr", 0.0)
+    assert mng.uses_config_override
+    del q
+    gc.collect()
+    assert not mng.uses_config_override, "no override is left once its parameter is gone"
+
+
 def test_every_api_class_is_exported_with_its_variants():
     families = ["Adam", "AdamW", "Adagrad", "LAMB", "LARS", "Lion", "RMSprop", "SGD", "AdEMAMix"]
     for family in families:
@@ -170,6 +188,36 @@ def test_nan_gradient_raises_and_changes_nothing(cls):
     q.grad[7] = 0.0  # the caller drops the bad value (or skips the batch) and carries on
     opt.step()
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+
+
+def _bad_group_two(opt, q):
+    opt.param_groups[1]["lr"] = -1.0  # edited after construction, as schedulers do
+
+
+def _bad_override(opt, q):
+    O.GlobalOptimManager.get_instance().override_config(q, "eps", -1.0)
+
+
+def _bad_layout_override(opt, q):
+    # max_unorm needs 32-bit or whole-tensor state; q keeps blockwise 8-bit state
+    O.GlobalOptimManager.get_instance().override_config(q, "max_unorm", 1.0)
+
+
+@pytest.mark.parametrize("spoil", [_bad_group_two, _bad_override, _bad_layout_override])
+@pytest.mark.parametrize("first_step_done", [False, True])
+def test_a_bad_setting_anywhere_raises_before_any_parameter_moves(spoil, first_step_done):
+    p, q = _param(5000), _param(5000, seed=2)
+    opt = O.Adam8bit([{"params": [p]}, {"params": [q]}], lr=1e-2)
+    if first_step_done:
+        _grad(p), _grad(q)
+        opt.step()
+    params, states = (p.detach().clone(), q.detach().clone()), _state_copy(opt)
+    spoil(opt, q)
+    _grad(p, seed=3), _grad(q, seed=4)
+    with pytest.raises(KbitValueError, match="group 1"):
+        opt.step()
+    assert torch.equal(p, params[0]) and torch.equal(q, params[1]), "group 0 must not be stepped"
+    assert _same_state(_state_copy(opt), states), "no state may change (not even the step count)"
 
 
 def test_sparse_gradients_raise_a_typed_error():
@@ -324,6 +372,37 @@ def test_module_overrides_do_not_keep_modules_alive():
     assert mng.module_weight_config_triple == []
 
 
+def test_overrides_of_dead_parameters_are_pruned():
+    mng = O.GlobalOptimManager.get_instance()
+    p, kept = _param(), _param(seed=1)
+    mng.override_config([p, kept], "optim_bits", 32)
+    dead = id(p)
+    del p
+    gc.collect()
+    # An id can be reused by a new tensor; a stale entry would hand it the dead one's settings.
+    assert dead not in mng.pid2config and id(kept) in mng.pid2config
+    embedding = kbit.nn.StableEmbedding(10, 4)
+    del embedding
+    gc.collect()
+    kbit.nn.StableEmbedding(10, 4)  # registering prunes the dead module's entry
+    assert len(mng._module_overrides) == 1
+
+
+def test_module_overrides_registered_after_initialize_reach_an_existing_optimizer():
+    first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    mng = O.GlobalOptimManager.get_instance()
+    mng.register_module_override(first, "weight", {"optim_bits": 32})
+    opt = O.Adam8bit([first.weight, second.weight])
+    _grad(first.weight)
+    opt.step()
+    assert opt.state[first.weight]["state1"].dtype == torch.float32
+    mng.initialize()  # forget everything, then register as many overrides as before
+    mng.register_module_override(second, "weight", {"optim_bits": 32})
+    _grad(second.weight)
+    opt.step()
+    assert opt.state[second.weight]["state1"].dtype == torch.float32, "the new override must be seen"
+
+
 # ------------------------------------------------------------------------------ paging
 def test_paged_optimizer_on_the_reference_backend_warns_once_and_matches_unpaged():
     p_paged, p_plain = _param(), _param()
@@ -337,6 +416,16 @@ def test_paged_optimizer_on_the_reference_backend_warns_once_and_matches_unpaged
     paging = [w for w in caught if issubclass(w.category, O.KbitPagedMemoryWarning)]
     assert len(paging) == 1 and "reference" in str(paging[0].message)
     assert torch.equal(p_paged, p_plain)
+
+
+def test_the_paged_memory_warning_is_a_top_level_kbit_warning():
+    from kbit._errors import KbitPagedMemoryWarning
+
+    assert kbit.KbitPagedMemoryWarning is KbitPagedMemoryWarning is O.KbitPagedMemoryWarning
+    assert "KbitPagedMemoryWarning" in kbit.__all__
+    assert issubclass(KbitPagedMemoryWarning, kbit.KbitWarning)
+    with pytest.warns(kbit.KbitPagedMemoryWarning):
+        O.PagedAdam([_param()])
 
 
 PAGED_PLUGIN = """
@@ -373,3 +462,52 @@ def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
     opt.step()
     assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
     assert kbit.backends.resolve("optimizer_update_8bit_blockwise", "cpu", "float32", optimizer="adam").name == "pagedref"
+
+
+ONE_OP_PAGED_PLUGIN = """
+import torch
+from kbit.backend import API_VERSION, BackendManifest
+from kbit_reference._manifest import MANIFEST as REFERENCE
+from kbit_reference.backend import ReferenceBackend
+
+ALLOCATED = []
+
+class PagedBackend(ReferenceBackend):
+    def paged_zeros(self, shape, dtype, device):
+        ALLOCATED.append((tuple(shape), dtype))
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+MANIFEST = BackendManifest(
+    name="{name}", api_version=API_VERSION, priority=10, device_types=("cpu",),
+    factory="{name}_pkg.manifest:PagedBackend",
+    ops={{"{op}": REFERENCE.ops["{op}"]}},
+    features=("paged_memory",),
+)
+"""
+
+
+@pytest.mark.parametrize(
+    "op, make, numel, dtype",
+    [
+        ("optimizer_update_8bit", lambda ps: O.PagedAdam8bit(ps, block_wise=False), 5000, torch.uint8),
+        ("optimizer_update_32bit", lambda ps: O.PagedAdam8bit(ps), 1000, torch.float32),  # below min_8bit_size
+    ],
+    ids=["whole-tensor-8bit", "small-parameter-32bit"],
+)
+def test_paging_asks_the_registry_about_the_op_the_state_is_updated_with(make_plugin, op, make, numel, dtype):
+    name = op.replace("optimizer_update_", "paged")
+    make_plugin(name, name, ONE_OP_PAGED_PLUGIN.format(name=name, op=op))
+    plugin = __import__(f"{name}_pkg.manifest", fromlist=["ALLOCATED"])
+    p = _param(numel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", O.KbitPagedMemoryWarning)
+        opt = make([p])
+    _grad(p)
+    opt.step()
+    assert plugin.ALLOCATED == [((numel,), dtype), ((numel,), dtype)]
+
+
+@pytest.mark.parametrize("make", [O.PagedAdam8bit, O.PagedLion32bit])
+def test_a_named_backend_that_is_missing_raises_instead_of_running_unpaged(make):
+    with kbit.backends.use_backend("no-such-backend"), pytest.raises(kbit.BackendNotFoundError, match="no-such-backend"):
+        make([_param()])

@@ -212,3 +212,38 @@ def test_bitsandbytes_style_flat_checkpoint_with_whole_tensor_scales_loads():
     fresh.load_state_dict(saved)
     assert kbit.optim.LAMB8bit is O.LAMB8bit
     assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["max1"], weight_state["max1"])
+
+
+@pytest.mark.parametrize(
+    "make_source, make_target, key, fragment",
+    [
+        (lambda ps: O.Adam8bit(ps, min_8bit_size=1024), lambda ps: O.Adam32bit(ps), "state1", "holds blockwise 8-bit.*keeps 32-bit"),
+        (lambda ps: O.Adam32bit(ps), lambda ps: O.Adam8bit(ps, min_8bit_size=1024), "state1", "holds 32-bit.*keeps blockwise"),
+        (lambda ps: O.Adam8bit(ps, min_8bit_size=1024), lambda ps: O.Adam8bit(ps, min_8bit_size=8192),
+         "state1", "keeps 32-bit.*min_8bit_size=8192"),  # fmt: skip
+        (lambda ps: O.Adam8bit(ps, min_8bit_size=1024),
+         lambda ps: O.Adam8bit(ps, min_8bit_size=1024, block_wise=False), "absmax1", "holds blockwise.*keeps whole-tensor"),  # fmt: skip
+        (lambda ps: O.Adam8bit(ps, min_8bit_size=1024, block_wise=False),
+         lambda ps: O.Adam8bit(ps, min_8bit_size=1024), "max1", "holds whole-tensor.*keeps blockwise"),  # fmt: skip
+    ],
+    ids=["8bit-into-32bit", "32bit-into-8bit", "below-min_8bit_size", "blockwise-into-whole", "whole-into-blockwise"],
+)
+def test_a_checkpoint_of_another_state_layout_is_rejected(make_source, make_target, key, fragment):
+    _, source = _trained(make_source)
+    target = make_target(_model().parameters())
+    with pytest.raises(QuantStateError, match=rf"parameter 0 of group 0\.{key}.*{fragment}"):
+        target.load_state_dict(_saved(source))
+    assert not target.state, "a rejected checkpoint leaves the optimizer unchanged"
+
+
+def test_a_per_parameter_override_decides_the_expected_layout():
+    _, source = _trained(lambda ps: O.Adam8bit(ps, min_8bit_size=1024))
+    model = _model()
+    first = next(model.parameters())
+    manager = O.GlobalOptimManager.get_instance()
+    try:
+        manager.override_config(first, "optim_bits", 32)
+        with pytest.raises(QuantStateError, match=r"parameter 0 of group 0\.state1"):
+            O.Adam8bit(model.parameters(), min_8bit_size=1024).load_state_dict(_saved(source))
+    finally:
+        manager.initialize()

@@ -258,3 +258,23 @@ def test_percentile_clipping_rejects_bad_arguments(bad):
     args.update(bad)
     with pytest.raises(KbitValueError):
         F.percentile_clipping(**args)
+
+
+def test_the_reference_manifest_takes_its_optimizer_kinds_from_the_canonical_table(monkeypatch):
+    import importlib
+
+    import kbit_reference._manifest as manifest
+    from kbit.functional import _optim
+
+    declared = {op: set(manifest.MANIFEST.ops[op].optimizers) for op in manifest.MANIFEST.ops if op.startswith("optimizer")}
+    assert declared["optimizer_update_32bit"] == declared["optimizer_update_8bit_blockwise"] == set(_optim.OPTIMIZER_KINDS)
+    assert declared["optimizer_update_8bit"] == set(_optim.OPTIMIZER_KINDS) - {"ademamix"}
+    # A kind added to the table is served without a second list to keep in step.
+    monkeypatch.setitem(_optim.OPTIMIZER_KINDS, "newkind", _optim.OptimizerKind("newkind", 1))
+    try:
+        reloaded = importlib.reload(manifest).MANIFEST
+        for op in ("optimizer_update_32bit", "optimizer_update_8bit", "optimizer_update_8bit_blockwise"):
+            assert "newkind" in reloaded.ops[op].optimizers, op
+    finally:
+        monkeypatch.undo()
+        importlib.reload(manifest)

@@ -21,6 +21,7 @@ __all__ = [
     "KbitWarning",
     "KbitPluginWarning",
     "KbitFallbackWarning",
+    "KbitPagedMemoryWarning",
 ]
 
 
@@ -108,3 +109,7 @@ class KbitPluginWarning(KbitWarning):
 
 class KbitFallbackWarning(KbitWarning):
     """A call fell back to the reference backend because no preferred backend could serve it."""
+
+
+class KbitPagedMemoryWarning(KbitWarning):
+    """A paged optimizer runs with ordinary memory because its backend has no managed memory."""

@@ -1,6 +1,7 @@
 """Manifest of the reference backend (what ``kbit.backends`` loads at discovery)."""
 
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
+from kbit.functional._optim import OPTIMIZER_KINDS as _KINDS
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -34,14 +35,15 @@ _int8 = {
     "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPES),
 }
 
-OPTIMIZER_KINDS = ("adam", "momentum", "rmsprop", "lion", "adagrad", "lamb", "lars", "ademamix")
+# The reference serves every kind kbit defines: one table, no second list to keep in step.
+OPTIMIZER_KINDS = tuple(_KINDS)
+# Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API), so that op
+# serves only the kinds the table marks static_8bit (every kind except ademamix).
+STATIC_8BIT_KINDS = tuple(name for name, kind in _KINDS.items() if kind.static_8bit)
 
 _optimizer = {
     "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
-    # Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API).
-    "optimizer_update_8bit": OpSupport(
-        dtypes=FLOAT_DTYPES, optimizers=tuple(k for k in OPTIMIZER_KINDS if k != "ademamix")
-    ),
+    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=STATIC_8BIT_KINDS),
     "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
     "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPES),
 }

@@ -6,6 +6,7 @@ comes plain (``optim_bits`` chooses), as ``...8bit`` and ``...32bit``, and for A
 Lion and AdEMAMix as ``Paged...``. See ``docs/optimizers.md``.
 """
 
+from .._errors import KbitPagedMemoryWarning  # also kbit.KbitPagedMemoryWarning
 from ._adagrad import Adagrad, Adagrad8bit, Adagrad32bit
 from ._adam import (
     Adam,
@@ -34,7 +35,6 @@ from ._lamb import LAMB, LAMB8bit, LAMB32bit
 from ._lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from ._lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from ._manager import GlobalOptimManager
-from ._paging import KbitPagedMemoryWarning
 from ._rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from ._sgd import SGD, SGD8bit, SGD32bit
 

@@ -9,16 +9,17 @@ bitsandbytes-compatible bases the concrete optimizers (``Adam``, ``Lion``, ...) 
 from __future__ import annotations
 
 import math
+import types
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
 from ..functional import _optim as F
-from ..functional._codebooks import create_dynamic_map
-from ._checkpoint import checked_param_state, flat_param_state, nest_quant_state
+from ..functional._codebooks import cached_code
+from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state
 from ._config import (
     HYPERPARAMETERS,
     check_group_hyperparameters,
@@ -49,6 +50,17 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
     return beta3_t, alpha_t
 
 
+#: ``name2qmap`` keys (bitsandbytes' names) and the shared code tables they stand for.
+_QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
+
+
+def update_op(eight_bit: bool, block_wise: bool) -> str:
+    """The registry op that updates state of this layout."""
+    if not eight_bit:
+        return "optimizer_update_32bit"
+    return "optimizer_update_8bit_blockwise" if block_wise else "optimizer_update_8bit"
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of kbit's optimizers: per-parameter 32-bit or 8-bit state.
 
@@ -72,10 +84,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], optim_bits: int = 32,
                  is_paged: bool = False) -> None:  # fmt: skip
         self.initialized = False
-        self.name2qmap: dict[tuple[str, str], torch.Tensor] = {}
         self.is_paged = bool(is_paged)
         self.mng = GlobalOptimManager.get_instance()
-        self.optim_bits = optim_bits
+        self._optim_bits = optim_bits  # only for subclasses without ``args``; see optim_bits
         self._module_overrides: dict[int, dict[str, Any]] = {}
         self._module_override_version = -1
         self._allocator: Optional[PagedAllocator] = None
@@ -85,6 +96,17 @@ class Optimizer8bit(torch.optim.Optimizer):
     @property
     def _owner(self) -> str:
         return type(self).__name__
+
+    @property
+    def optim_bits(self) -> int:
+        """The state width new states get (``args.optim_bits``, read at every step)."""
+        args = getattr(self, "args", None)
+        return args.optim_bits if args is not None else self._optim_bits
+
+    @property
+    def optimizer_name(self) -> Optional[str]:
+        """The name of :attr:`kind` (``"adam"``, ``"lion"``, ...)."""
+        return None if self.kind is None else self.kind.name
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyperparameters are validated like the constructor's."""
@@ -100,49 +122,90 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._module_override_version = self.mng.module_override_version
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
-        """The settings that apply to parameter ``pindex`` of group ``gindex``, validated."""
+        """The settings that apply to parameter ``pindex`` of group ``gindex``, validated.
+
+        Validated on every call, not only at construction: schedulers and users edit
+        ``param_groups`` and ``args`` in place, and overrides may be registered at any time.
+        """
         config = {key: group[key] for key in HYPERPARAMETERS if key in group}
         config.update(vars(self.args))
         p = group["params"][pindex]
         override = dict(self._module_overrides.get(id(p), {}))
         override.update(self.mng.config_for(p, gindex, pindex))
+        owner = f"{self._owner} (parameter {pindex} of group {gindex})"
         if override:
             owner = f"{self._owner} (override for parameter {pindex} of group {gindex})"
-            check_state_options(owner, override)
             config.update(override)
-            config.update(check_group_hyperparameters(owner, self.kind, config))
+        check_state_options(owner, config)
+        config.update(check_group_hyperparameters(owner, self.kind, config))
+        return config
+
+    @staticmethod
+    def _new_layout(config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
+        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``."""
+        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"], bool(config["block_wise"])
+
+    def _layout(self, config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
+        """``(eight_bit, block_wise)`` of ``p``'s state: as allocated, or as ``config`` will allocate it."""
+        state = self.state.get(p)  # .get: the defaultdict must not grow an empty entry
+        if state:
+            return state["state1"].dtype == torch.uint8, "absmax1" in state
+        return self._new_layout(config, p)
+
+    def _checked_config(self, gindex: int, pindex: int, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """:meth:`get_config` plus the layout checks the update of ``p`` will make."""
+        config = self.get_config(gindex, pindex, group)
+        eight_bit, block_wise = self._layout(config, p)
+        owner = f"{self._owner} (parameter {pindex} of group {gindex})"
+        check_layout_options(owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
         return config
 
     # ---------------------------------------------------------------------- step
-    def _qmap(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, str(device))
-        if key not in self.name2qmap:
-            self.name2qmap[key] = create_dynamic_map(signed=name == "dynamic").to(device)
-        return self.name2qmap[key]
+    @property
+    def name2qmap(self) -> Mapping[str, torch.Tensor]:
+        """The 8-bit state code tables (CPU copies), read-only: ``"dynamic"`` (signed, first
+        moments and single states) and ``"udynamic"`` (unsigned, second moments).
 
-    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor) -> torch.Tensor:
+        A view on the process-wide tables of :func:`kbit.functional._codebooks.cached_code`,
+        which every optimizer's states share (per device); never modify them in place.
+        """
+        return types.MappingProxyType({name: cached_code(code) for name, code in _QMAP_CODES.items()})
+
+    @staticmethod
+    def _qmap(name: str, device: torch.device) -> torch.Tensor:
+        return cached_code(_QMAP_CODES[name], device)
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor, op: str) -> torch.Tensor:
         if self._allocator is not None:
-            return self._allocator.zeros(shape, dtype, p)
+            return self._allocator.zeros(shape, dtype, p, op)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
-    def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
-        """Allocate the state of ``p`` (8-bit when enabled and ``p`` has ``min_8bit_size`` elements)."""
-        if self.kind is None:
-            raise NotImplementedError(f"{self._owner} does not define an optimizer kind")
-        config = self.get_config(gindex, pindex, group)
-        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
-        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=config["block_wise"])
+    def init_state(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int,
+                   config: Optional[dict[str, Any]] = None) -> None:  # fmt: skip
+        """Allocate the state of ``p`` (8-bit when enabled and ``p`` has ``min_8bit_size`` elements).
+
+        ``config`` is the already checked result of :meth:`_checked_config` (``step`` passes
+        it); without it the settings are looked up and checked here.
+        """
+        self._require_kind()
+        checked = config is not None
+        if config is None:
+            config = self.get_config(gindex, pindex, group)
+        eight_bit, block_wise = self._new_layout(config, p)
+        if not checked:
+            check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
         stacked = (2,) if self.kind.stacked_state1 else ()
         shapes = [stacked + tuple(p.shape), tuple(p.shape)][: self.kind.num_states]
         state = self.state[p]
         state["step"] = 0
         for which, shape in enumerate(shapes, start=1):
-            state[f"state{which}"] = self._zeros(shape, torch.uint8 if eight_bit else torch.float32, p)
+            dtype = torch.uint8 if eight_bit else torch.float32
+            state[f"state{which}"] = self._zeros(shape, dtype, p, update_op(eight_bit, block_wise))
             if not eight_bit:
                 continue
             # First moments (and every single state) are signed; second moments unsigned.
             state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
-            if config["block_wise"]:
+            if block_wise:
                 nblocks = -(-p.numel() // F.OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
                 state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
@@ -200,20 +263,32 @@ class Optimizer8bit(torch.optim.Optimizer):
             for pindex, p in enumerate(group["params"])
             if p.grad is not None
         ]
+        self._require_kind()
         self._check_gradients(work)
-        for gindex, pindex, group, p in work:
-            if not self.state[p]:
-                self.init_state(group, p, gindex, pindex)
-            self.update_step(group, p, gindex, pindex)
+        # Every parameter's settings are checked before the first one is updated, so a bad
+        # setting in a later group cannot leave the earlier groups already stepped.
+        configs = [self._checked_config(gindex, pindex, group, p) for gindex, pindex, group, p in work]
+        for (gindex, pindex, group, p), config in zip(work, configs, strict=True):
+            if not self.state.get(p):
+                self.init_state(group, p, gindex, pindex, config=config)
+            self.update_step(group, p, gindex, pindex, config=config)
         return loss
 
-    def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
-        """Apply one update to ``p`` with its state (layout chosen at :meth:`init_state`)."""
+    def _require_kind(self) -> None:
+        if self.kind is None:
+            raise NotImplementedError(f"{self._owner} does not define an optimizer kind")
+
+    def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int,
+                    config: Optional[dict[str, Any]] = None) -> None:  # fmt: skip
+        """Apply one update to ``p`` with its state (layout chosen at :meth:`init_state`).
+
+        ``config`` as for :meth:`init_state`.
+        """
+        self._require_kind()
+        if config is None:
+            config = self._checked_config(gindex, pindex, group, p)
         state = self.state[p]
-        config = self.get_config(gindex, pindex, group)
-        eight_bit = state["state1"].dtype == torch.uint8
-        block_wise = "absmax1" in state
-        check_layout_options(self._owner, self.kind, config, eight_bit=eight_bit, block_wise=block_wise)
+        eight_bit, block_wise = self._layout(config, p)
         if not p.is_contiguous():
             p.data = p.data.contiguous()  # the kernels update p in place
         grad = p.grad
@@ -288,7 +363,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise KbitValueError(where, "state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         if len(saved_groups) != len(self.param_groups):
             raise KbitValueError(where, "param_groups", f"{len(saved_groups)} groups", f"{len(self.param_groups)} like this optimizer")
-        id_to_param: dict[Any, tuple[torch.Tensor, str]] = {}
+        id_to_param: dict[Any, tuple[torch.Tensor, str, int, int]] = {}
         for gindex, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise KbitValueError(
@@ -296,13 +371,18 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{len(group['params'])} like this optimizer's group {gindex}",
                 )  # fmt: skip
             for pindex, (saved_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                id_to_param[saved_id] = (p, f"parameter {pindex} of group {gindex}")
+                id_to_param[saved_id] = (p, f"parameter {pindex} of group {gindex}", gindex, pindex)
+        self.check_overrides()  # the expected layouts depend on module overrides too
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for saved_id, param_state in state_dict["state"].items():
             if saved_id not in id_to_param:
                 raise KbitValueError(where, "state", saved_id, "the index of a parameter in param_groups")
-            p, label = id_to_param[saved_id]
-            new_state[p] = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            p, label, gindex, pindex = id_to_param[saved_id]
+            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            if loaded:
+                config = self.get_config(gindex, pindex, self.param_groups[gindex])
+                check_state_layout(label, loaded, config, *self._new_layout(config, p))
+            new_state[p] = loaded
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             new_group = {key: value for key, value in saved.items() if key != "params"}
@@ -329,7 +409,6 @@ class _KindOptimizer(Optimizer8bit):
             base = "Optimizer1State" if kind.num_states == 1 else "Optimizer2State"
             raise KbitValueError(owner, "optimizer_name", optimizer_name, f"a {self._num_states}-state kind; use {base}")
         self.kind = kind
-        self.optimizer_name = kind.name
         self.args = state_options(
             owner, args, self._fixed_optim_bits, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
             percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
@@ -339,10 +418,14 @@ class _KindOptimizer(Optimizer8bit):
         super().__init__(params, defaults, self.args.optim_bits, is_paged)
         if self.is_paged:
             # Decided (and warned about) now, not at the first step: the user sees at once
-            # whether paging is real.
-            op = "optimizer_update_8bit_blockwise" if self.args.optim_bits == 8 else "optimizer_update_32bit"
-            params = [p for group in self.param_groups for p in group["params"]]
-            self._allocator = PagedAllocator(owner, params, op, kind.name)
+            # whether paging is real. Each parameter asks about the op its state will use.
+            self.check_overrides()
+            uses = [
+                (p, update_op(*self._new_layout(self.get_config(gindex, pindex, group), p)))
+                for gindex, group in enumerate(self.param_groups)
+                for pindex, p in enumerate(group["params"])
+            ]
+            self._allocator = PagedAllocator(owner, uses, kind.name)
 
 
 class Optimizer1State(_KindOptimizer):

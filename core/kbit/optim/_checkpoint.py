@@ -18,7 +18,10 @@ import torch
 from .._errors import QuantStateError
 from ..functional._optim import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, OptimizerKind
 
-__all__ = ["QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state"]
+__all__ = [
+    "QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state",
+    "check_state_layout",
+]  # fmt: skip
 
 #: The nested key of the format (kept byte-identical for interoperability).
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
@@ -122,3 +125,36 @@ def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state:
     for key in known[1:]:
         loaded[key] = state[key].to(device=p.device, copy=True)
     return loaded
+
+
+def _describe(eight_bit: bool, block_wise: bool) -> str:
+    if not eight_bit:
+        return "32-bit (float32) state"
+    return "blockwise 8-bit state (absmax1)" if block_wise else "whole-tensor 8-bit state (max1/new_max1)"
+
+
+def check_state_layout(label: str, state: Mapping[str, Any], config: Mapping[str, Any], eight_bit: bool,
+                       block_wise: bool) -> None:  # fmt: skip
+    """Refuse a loaded state whose layout differs from the one this optimizer would allocate.
+
+    ``eight_bit`` and ``block_wise`` describe the layout the optimizer's settings
+    (``config``: ``optim_bits``, ``min_8bit_size``, ``block_wise`` after overrides) give the
+    parameter. Stepping a checkpoint of another layout would silently keep the checkpoint's
+    width or fail steps later, so the mismatch is reported now, naming the entry.
+    """
+    has_eight_bit = state["state1"].dtype == torch.uint8
+    has_block_wise = has_eight_bit and "absmax1" in state
+    if (has_eight_bit, has_block_wise) == (eight_bit, eight_bit and block_wise):
+        return
+    if has_eight_bit != eight_bit:
+        key = "state1"
+    else:
+        key = "absmax1" if has_block_wise else "max1"
+    settings = f"optim_bits={config['optim_bits']}, min_8bit_size={config['min_8bit_size']}, "
+    settings += f"block_wise={config['block_wise']}"
+    raise QuantStateError(
+        f"{label}.{key}",
+        f"the checkpoint holds {_describe(has_eight_bit, has_block_wise)}, but this optimizer keeps "
+        f"{_describe(eight_bit, block_wise)} for this parameter ({settings}); load it into an optimizer "
+        "with the settings it was saved with",
+    )

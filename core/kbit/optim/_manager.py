@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional
@@ -42,20 +43,25 @@ class GlobalOptimManager:
     """
 
     _instance: Optional["GlobalOptimManager"] = None
+    # Versions never repeat, not even across initialize(): an optimizer compares the version
+    # it resolved overrides at with the current one, and a counter restarted at 0 could
+    # come back to the same number with other overrides registered.
+    _versions = itertools.count(1)
 
     def __init__(self) -> None:
         raise RuntimeError("GlobalOptimManager is a singleton: call GlobalOptimManager.get_instance()")
 
     def initialize(self) -> None:
         """Forget every registered parameter and override."""
-        #: Overrides by ``id(parameter)``.
+        #: Overrides by ``id(parameter)``; an entry goes when its parameter dies, so a
+        #: new tensor that reuses the id does not inherit it.
         self.pid2config: dict[int, dict[str, Any]] = {}
+        self._pid_refs: dict[int, weakref.ref] = {}
         #: Overrides by ``(group index, parameter index)``, from :meth:`register_parameters`.
         self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
-        self.uses_config_override = False
         self._module_overrides: list[tuple[weakref.ref, str, dict[str, Any]]] = []
-        #: Bumped whenever a module override is registered, so optimizers re-resolve them.
-        self.module_override_version = 0
+        #: Changes whenever module overrides change, so optimizers re-resolve them.
+        self.module_override_version = next(self._versions)
 
     @classmethod
     def get_instance(cls) -> "GlobalOptimManager":
@@ -105,20 +111,40 @@ class GlobalOptimManager:
         config = _check_override(where, key_value_dict)
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
-        self.uses_config_override = True
         for p in parameters:
             if not isinstance(p, torch.Tensor):
                 raise KbitTypeError(where, "parameters", f"an element of type {type(p).__name__}", "tensors")
+            self._track(p)
             self.pid2config.setdefault(id(p), {}).update(config)
+
+    def _track(self, p: torch.Tensor) -> None:
+        """Drop ``p``'s entry of :attr:`pid2config` when ``p`` is garbage collected."""
+        pid = id(p)
+        if pid in self._pid_refs:
+            return
+        refs, configs = self._pid_refs, self.pid2config  # this generation's, not initialize()'s next
+
+        def forget(ref: weakref.ref) -> None:
+            if refs.get(pid) is ref:
+                del refs[pid]
+                configs.pop(pid, None)
+
+        refs[pid] = weakref.ref(p, forget)
 
     def register_module_override(self, module: torch.nn.Module, param_name: str, config: Mapping[str, Any]) -> None:
         """Override settings for ``getattr(module, param_name)``, whatever tensor it holds later."""
         where = "GlobalOptimManager.register_module_override"
         if not isinstance(module, torch.nn.Module):
             raise KbitTypeError(where, "module", f"type {type(module).__name__}", "a torch.nn.Module")
-        self._module_overrides.append((weakref.ref(module), param_name, _check_override(where, config)))
-        self.uses_config_override = True
-        self.module_override_version += 1
+        config = _check_override(where, config)
+        self._module_overrides = [entry for entry in self._module_overrides if entry[0]() is not None]
+        self._module_overrides.append((weakref.ref(module), param_name, config))
+        self.module_override_version = next(self._versions)
+
+    @property
+    def uses_config_override(self) -> bool:
+        """Whether any override is registered (for a live parameter, position or module)."""
+        return bool(self.pid2config or self.index2config or any(True for _ in self._live_module_overrides()))
 
     @property
     def module_weight_config_triple(self) -> list[tuple[torch.nn.Module, str, dict[str, Any]]]:

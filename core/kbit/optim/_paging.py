@@ -17,18 +17,14 @@ from typing import Optional
 
 import torch
 
-from .._errors import KbitError, KbitWarning
+from .._errors import KbitPagedMemoryWarning, UnsupportedOpError
 from ..backend import Backend
 from ..backends._registry import REGISTRY
 
-__all__ = ["KbitPagedMemoryWarning", "PAGED_MEMORY_FEATURE", "PagedAllocator"]
+__all__ = ["PAGED_MEMORY_FEATURE", "PagedAllocator"]
 
 #: Manifest feature of backends that can allocate paged state (``Backend.paged_zeros``).
 PAGED_MEMORY_FEATURE = "paged_memory"
-
-
-class KbitPagedMemoryWarning(KbitWarning):
-    """A paged optimizer runs with ordinary memory because its backend has no managed memory."""
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -45,44 +41,60 @@ def _stacklevel_outside_package() -> int:
 class PagedAllocator:
     """Allocates an optimizer's state tensors, paged where the serving backend can.
 
-    ``op`` and ``kind`` say which backend to ask (the one that serves the optimizer's update
-    op for each device type of ``params``).
+    The backend asked is the one the registry picks for the update op that will use the
+    state (``optimizer_update_32bit``, ``..._8bit`` or ``..._8bit_blockwise``, which differ
+    per parameter with ``min_8bit_size`` and overrides), for the parameter's device type
+    and dtype and the optimizer ``kind``. ``uses`` lists ``(parameter, op)`` pairs known at
+    construction: they are resolved at once, so the one warning comes when the optimizer
+    is built; pairs that appear later (an override changed a layout) are resolved on first
+    allocation.
     """
 
-    def __init__(self, owner: str, params: Iterable[torch.Tensor], op: str, kind: str) -> None:
-        self._backends: dict[str, Optional[Backend]] = {}
-        unpaged = []
-        for p in params:
-            device_type = p.device.type
-            if device_type in self._backends:
-                continue
-            backend, name = self._paging_backend(op, device_type, p.dtype, kind)
-            self._backends[device_type] = backend
-            if backend is None:
-                unpaged.append(f"{name} on {device_type}")
-        if unpaged:
-            warnings.warn(
-                f"{owner}: no managed memory for paged optimizer state ({', '.join(unpaged)} "
-                f"does not declare {PAGED_MEMORY_FEATURE!r}); using ordinary device memory, "
-                "with identical results but no paging",
-                KbitPagedMemoryWarning,
-                stacklevel=_stacklevel_outside_package(),
-            )
+    def __init__(self, owner: str, uses: Iterable[tuple[torch.Tensor, str]], kind: str) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._backends: dict[tuple[str, torch.dtype, str], Optional[Backend]] = {}
+        self._warned = False
+        unpaged = [why for p, op in uses for why in [self._resolve(op, p)[1]] if why is not None]
+        self._warn(unpaged)
 
-    @staticmethod
-    def _paging_backend(op: str, device_type: str, dtype: torch.dtype, kind: str) -> tuple[Optional[Backend], str]:
+    def _resolve(self, op: str, p: torch.Tensor) -> tuple[Optional[Backend], Optional[str]]:
+        """The paging backend for ``op`` on ``p`` (``None``: allocate normally) and, then, why."""
+        key = (p.device.type, p.dtype, op)
+        if key in self._backends:
+            return self._backends[key], None
         try:
-            resolution = REGISTRY.resolve(op, device_type, dtype, optimizer=kind)
-        except KbitError:
-            return None, "no backend"  # the step itself will report why nothing serves it
-        manifest = resolution.backend.manifest
-        if manifest is not None and PAGED_MEMORY_FEATURE in manifest.features:
-            return resolution.backend, resolution.name
-        return None, f"backend {resolution.name!r}"
+            resolution = REGISTRY.resolve(op, p.device.type, p.dtype, optimizer=self._kind)
+        except UnsupportedOpError:
+            # Nothing serves the op: the step itself will raise and say why. Configuration
+            # errors (a named backend that is missing or broken) are not caught: they
+            # propagate instead of quietly turning a paged optimizer into an unpaged one.
+            backend, why = None, f"no backend for {op} on {p.device.type}"
+        else:
+            manifest = resolution.backend.manifest
+            if manifest is not None and PAGED_MEMORY_FEATURE in manifest.features:
+                backend, why = resolution.backend, None
+            else:
+                backend, why = None, f"backend {resolution.name!r} (serving {op} on {p.device.type})"
+        self._backends[key] = backend
+        return backend, why
 
-    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-        """A zero-filled state tensor on ``like``'s device, paged when possible."""
-        backend = self._backends.get(like.device.type)
+    def _warn(self, unpaged: list[str]) -> None:
+        if not unpaged or self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"{self._owner}: no managed memory for paged optimizer state ({'; '.join(dict.fromkeys(unpaged))} "
+            f"does not declare {PAGED_MEMORY_FEATURE!r}); using ordinary device memory, "
+            "with identical results but no paging",
+            KbitPagedMemoryWarning,
+            stacklevel=_stacklevel_outside_package(),
+        )
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor, op: str) -> torch.Tensor:
+        """A zero-filled state tensor on ``like``'s device for ``op``, paged when possible."""
+        backend, why = self._resolve(op, like)
         if backend is None:
+            self._warn([why] if why else [])
             return torch.zeros(shape, dtype=dtype, device=like.device)
         return backend.paged_zeros(shape, dtype, like.device)
