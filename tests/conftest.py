@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +31,21 @@ def goldens(request: pytest.FixtureRequest) -> dict:
     return load_goldens(path)
 
 
+#: Backends of other distributions installed in this environment (a developer may have
+#: the NumPy plugin installed). The tests assume kbit's own backends only, and register
+#: the plugins they exercise themselves, so installed ones are disabled for every test.
+INSTALLED_PLUGINS = sorted(
+    {entry.name for entry in entry_points(group="kbit.backends") if entry.dist is None or entry.dist.name != "kbit"}
+)
+
+
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch: pytest.MonkeyPatch):
-    """Every test starts from a clean registry and no KBIT_* variables."""
+    """Every test starts from a clean registry, no KBIT_* variables and no installed plugins."""
     for name in ("KBIT_BACKEND", "KBIT_DISABLE_PLUGINS", "KBIT_FALLBACK"):
         monkeypatch.delenv(name, raising=False)
+    if INSTALLED_PLUGINS:
+        monkeypatch.setenv("KBIT_DISABLE_PLUGINS", ",".join(INSTALLED_PLUGINS))
     kbit.backends.reset()
     yield
     kbit.backends.reset()

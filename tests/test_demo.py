@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -11,15 +12,20 @@ import kbit
 from kbit._demo import DemoConfig, run_demo
 from kbit._demo._progress import Progress
 from kbit.cli import main
+from tests.conftest import INSTALLED_PLUGINS
 
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory) -> tuple[dict, str]:
     """One 20-step demo run through the console script, as a user would start it."""
     path = tmp_path_factory.mktemp("demo") / "report.json"
+    # Module-scoped, so it runs before the per-test registry fixture: hide installed
+    # plugins from the subprocess the same way that fixture hides them from the tests.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
+    env["KBIT_DISABLE_PLUGINS"] = ",".join(INSTALLED_PLUGINS)
     result = subprocess.run(
         [sys.executable, "-m", "kbit", "demo", "--steps", "20", "--json", str(path)],
-        capture_output=True, text=True, check=True, timeout=300,
+        capture_output=True, text=True, check=True, timeout=300, env=env,
     )  # fmt: skip
     return json.loads(path.read_text()), result.stdout
 
