@@ -12,7 +12,6 @@ every backend's device and not only on CUDA.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from .._errors import QuantStateError
 from ..autograd._matmul8bit import MatmulLtState, matmul
 from ..functional._int8 import check_threshold, int8_vectorwise_dequant, int8_vectorwise_quant
+from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
 __all__ = ["Int8Params", "Linear8bitLt", "Embedding8bit"]
 
@@ -32,7 +32,7 @@ def _is_int8(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.int8
 
 
-class Int8Params(nn.Parameter):
+class Int8Params(QuantizedParameter):
     """A weight that quantizes itself to int8 row-wise on its first move to a device.
 
     Attributes:
@@ -94,10 +94,8 @@ class Int8Params(nn.Parameter):
         )
         if moved is data:  # nothing to do: Tensor.to returned its input
             return self
-        new = Int8Params(moved, self.requires_grad, self.has_fp16_weights)
-        if _is_int8(moved):
-            new.CB = moved
-            new.SCB = self.SCB.to(moved.device) if self.SCB is not None else None
+        new = self._with_data(moved)
+        new._follow_data_device()
         return new
 
     def cpu(self) -> "Int8Params":  # type: ignore[override]
@@ -108,27 +106,17 @@ class Int8Params(nn.Parameter):
         """Same as ``.to("cuda")`` (quantizes a frozen float weight)."""
         return self.to("cuda" if device is None else device, non_blocking=non_blocking)
 
-    def __deepcopy__(self, memo: dict) -> "Int8Params":
-        new = Int8Params(self.data.clone(), self.requires_grad, self.has_fp16_weights)
-        memo[id(self)] = new
-        new.SCB = copy.deepcopy(self.SCB, memo)
-        new.CB = new.data if _is_int8(new) else copy.deepcopy(self.CB, memo)
-        return new
+    def _attributes(self) -> dict[str, Any]:
+        return {"has_fp16_weights": self.has_fp16_weights, "SCB": self.SCB}
 
-    def __reduce_ex__(self, protocol: int):
-        # Parameter's own pickling rebuilds a plain Parameter; keep the class and the scales.
-        return (_rebuild_int8_params, (self.data, self.requires_grad, self.has_fp16_weights, self.SCB))
+    def _follow_data_device(self) -> None:
+        self.SCB = follow_device(self.SCB, self.device)
+        if _is_int8(self):
+            self.CB = self.data
 
     def __repr__(self) -> str:
         kind = "int8 codes" if _is_int8(self) else f"{self.dtype} weight"
         return f"Int8Params({kind} {tuple(self.shape)}, has_fp16_weights={self.has_fp16_weights})"
-
-
-def _rebuild_int8_params(
-    data: torch.Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[torch.Tensor]
-) -> Int8Params:
-    """Unpickle an :class:`Int8Params` (``torch.save`` of a whole module)."""
-    return Int8Params(data, requires_grad, has_fp16_weights, SCB=SCB)
 
 
 def _parse_format(key: str, value: object) -> int:
@@ -142,7 +130,7 @@ def _parse_format(key: str, value: object) -> int:
     return value
 
 
-class _Int8WeightModule(nn.Module):
+class _Int8WeightModule(QuantizedWeightModule):
     """State-dict and device handling shared by modules whose ``weight`` is an Int8Params.
 
     Subclasses call :meth:`_ensure_quantized` at the start of ``forward`` and may override
@@ -160,20 +148,6 @@ class _Int8WeightModule(nn.Module):
         if not self._int8_trainable and not _is_int8(self.weight):
             self.weight._quantize(self.weight.device)
             self._after_weight_change()
-
-    def _after_weight_change(self) -> None:
-        """Hook for subclasses that mirror the weight elsewhere (``Linear8bitLt.state``)."""
-
-    def _apply(self, fn, recurse: bool = True):
-        module = super()._apply(fn, recurse)
-        weight = self.weight
-        # Module.to() moves the parameter's data only; its scales must follow.
-        if getattr(weight, "SCB", None) is not None and weight.SCB.device != weight.device:
-            weight.SCB = weight.SCB.to(weight.device)
-        if _is_int8(weight):
-            weight.CB = weight.data
-        self._after_weight_change()
-        return module
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -10,7 +10,6 @@ state along and dtype conversions leave the bytes alone (casting them would dest
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
@@ -19,6 +18,7 @@ from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from ..functional._quant4 import packed_size_problem, quantize_4bit
 from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
 from ..functional._validate import check_choice
+from ._quantized_param import QuantizedParameter
 
 __all__ = ["Params4bit"]
 
@@ -26,12 +26,7 @@ _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
 _ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized")
 
 
-def _rebuild_params4bit(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> "Params4bit":
-    # Module-level so pickle (torch.save / torch.load) can find it by name.
-    return Params4bit(data, requires_grad, **attributes)
-
-
-class Params4bit(torch.nn.Parameter):
+class Params4bit(QuantizedParameter):
     """A frozen weight parameter stored as 4-bit NF4/FP4 codes.
 
     Args:
@@ -75,10 +70,9 @@ class Params4bit(torch.nn.Parameter):
     def _attributes(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _ATTRIBUTES}
 
-    def _with_data(self, data: torch.Tensor) -> "Params4bit":
-        if data is self:
-            return self
-        return Params4bit(data, self.requires_grad, **self._attributes())
+    def _follow_data_device(self) -> None:
+        if self.quant_state is not None:
+            self.quant_state.to(self.device)
 
     @classmethod
     def from_prequantized(
@@ -190,26 +184,6 @@ class Params4bit(torch.nn.Parameter):
     def double(self, *args: Any, **kwargs: Any) -> "Params4bit":
         """float64 before quantization; packed codes are left as they are."""
         return self._cast(torch.float64)
-
-    def detach(self) -> "Params4bit":
-        """A detached alias that stays a ``Params4bit`` with the same quant state.
-
-        ``Module.to`` rebuilds parameters through ``Parameter(moved)`` when it cannot swap
-        ``.data`` in place (moves to ``meta``, or with
-        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), which
-        requires ``detach`` to keep the type.
-        """
-        return Params4bit(torch.Tensor.detach(self), False, **self._attributes())
-
-    def __deepcopy__(self, memo: dict) -> "Params4bit":
-        attributes = self._attributes()
-        attributes["quant_state"] = copy.deepcopy(self.quant_state, memo)
-        result = Params4bit(self.data.clone(), self.requires_grad, **attributes)
-        memo[id(self)] = result
-        return result
-
-    def __reduce_ex__(self, protocol: int):
-        return _rebuild_params4bit, (self.data, self.requires_grad, self._attributes())
 
     def __repr__(self) -> str:
         if not self.bnb_quantized:
