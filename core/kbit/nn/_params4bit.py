@@ -10,6 +10,7 @@ state along and dtype conversions leave the bytes alone (casting them would dest
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -18,7 +19,7 @@ from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from ..functional._quant4 import packed_size_problem, quantize_4bit
 from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
 from ..functional._validate import check_choice
-from ._quantized_param import QuantizedParameter
+from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
 __all__ = ["Params4bit"]
 
@@ -71,8 +72,9 @@ class Params4bit(QuantizedParameter):
         return {name: getattr(self, name) for name in _ATTRIBUTES}
 
     def _follow_data_device(self) -> None:
-        if self.quant_state is not None:
-            self.quant_state.to(self.device)
+        # A moved copy rather than QuantState.to (in place): aliases of this parameter
+        # (detach(), earlier .to() results) keep a state on their own device.
+        self.quant_state = _state_on(self.quant_state, self.device)
 
     @classmethod
     def from_prequantized(
@@ -150,11 +152,13 @@ class Params4bit(QuantizedParameter):
             return self._with_data(torch.Tensor.to(self, device=device, dtype=dtype, non_blocking=non_blocking))
         if device is None:
             return self  # a dtype alone would reinterpret packed bytes as numbers
-        if self.quant_state is not None:
-            # In place, so the parameter object a module keeps sees the move (Module.to
-            # swaps only .data into the original parameter).
-            self.quant_state.to(device)
-        return self._with_data(torch.Tensor.to(self, device=device, non_blocking=non_blocking))
+        # The result is independent of self: its own state on the new device. (A module's
+        # weight follows through QuantizedWeightModule._apply, as Module.to swaps only
+        # .data into the parameter object the module keeps.)
+        moved = self._with_data(torch.Tensor.to(self, device=device, non_blocking=non_blocking))
+        if moved is not self:
+            moved._follow_data_device()
+        return moved
 
     def cpu(self, *args: Any, **kwargs: Any) -> "Params4bit":
         """Move to (and on first move quantize on) the CPU."""
@@ -191,7 +195,19 @@ class Params4bit(QuantizedParameter):
         return f"Params4bit({self.quant_state!r}, packed {tuple(self.shape)} {self.dtype} on {self.device})"
 
 
-class Weight4bitStateDict:
+def _state_on(state: Optional[QuantState], device: torch.device) -> Optional[QuantState]:
+    """A copy of ``state`` with its tensors on ``device`` (``state`` itself is left alone)."""
+    if state is None:
+        return None
+    moved = copy.copy(state)
+    moved.absmax = follow_device(state.absmax, device)
+    moved.code = follow_device(state.code, device)
+    moved.offset = follow_device(state.offset, device)
+    moved.state2 = _state_on(state.state2, device)
+    return moved
+
+
+class Weight4bitStateDict(QuantizedWeightModule):
     """State-dict save/load for a module whose ``weight`` is a :class:`Params4bit`.
 
     Saving writes the hub layout: ``weight`` (packed codes) and, next to it,
