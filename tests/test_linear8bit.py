@@ -189,6 +189,32 @@ def test_embedding8bit_survives_meta_construction():
     assert isinstance(table.weight, Int8Params) and torch.equal(table(index), source(index))
 
 
+def test_cb_reads_through_to_the_current_codes():
+    param = _frozen_layer(seed=40).to("cpu").weight
+    replacement = torch.randint(-127, 128, tuple(param.shape), dtype=torch.int8)
+    param.data = replacement  # what generic code (and Module.to) does
+    assert param.CB.data_ptr() == replacement.data_ptr()
+    on_meta = param.to("meta")
+    assert on_meta.CB.device.type == "meta" and param.CB.device.type == "cpu"
+    float_param = Int8Params(torch.randn(4, 8), requires_grad=False)
+    assert float_param.CB is None  # nothing quantized yet
+    codes = torch.ones(4, 8, dtype=torch.int8)
+    float_param.CB = codes  # bitsandbytes-style assignment installs the codes
+    assert float_param.dtype == torch.int8 and float_param.data_ptr() == codes.data_ptr()
+    with pytest.raises(kbit.KbitTypeError, match="CB"):
+        float_param.CB = torch.ones(4, 8)
+
+
+def test_state_reads_through_to_a_replaced_weight():
+    layer = _frozen_layer(seed=41).to("cpu")
+    other = _frozen_layer(seed=42).to("cpu")
+    layer.weight = other.weight  # what bitsandbytes-style loaders do
+    assert layer.state.CB.data_ptr() == other.weight.data_ptr() and layer.state.SCB is other.weight.SCB
+    codes = torch.zeros(32, 64, dtype=torch.int8)
+    layer.weight.data = codes
+    assert layer.state.CB.data_ptr() == codes.data_ptr()
+
+
 # ------------------------------------------------------------------------ Linear8bitLt
 @pytest.mark.parametrize("has_fp16_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

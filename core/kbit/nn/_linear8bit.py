@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._errors import QuantStateError
+from .._errors import KbitTypeError, QuantStateError
 from ..autograd._matmul8bit import MatmulLtState, matmul
 from ..functional._int8 import check_threshold, int8_vectorwise_dequant, int8_vectorwise_quant
 from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
@@ -32,11 +32,19 @@ def _is_int8(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.int8
 
 
+def _checked_codes(codes: object) -> torch.Tensor:
+    if not isinstance(codes, torch.Tensor) or not _is_int8(codes):
+        found = f"dtype {codes.dtype}" if isinstance(codes, torch.Tensor) else f"type {type(codes).__name__}"
+        raise KbitTypeError("Int8Params", "CB", found, "an int8 tensor of codes")
+    return codes
+
+
 class Int8Params(QuantizedParameter):
     """A weight that quantizes itself to int8 row-wise on its first move to a device.
 
     Attributes:
-        CB: the int8 codes ``[out, in]`` once quantized (the same tensor as ``data``).
+        CB: the int8 codes ``[out, in]`` once quantized, else None. It reads through to
+            ``data`` (never a stale copy); assigning int8 codes to it installs them as ``data``.
         SCB: float32 per-row absmax ``(out,)`` once quantized.
         has_fp16_weights: keep the float weight (trainable) instead of quantizing it.
 
@@ -44,6 +52,8 @@ class Int8Params(QuantizedParameter):
     ``has_fp16_weights=False`` quantize it in place and return the parameter itself, which
     is how ``module.to(device)`` leaves the module holding int8 codes. Moving an int8 weight
     never casts its codes: a requested dtype only applies to float weights.
+
+    Constructing with ``CB`` (int8 codes) makes those codes the data, whatever ``data`` is.
     """
 
     def __new__(
@@ -54,11 +64,12 @@ class Int8Params(QuantizedParameter):
         CB: Optional[torch.Tensor] = None,
         SCB: Optional[torch.Tensor] = None,
     ) -> "Int8Params":
+        if CB is not None:
+            data = _checked_codes(CB)
         if data is None:
             data = torch.empty(0)
         # Only floating-point tensors can require grad; int8 codes are frozen by nature.
         param = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
-        param.CB = CB if CB is not None or not _is_int8(data) else data
         param.SCB = SCB
         param.has_fp16_weights = has_fp16_weights
         return param
@@ -69,15 +80,23 @@ class Int8Params(QuantizedParameter):
         CB, SCB, _ = int8_vectorwise_quant(weight)
         self.requires_grad_(False)
         self.data = CB
-        self.CB = CB
         self.SCB = SCB
         return self
+
+    @property
+    def CB(self) -> Optional[torch.Tensor]:
+        """The int8 codes (``data`` itself) once quantized; None while the weight is float."""
+        return self.data if _is_int8(self) else None
+
+    @CB.setter
+    def CB(self, codes: torch.Tensor) -> None:
+        self.requires_grad_(False)
+        self.data = _checked_codes(codes)
 
     def _install_codes(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
         """Hold already-quantized codes and scales (used when loading a checkpoint)."""
         self.requires_grad_(False)
         self.data = CB
-        self.CB = CB
         self.SCB = SCB
 
     def to(self, *args: Any, **kwargs: Any) -> "Int8Params":
@@ -111,8 +130,6 @@ class Int8Params(QuantizedParameter):
 
     def _follow_data_device(self) -> None:
         self.SCB = follow_device(self.SCB, self.device)
-        if _is_int8(self):
-            self.CB = self.data
 
     def __repr__(self) -> str:
         kind = "int8 codes" if _is_int8(self) else f"{self.dtype} weight"
@@ -253,7 +270,7 @@ class Linear8bitLt(_Int8WeightModule, nn.Linear):
     ) -> None:
         threshold = check_threshold("Linear8bitLt", threshold)
         super().__init__(input_features, output_features, bias, device)
-        self.state = MatmulLtState(
+        self._state = MatmulLtState(
             threshold=threshold,
             has_fp16_weights=has_fp16_weights,
             use_pool=threshold > 0.0 and not has_fp16_weights,
@@ -261,24 +278,37 @@ class Linear8bitLt(_Int8WeightModule, nn.Linear):
         self.index = index
         self.weight = Int8Params(self.weight.data, requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
 
+    @property
+    def state(self) -> MatmulLtState:
+        """The :class:`~kbit.MatmulLtState` of this layer.
+
+        Its ``CB`` and ``SCB`` are refreshed from the weight on every access, so they are
+        never stale copies, even after ``layer.weight`` (or its data) was replaced.
+        """
+        state = self._state
+        weight = self._parameters.get("weight")
+        if weight is not None and _is_int8(weight):
+            state.CB, state.SCB = weight.data, getattr(weight, "SCB", None)
+        return state
+
+    @state.setter
+    def state(self, state: MatmulLtState) -> None:
+        self._state = state
+
     def _after_weight_change(self) -> None:
-        if _is_int8(self.weight):
-            self.state.CB, self.state.SCB = self.weight.data, self.weight.SCB
-        else:
-            self.state.reset_grads()
+        if not _is_int8(self.weight):
+            self._state.reset_grads()  # codes of a float weight are recomputed on use
 
     def init_8bit_state(self) -> None:
-        """Copy the weight's int8 codes and scales into ``self.state`` (bitsandbytes API)."""
+        """Refresh ``self.state`` from the weight (bitsandbytes API; reads happen anyway)."""
         self._after_weight_change()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` through LLM.int8(); output in ``x``'s dtype."""
-        self.state.is_training = self.training
         self._ensure_quantized()
-        if _is_int8(self.weight):
-            # Code that sets weight.SCB directly (checkpoint loaders do) is picked up here.
-            self.state.SCB = self.weight.SCB
-        return matmul(x, self.weight, bias=self.bias, state=self.state)
+        state = self.state  # read after quantizing: picks up the current codes and SCB
+        state.is_training = self.training
+        return matmul(x, self.weight, bias=self.bias, state=state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, has_fp16_weights={self.state.has_fp16_weights}, threshold={self.state.threshold}"
