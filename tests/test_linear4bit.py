@@ -145,6 +145,13 @@ def test_quantized_module_through_meta_and_back():
     assert torch.equal(module(x), source(x))
 
 
+def test_quant_storage_follows_the_loaded_weight():
+    module = LinearNF4(64, 32, quant_storage=torch.uint8)
+    source = LinearNF4(64, 32, quant_storage=torch.bfloat16).to("cpu")
+    module.load_state_dict(source.state_dict())
+    assert module.weight.dtype == torch.bfloat16 and module.quant_storage == torch.bfloat16
+
+
 def test_meta_initialisation_then_to_empty():
     torch.manual_seed(0)
     module = LinearNF4(64, 32, device="meta")

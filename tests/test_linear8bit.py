@@ -383,3 +383,12 @@ def test_embedding8bit_save_and_load():
     target.load_state_dict(saved)
     index = torch.arange(30)
     assert target(index).dtype == torch.float16 and torch.equal(target(index), source(index))
+
+
+def test_embedding8bit_dtype_follows_casts_before_quantization():
+    table = Embedding8bit(10, 16)
+    table.half()
+    assert table.dtype == torch.float16
+    table.to("cpu")  # quantizes; the output keeps the dtype the table had
+    assert table.weight.dtype == torch.int8 and table.dtype == torch.float16
+    assert table(torch.tensor([1, 2])).dtype == torch.float16

@@ -331,8 +331,27 @@ class Embedding8bit(_Int8WeightModule, nn.Embedding):
         self, num_embeddings: int, embedding_dim: int, device: Optional[Any] = None, dtype: Optional[torch.dtype] = None
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
-        self.dtype = self.weight.dtype
+        self._float_dtype = self.weight.dtype
         self.weight = Int8Params(self.weight.data, requires_grad=False, has_fp16_weights=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the looked-up vectors: the float table's, or the one it had when quantized."""
+        weight = self.weight
+        return weight.dtype if weight.is_floating_point() else self._float_dtype
+
+    def _remember_float_dtype(self) -> None:
+        # Called just before anything may quantize the table (a move, the first forward).
+        if self.weight.is_floating_point():
+            self._float_dtype = self.weight.dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        self._remember_float_dtype()
+        return super()._apply(fn, recurse)
+
+    def _ensure_quantized(self) -> None:
+        self._remember_float_dtype()
+        super()._ensure_quantized()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Look up rows of the int8 table and dequantize them to ``self.dtype``."""

@@ -247,6 +247,11 @@ class Weight4bitStateDict(QuantizedWeightModule):
         return weight
 
     @property
+    def quant_storage(self) -> torch.dtype:
+        """dtype the packed bytes are viewed as (the loaded weight's, after a load)."""
+        return self._settings()["quant_storage"]
+
+    @property
     def quant_state(self) -> Optional[QuantState]:
         """The weight's :class:`~kbit.functional.QuantState` (None before quantization)."""
         return getattr(self.weight, "quant_state", None)
