@@ -88,6 +88,15 @@ def test_empty_tensor():
     assert F.dequantize_blockwise(codes, state).shape == (0, 5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_whole_tensor_quantize_of_an_empty_tensor_has_one_absmax(backend):
+    # Whole-tensor quantization always has exactly one scale (blockwise has one per block,
+    # so none for an empty input); an empty tensor is an all-zero one: absmax 0.
+    codes, (absmax, code) = F.quantize(torch.empty(0, 3), backend=backend)
+    assert codes.shape == (0, 3) and absmax.shape == (1,) and absmax.tolist() == [0.0]
+    assert F.dequantize(codes, (absmax, code), backend=backend).shape == (0, 3)
+
+
 def test_single_element():
     codes, state = F.quantize_blockwise(torch.tensor([-2.5]), blocksize=64)
     assert state.absmax.tolist() == [2.5]
