@@ -152,6 +152,15 @@ def test_out_and_absmax_buffers_are_filled():
     assert torch.equal(target, F.dequantize_blockwise(out, state).half())
 
 
+@pytest.mark.parametrize("bad", ["absmax_shape", "absmax_dtype", "out_dtype"])
+def test_a_bad_buffer_is_rejected_before_any_buffer_is_written(bad):
+    out = torch.full((1000,), 7, dtype=torch.uint8 if bad != "out_dtype" else torch.int8)
+    absmax = torch.full((15 if bad == "absmax_shape" else 16,), 7.0, dtype=torch.float64 if bad == "absmax_dtype" else torch.float32)
+    with pytest.raises(kbit.KbitValueError, match="out" if bad == "out_dtype" else "absmax"):
+        F.quantize_blockwise(torch.randn(1000), absmax=absmax, out=out, blocksize=64)
+    assert torch.all(out == 7) and torch.all(absmax == 7.0)
+
+
 def test_dequantize_with_absmax_only():
     A = torch.randn(300)
     codes, state = F.quantize_blockwise(A, blocksize=256)

@@ -230,6 +230,16 @@ def test_dequantize_without_state_aliases_and_buffers():
     assert got is packed_buffer and torch.equal(got, packed) and torch.equal(absmax_buffer, state.absmax)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32], ids=str)
+def test_a_bad_absmax_buffer_leaves_the_out_buffer_untouched(storage):
+    A = _seeded(10, 64, seed=7)
+    good_out = F.quantize_4bit(A, blocksize=128, quant_storage=storage)[0].fill_(7)
+    bad_absmax = torch.full((4,), 7.0)  # 5 blocks of 128
+    with pytest.raises(KbitValueError, match="absmax"):
+        F.quantize_4bit(A, absmax=bad_absmax, out=good_out, blocksize=128, quant_storage=storage)
+    assert torch.all(good_out == 7) and torch.all(bad_absmax == 7.0)
+
+
 def test_row_oriented_packed_input_gives_the_transposed_result():
     W = _seeded(16, 64, seed=6)
     packed, state = F.quantize_4bit(W, quant_type="nf4")

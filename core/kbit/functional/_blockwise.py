@@ -22,6 +22,7 @@ from ._quant_state import QuantState
 from ._validate import (
     BLOCKSIZES_8BIT,
     FLOAT_DTYPES,
+    check_buffer,
     check_choice,
     check_code,
     check_dtype,
@@ -80,6 +81,8 @@ def quantize_blockwise(
     check_dtype(op, "A", A, FLOAT_DTYPES)
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     code = _code_for(op, code, A.device)
+    check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
+    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
     codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
     codes = store_into(op, "out", codes, out)
     scales = store_into(op, "absmax", scales, absmax)
