@@ -21,7 +21,7 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from .._ops import call_with_backend
 from .._ops import quant4 as ops
-from ._blockwise import NESTED_BLOCKSIZE, _float_absmax, quantize_blockwise
+from ._blockwise import _float_absmax, nest_absmax
 from ._codebooks import get_4bit_type
 from ._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
 from ._validate import FLOAT_DTYPES, check_buffer, check_choice, check_dtype, check_numel, store_into
@@ -112,10 +112,7 @@ def quantize_4bit(
     code = get_4bit_type(quant_type, device=A.device)
     state = QuantState(scales, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
     if compress_statistics:
-        # Format: the scales are centred on their mean, then 8-bit quantized per 256.
-        offset = scales.mean() if scales.numel() else scales.new_zeros(())
-        state.absmax, state.state2 = quantize_blockwise(scales - offset, blocksize=NESTED_BLOCKSIZE, backend=backend)
-        state.offset = offset
+        state.absmax, state.offset, state.state2 = nest_absmax(scales, backend)
     return packed, state
 
 
