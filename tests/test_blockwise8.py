@@ -88,6 +88,15 @@ def test_empty_tensor():
     assert F.dequantize_blockwise(codes, state).shape == (0, 5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_whole_tensor_quantize_of_an_empty_tensor_has_one_absmax(backend):
+    # Whole-tensor quantization always has exactly one scale (blockwise has one per block,
+    # so none for an empty input); an empty tensor is an all-zero one: absmax 0.
+    codes, (absmax, code) = F.quantize(torch.empty(0, 3), backend=backend)
+    assert codes.shape == (0, 3) and absmax.shape == (1,) and absmax.tolist() == [0.0]
+    assert F.dequantize(codes, (absmax, code), backend=backend).shape == (0, 3)
+
+
 def test_single_element():
     codes, state = F.quantize_blockwise(torch.tensor([-2.5]), blocksize=64)
     assert state.absmax.tolist() == [2.5]
@@ -141,6 +150,15 @@ def test_out_and_absmax_buffers_are_filled():
     target = torch.empty(1000, dtype=torch.float16)
     assert F.dequantize_blockwise(out, state, out=target) is target
     assert torch.equal(target, F.dequantize_blockwise(out, state).half())
+
+
+@pytest.mark.parametrize("bad", ["absmax_shape", "absmax_dtype", "out_dtype"])
+def test_a_bad_buffer_is_rejected_before_any_buffer_is_written(bad):
+    out = torch.full((1000,), 7, dtype=torch.uint8 if bad != "out_dtype" else torch.int8)
+    absmax = torch.full((15 if bad == "absmax_shape" else 16,), 7.0, dtype=torch.float64 if bad == "absmax_dtype" else torch.float32)
+    with pytest.raises(kbit.KbitValueError, match="out" if bad == "out_dtype" else "absmax"):
+        F.quantize_blockwise(torch.randn(1000), absmax=absmax, out=out, blocksize=64)
+    assert torch.all(out == 7) and torch.all(absmax == 7.0)
 
 
 def test_dequantize_with_absmax_only():

@@ -63,6 +63,15 @@ def test_fp4_has_the_documented_magnitudes():
     assert torch.equal(fp4[8:], -fp4[:8])  # -0.0 == 0.0 for code 8
 
 
+def test_int4_table_order():
+    # Code i stands for (7 - i) / 7 in the first half and -(i - 8) / 7 in the second,
+    # the order the ecosystem's int4 table uses; its -0 is stored as +0.0.
+    expected = [m / 7 for m in range(7, -1, -1)] + [-m / 7 for m in range(8)]
+    table = F.get_4bit_type("int4")
+    assert table.dtype == torch.float32 and torch.equal(table, torch.tensor(expected, dtype=torch.float32))
+    assert math.copysign(1.0, table[8].item()) == 1.0
+
+
 def test_linear_map_padding():
     four_bit = F.create_linear_map(signed=True, total_bits=4)
     assert four_bit.numel() == 256

@@ -84,3 +84,14 @@ def test_quality_and_state_dict_round_trip():
 def test_empty_lookup():
     module = EmbeddingNF4(10, 64)
     assert module(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 64)
+
+
+def test_dtype_follows_the_weight_after_casts_and_loads():
+    table = Embedding4bit(8, 64)
+    table.half()  # before quantization a cast changes the float table, and so the output dtype
+    assert table.dtype == torch.float16
+    table.to("cpu")
+    assert table.dtype == torch.float16 and table(torch.tensor([1, 2])).dtype == torch.float16
+    bf16 = Embedding4bit(8, 64, dtype=torch.bfloat16).to("cpu")
+    table.load_state_dict(bf16.state_dict())
+    assert table.dtype == torch.bfloat16 and table(torch.tensor([3])).dtype == torch.bfloat16

@@ -534,3 +534,15 @@ def test_mm_dequant_is_dispatched_by_its_output_dtype():
     assert _Recording.calls == 1
     F.int8_mm_dequant(C, torch.ones(3), torch.ones(4), dtype=torch.float32)
     assert _Recording.calls == 1  # float32 output goes to the reference
+
+
+def test_bad_input_leaves_the_state_untouched():
+    state = kbit.MatmulLtState()
+    B = torch.randn(8, 16)
+    with pytest.raises(kbit.KbitValueError, match="A.shape"):
+        kbit.matmul(torch.randn(4, 15), B, state=state, threshold=3.0)
+    with pytest.raises(kbit.KbitTypeError, match="A has dtype"):
+        kbit.matmul(torch.ones(4, 16, dtype=torch.long), B, state=state, threshold=3.0)
+    assert state.threshold == 0.0 and state.CB is None
+    kbit.matmul(torch.randn(4, 16), B, state=state, threshold=3.0)
+    assert state.threshold == 3.0

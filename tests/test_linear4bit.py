@@ -124,6 +124,34 @@ def test_moves_carry_the_quant_state():
     assert state.absmax.device.type == "meta" and state.state2.absmax.device.type == "meta"
 
 
+def test_moving_a_param_leaves_the_original_and_its_state_alone():
+    param = LinearNF4(64, 32).to("cpu").weight
+    before = copy.deepcopy(param.quant_state)
+    moved = param.to("meta")
+    assert moved is not param and moved.quant_state is not param.quant_state
+    assert moved.quant_state.absmax.device.type == "meta" and moved.quant_state.state2.absmax.device.type == "meta"
+    assert param.device.type == "cpu" and param.quant_state == before  # same values, still on the CPU
+    assert param.quant_state.state2.absmax.device.type == "cpu"
+    F.dequantize_4bit(param, param.quant_state)  # the original still works
+
+
+def test_quantized_module_through_meta_and_back():
+    source = LinearNF4(64, 32).to("cpu")
+    module = copy.deepcopy(source).to("meta").to_empty(device="cpu")
+    state = module.weight.quant_state
+    assert isinstance(module.weight, Params4bit) and state.absmax.device.type == "cpu"
+    module.load_state_dict(source.state_dict())
+    x = _seeded(2, 64)
+    assert torch.equal(module(x), source(x))
+
+
+def test_quant_storage_follows_the_loaded_weight():
+    module = LinearNF4(64, 32, quant_storage=torch.uint8)
+    source = LinearNF4(64, 32, quant_storage=torch.bfloat16).to("cpu")
+    module.load_state_dict(source.state_dict())
+    assert module.weight.dtype == torch.bfloat16 and module.quant_storage == torch.bfloat16
+
+
 def test_meta_initialisation_then_to_empty():
     torch.manual_seed(0)
     module = LinearNF4(64, 32, device="meta")

@@ -124,6 +124,97 @@ def test_pickling_a_whole_module_keeps_int8params(tmp_path):
     assert torch.equal(loaded(x), layer(x))
 
 
+def test_detach_keeps_the_type_and_the_scales():
+    param = _frozen_layer(seed=32).to("cpu").weight
+    alias = param.detach()
+    assert isinstance(alias, Int8Params) and alias.dtype == torch.int8 and not alias.requires_grad
+    assert alias.data_ptr() == param.data_ptr() and alias.SCB is param.SCB
+    assert not alias.has_fp16_weights
+    trainable = Int8Params(torch.randn(4, 8), requires_grad=True, has_fp16_weights=True).detach()
+    assert isinstance(trainable, Int8Params) and trainable.has_fp16_weights and trainable.SCB is None
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_moves_that_rebuild_parameters_keep_int8params(quantized):
+    layer = _frozen_layer(seed=33)
+    if quantized:
+        layer.to("cpu")
+    on_meta = copy.deepcopy(layer).to("meta")  # Module.to rebuilds via Parameter(moved)
+    assert isinstance(on_meta.weight, Int8Params) and on_meta.weight.device.type == "meta"
+    assert on_meta.weight.dtype == (torch.int8 if quantized else torch.float32)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        rebuilt = copy.deepcopy(layer).to("cpu")
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert isinstance(rebuilt.weight, Int8Params) and rebuilt.weight.dtype == torch.int8
+    x = torch.randn(2, 64, generator=_gen(34))
+    assert torch.equal(rebuilt(x), layer.to("cpu")(x))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_meta_construction_then_to_empty_and_load(quantized):
+    source = _frozen_layer(seed=35)
+    if quantized:
+        source.to("cpu")
+    with torch.device("meta"):
+        layer = Linear8bitLt(64, 32, has_fp16_weights=False)
+    assert isinstance(layer.weight, Int8Params) and layer.weight.device.type == "meta"
+    layer.to_empty(device="cpu")  # the weight comes back from generic code as a plain tensor
+    assert isinstance(layer.weight, Int8Params) and not layer.weight.has_fp16_weights
+    layer.load_state_dict(source.state_dict())
+    x = torch.randn(2, 64, generator=_gen(36))
+    assert layer.weight.device.type == "cpu" and torch.equal(layer(x), source(x))
+    assert layer.weight.dtype == torch.int8
+
+
+def test_quantized_layer_through_meta_and_back():
+    source = _frozen_layer(seed=37).to("cpu")
+    layer = copy.deepcopy(source).to("meta").to_empty(device="cpu")
+    assert isinstance(layer.weight, Int8Params) and layer.weight.dtype == torch.int8
+    assert layer.weight.SCB.device.type == "cpu" and layer.weight.SCB.shape == (32,)
+    layer.load_state_dict(source.state_dict())
+    x = torch.randn(2, 64, generator=_gen(38))
+    assert torch.equal(layer(x), source(x))
+
+
+def test_embedding8bit_survives_meta_construction():
+    torch.manual_seed(39)
+    source = Embedding8bit(10, 16).to("cpu")
+    with torch.device("meta"):
+        table = Embedding8bit(10, 16)
+    table.to_empty(device="cpu")
+    table.load_state_dict(source.state_dict())
+    index = torch.tensor([[1, 9], [0, 3]])
+    assert isinstance(table.weight, Int8Params) and torch.equal(table(index), source(index))
+
+
+def test_cb_reads_through_to_the_current_codes():
+    param = _frozen_layer(seed=40).to("cpu").weight
+    replacement = torch.randint(-127, 128, tuple(param.shape), dtype=torch.int8)
+    param.data = replacement  # what generic code (and Module.to) does
+    assert param.CB.data_ptr() == replacement.data_ptr()
+    on_meta = param.to("meta")
+    assert on_meta.CB.device.type == "meta" and param.CB.device.type == "cpu"
+    float_param = Int8Params(torch.randn(4, 8), requires_grad=False)
+    assert float_param.CB is None  # nothing quantized yet
+    codes = torch.ones(4, 8, dtype=torch.int8)
+    float_param.CB = codes  # bitsandbytes-style assignment installs the codes
+    assert float_param.dtype == torch.int8 and float_param.data_ptr() == codes.data_ptr()
+    with pytest.raises(kbit.KbitTypeError, match="CB"):
+        float_param.CB = torch.ones(4, 8)
+
+
+def test_state_reads_through_to_a_replaced_weight():
+    layer = _frozen_layer(seed=41).to("cpu")
+    other = _frozen_layer(seed=42).to("cpu")
+    layer.weight = other.weight  # what bitsandbytes-style loaders do
+    assert layer.state.CB.data_ptr() == other.weight.data_ptr() and layer.state.SCB is other.weight.SCB
+    codes = torch.zeros(32, 64, dtype=torch.int8)
+    layer.weight.data = codes
+    assert layer.state.CB.data_ptr() == codes.data_ptr()
+
+
 # ------------------------------------------------------------------------ Linear8bitLt
 @pytest.mark.parametrize("has_fp16_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -292,3 +383,12 @@ def test_embedding8bit_save_and_load():
     target.load_state_dict(saved)
     index = torch.arange(30)
     assert target(index).dtype == torch.float16 and torch.equal(target(index), source(index))
+
+
+def test_embedding8bit_dtype_follows_casts_before_quantization():
+    table = Embedding8bit(10, 16)
+    table.half()
+    assert table.dtype == torch.float16
+    table.to("cpu")  # quantizes; the output keeps the dtype the table had
+    assert table.weight.dtype == torch.int8 and table.dtype == torch.float16
+    assert table(torch.tensor([1, 2])).dtype == torch.float16

@@ -85,6 +85,26 @@ def test_bad_arguments():
         kbit.matmul_4bit(_seeded(2, 64), packed, flat_state)
 
 
+def test_bad_bias_and_out_are_rejected_before_any_work(monkeypatch):
+    import kbit._ops.quant4 as quant4_ops
+
+    calls = []
+    for name in ("gemv_4bit", "matmul_4bit"):
+        original = getattr(quant4_ops, name)
+        monkeypatch.setattr(quant4_ops, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    packed, state, _ = _weight()
+    x = _seeded(2, 64)
+    with pytest.raises(KbitValueError, match="bias.shape"):
+        kbit.matmul_4bit(x, packed, state, bias=torch.zeros(23))
+    with pytest.raises(KbitTypeError, match="bias has dtype torch.int64"):
+        kbit.matmul_4bit(x, packed, state, bias=torch.zeros(24, dtype=torch.long))
+    with pytest.raises(KbitValueError, match="out"):
+        kbit.matmul_4bit(x, packed, state, out=torch.empty(2, 23))
+    assert not calls
+    kbit.matmul_4bit(x, packed, state, bias=torch.zeros(24))
+    assert calls  # the counter does see real work
+
+
 class _LoRA(torch.nn.Module):
     """A frozen base layer plus a trainable low-rank update ``B @ A`` (B starts at zero)."""
 

@@ -230,6 +230,16 @@ def test_dequantize_without_state_aliases_and_buffers():
     assert got is packed_buffer and torch.equal(got, packed) and torch.equal(absmax_buffer, state.absmax)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32], ids=str)
+def test_a_bad_absmax_buffer_leaves_the_out_buffer_untouched(storage):
+    A = _seeded(10, 64, seed=7)
+    good_out = F.quantize_4bit(A, blocksize=128, quant_storage=storage)[0].fill_(7)
+    bad_absmax = torch.full((4,), 7.0)  # 5 blocks of 128
+    with pytest.raises(KbitValueError, match="absmax"):
+        F.quantize_4bit(A, absmax=bad_absmax, out=good_out, blocksize=128, quant_storage=storage)
+    assert torch.all(good_out == 7) and torch.all(bad_absmax == 7.0)
+
+
 def test_row_oriented_packed_input_gives_the_transposed_result():
     W = _seeded(16, 64, seed=6)
     packed, state = F.quantize_4bit(W, quant_type="nf4")
@@ -386,3 +396,24 @@ def test_kbit_check_compares_4bit_ops_with_the_reference(factory, status):
     )
     results = run_checks(kbit.backends.get("candidate"), kbit.backends.get("reference"))
     assert {r.op: r.status for r in results} == {"quantize_4bit": status, "dequantize_4bit": status}
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("nested_8bit", [False, True], ids=["4bit", "8bit"])
+def test_nested_absmax_confines_non_finite_values_to_their_nested_block(poison, nested_8bit):
+    # 2 nested blocks of 256 scales (blocksize 64): poison one value in the first.
+    A = _seeded(2 * 256 * 64, seed=40)
+    A[100] = poison
+    if nested_8bit:
+        codes, state = F.quantize_blockwise(A, blocksize=64, nested=True)
+        back = F.dequantize_blockwise(codes, state)
+        plain = F.dequantize_blockwise(*F.quantize_blockwise(A, blocksize=64))
+    else:
+        codes, state = F.quantize_4bit(A, blocksize=64, compress_statistics=True, quant_type="nf4")
+        back = F.dequantize_4bit(codes, state)
+        plain = F.dequantize_4bit(*F.quantize_4bit(A, blocksize=64, quant_type="nf4"))
+    assert torch.isfinite(state.offset)  # the mean is over finite scales only
+    assert not torch.isfinite(back[64:128]).all()  # the poisoned block stays visibly poisoned
+    second = slice(256 * 64, None)
+    assert torch.isfinite(back[second]).all()
+    assert (back[second] - plain[second]).abs().mean() < 0.01 * plain[second].abs().mean()

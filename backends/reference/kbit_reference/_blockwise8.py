@@ -33,7 +33,9 @@ class Blockwise8Ops:
         return out
 
     def quantize(self, A: Tensor, *, code: Tensor) -> tuple[Tensor, Tensor]:
-        return self.quantize_blockwise(A, code=code, blocksize=max(A.numel(), 1))
+        codes, absmax = self.quantize_blockwise(A, code=code, blocksize=max(A.numel(), 1))
+        # Exactly one scale, even for an empty tensor (which has no block): 0, as if all-zero.
+        return codes, absmax if absmax.numel() else absmax.new_zeros(1)
 
     def dequantize(self, A: Tensor, *, absmax: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
         return self.dequantize_blockwise(A, absmax=absmax, code=code, blocksize=max(A.numel(), 1), dtype=dtype)

@@ -15,7 +15,7 @@ from .._errors import KbitValueError
 from .._ops import quant4 as ops
 from ..functional._quant4 import check_4bit_matmul
 from ..functional._quant_state import QuantState
-from ..functional._validate import store_into
+from ..functional._validate import FLOAT_DTYPES, check_buffer, check_dtype, store_into
 
 __all__ = ["matmul_4bit"]
 
@@ -53,11 +53,16 @@ def matmul_4bit(
             op, "B.requires_grad", True, "4-bit weights are frozen and get no gradient; train adapters (e.g. LoRA) instead"
         )
     scales, shape = check_4bit_matmul(op, A, B, quant_state, None)
+    if bias is not None:
+        check_dtype(op, "bias", bias, FLOAT_DTYPES)
+        if bias.shape != (shape[0],):
+            raise KbitValueError(op, "bias.shape", tuple(bias.shape), f"expected ({shape[0]},)")
+        if bias.device != A.device:
+            raise KbitValueError(op, "bias.device", str(bias.device), f"expected A's device {A.device}")
+    check_buffer(op, "out", out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     # A single row takes the gemv op, which a backend may serve with a faster kernel.
     product = ops.gemv_4bit if A.numel() == A.shape[-1] else ops.matmul_4bit
     result = product(A.contiguous(), B.contiguous(), scales, quant_state.blocksize, quant_state.quant_type, shape)
     if bias is not None:
-        if bias.shape != (shape[0],):
-            raise KbitValueError(op, "bias.shape", tuple(bias.shape), f"expected ({shape[0]},)")
         result = result + bias.to(result.dtype)
     return store_into(op, "out", result, out)

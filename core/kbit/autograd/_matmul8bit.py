@@ -18,7 +18,7 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from .._ops import int8 as ops
 from ..functional._int8 import check_threshold
-from ..functional._validate import FLOAT_DTYPES, check_dtype, check_numel, check_tensor, store_into
+from ..functional._validate import FLOAT_DTYPES, check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = ["MatmulLtState", "matmul"]
 
@@ -143,9 +143,8 @@ def matmul(
     """
     op = "matmul"
     state = state if state is not None else MatmulLtState()
-    if check_threshold(op, threshold) > 0.0:
-        state.threshold = float(threshold)
-    threshold = check_threshold(op, state.threshold)
+    requested = check_threshold(op, threshold)
+    threshold = requested if requested > 0.0 else check_threshold(op, state.threshold)
     check_dtype(op, "A", A, FLOAT_DTYPES)
     check_tensor(op, "B", B)
     if B.dim() != 2:
@@ -161,6 +160,10 @@ def matmul(
         check_numel(op, "bias", bias, B.shape[0])
         if bias.device != A.device:
             raise KbitValueError(op, "bias.device", str(bias.device), f"expected A's device {A.device}")
+    check_buffer(op, "out", out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
+    # Only valid calls change the state: a rejected one must leave it as it was.
+    if requested > 0.0:
+        state.threshold = requested
     CB, SCB, weight = _weight_codes(op, B, state)
     CA, SCA, outlier_cols = ops.int8_vectorwise_quant(A.detach().reshape(-1, A.shape[-1]).contiguous(), threshold)
     if threshold > 0.0:

@@ -22,6 +22,7 @@ from ._quant_state import QuantState
 from ._validate import (
     BLOCKSIZES_8BIT,
     FLOAT_DTYPES,
+    check_buffer,
     check_choice,
     check_code,
     check_dtype,
@@ -80,17 +81,33 @@ def quantize_blockwise(
     check_dtype(op, "A", A, FLOAT_DTYPES)
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     code = _code_for(op, code, A.device)
+    check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
+    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
     codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
     codes = store_into(op, "out", codes, out)
     scales = store_into(op, "absmax", scales, absmax)
     if not nested:
         return codes, QuantState(scales, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
-    offset = scales.mean()
-    nested_codes, state2 = quantize_blockwise(scales - offset, blocksize=NESTED_BLOCKSIZE, backend=backend)
+    nested_codes, offset, state2 = nest_absmax(scales, backend)
     state = QuantState(
         nested_codes, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2
     )
     return codes, state
+
+
+def nest_absmax(scales: torch.Tensor, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
+    """Compress float32 per-block scales (8-bit and 4-bit ``nested`` / ``compress_statistics``).
+
+    Returns ``(codes, offset, state2)``: the scales minus ``offset`` quantized 8-bit in
+    blocks of :data:`NESTED_BLOCKSIZE`. ``offset`` is the mean of the finite scales only
+    (0 when there are none), so a block poisoned by NaN or inf spoils just the nested
+    block holding its scale, not every scale through the mean.
+    """
+    finite = torch.isfinite(scales)
+    # Masked sum / count rather than indexing: no data-dependent shape (torch.compile).
+    offset = torch.where(finite, scales, 0.0).sum() / finite.sum().clamp(min=1)
+    codes, state2 = quantize_blockwise(scales - offset, blocksize=NESTED_BLOCKSIZE, backend=backend)
+    return codes, offset, state2
 
 
 def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.Tensor:

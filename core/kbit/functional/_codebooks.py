@@ -41,8 +41,9 @@ FP4_VALUES: tuple[float, ...] = tuple(m / 12.0 for m in _FP4_MAGNITUDES) + tuple
     -m / 12.0 if m else 0.0 for m in _FP4_MAGNITUDES
 )
 
-# int4: sign-magnitude like FP4, magnitudes 0..7 scaled to [-1, 1].
-_INT4_VALUES: tuple[float, ...] = tuple(m / 7.0 for m in range(8)) + tuple(-m / 7.0 if m else 0.0 for m in range(8))
+# int4: magnitudes 0..7 scaled to [-1, 1], in the ecosystem's order: codes 0..7 hold
+# 7/7 down to 0, codes 8..15 hold -0 (stored as +0.0) down to -7/7.
+_INT4_VALUES: tuple[float, ...] = tuple(m / 7.0 for m in range(7, -1, -1)) + tuple(-m / 7.0 if m else 0.0 for m in range(8))
 
 
 def _pad_to_256(values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from .._errors import KbitValueError
 from .._ops import call_with_backend
 from .._ops import int8 as ops
-from ._validate import FLOAT_DTYPES, check_dtype, check_numel, check_tensor, store_into
+from ._validate import FLOAT_DTYPES, check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = [
     "int8_vectorwise_quant",
@@ -72,22 +72,6 @@ def _check_weight(op: str, name: str, B: object, columns: int, device: torch.dev
     if B.device != device:
         raise KbitValueError(op, f"{name}.device", str(B.device), f"expected A's device {device}")
     return B.contiguous()
-
-
-def _check_buffer(
-    op: str, name: str, buffer: object, shape: tuple, dtype: torch.dtype, device: torch.device
-) -> None:
-    """Require an optional output buffer to have exactly the result's shape, dtype and device."""
-    if buffer is None:
-        return
-    buffer = check_tensor(op, name, buffer)
-    if tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype or buffer.device != device:
-        raise KbitValueError(
-            op,
-            name,
-            f"tensor{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}",
-            f"expected shape {tuple(shape)}, dtype {dtype}, device {device}",
-        )
 
 
 def int8_vectorwise_quant(
@@ -227,7 +211,7 @@ def int8_double_quant(
         ("row_stats", row_stats, ((rows,), stats)),
         ("col_stats", col_stats, ((A.shape[-1],), stats)),
     ):
-        _check_buffer(op, name, buffer, shape, dtype, A.device)
+        check_buffer(op, name, buffer, shape, dtype, A.device)
     CA, CAt, rows, cols, outlier_cols = call_with_backend(backend, ops.int8_double_quant, A.contiguous(), threshold)
     return (
         store_into(op, "out_row", CA, out_row),

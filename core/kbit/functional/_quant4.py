@@ -21,10 +21,10 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from .._ops import call_with_backend
 from .._ops import quant4 as ops
-from ._blockwise import NESTED_BLOCKSIZE, _float_absmax, quantize_blockwise
+from ._blockwise import _float_absmax, nest_absmax
 from ._codebooks import get_4bit_type
 from ._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
-from ._validate import FLOAT_DTYPES, check_choice, check_dtype, check_numel, store_into
+from ._validate import FLOAT_DTYPES, check_buffer, check_choice, check_dtype, check_numel, store_into
 
 __all__ = [
     "quantize_4bit",
@@ -104,16 +104,15 @@ def quantize_4bit(
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)
     check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
     check_choice(op, "quant_storage", quant_storage, QUANT_STORAGES_4BIT)
+    check_buffer(op, "out", out, (ops.packed_rows(A.numel(), quant_storage), 1), quant_storage, A.device)
+    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
     packed, scales = call_with_backend(backend, ops.quantize_4bit, A.contiguous(), blocksize, quant_type, quant_storage)
     packed = store_into(op, "out", packed, out)
     scales = store_into(op, "absmax", scales, absmax)
     code = get_4bit_type(quant_type, device=A.device)
     state = QuantState(scales, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
     if compress_statistics:
-        # Format: the scales are centred on their mean, then 8-bit quantized per 256.
-        offset = scales.mean() if scales.numel() else scales.new_zeros(())
-        state.absmax, state.state2 = quantize_blockwise(scales - offset, blocksize=NESTED_BLOCKSIZE, backend=backend)
-        state.offset = offset
+        state.absmax, state.offset, state.state2 = nest_absmax(scales, backend)
     return packed, state
 
 

@@ -55,6 +55,26 @@ def check_code(op: str, code: object, max_size: int = 256) -> torch.Tensor:
     return code
 
 
+def check_buffer(
+    op: str, name: str, buffer: object, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Require an optional caller-provided buffer (``out=``, ``absmax=``) to match the result.
+
+    ``None`` passes. Ops check every buffer they accept before computing or writing, so
+    a bad one leaves all of them untouched.
+    """
+    if buffer is None:
+        return
+    buffer = check_tensor(op, name, buffer)
+    if tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype or buffer.device != device:
+        raise KbitValueError(
+            op,
+            name,
+            f"tensor{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}",
+            f"expected shape {tuple(shape)}, dtype {dtype}, device {device}",
+        )
+
+
 def store_into(op: str, name: str, result: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
     """Copy ``result`` into a caller-provided buffer (``out=``, ``absmax=``) and return it.
 
@@ -63,13 +83,6 @@ def store_into(op: str, name: str, result: torch.Tensor, buffer: torch.Tensor | 
     """
     if buffer is None:
         return result
-    check_tensor(op, name, buffer)
-    if buffer.shape != result.shape or buffer.dtype != result.dtype or buffer.device != result.device:
-        raise KbitValueError(
-            op,
-            name,
-            f"tensor{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}",
-            f"expected shape {tuple(result.shape)}, dtype {result.dtype}, device {result.device}",
-        )
+    check_buffer(op, name, buffer, result.shape, result.dtype, result.device)
     buffer.copy_(result)
     return buffer

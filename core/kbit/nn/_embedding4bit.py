@@ -39,8 +39,13 @@ class Embedding4bit(Weight4bitStateDict, torch.nn.Embedding):
         device: Optional[torch.device | str] = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
-        self.dtype = self.weight.dtype
         self._init_4bit_weight(compress_statistics=False, quant_type=quant_type, quant_storage=quant_storage)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the looked-up vectors: the float table's (recorded in its quant state once quantized)."""
+        state = self.quant_state
+        return state.dtype if state is not None and state.dtype is not None else self.weight.dtype
 
     def _weight_shape(self) -> tuple[int, int]:
         return (self.num_embeddings, self.embedding_dim)

@@ -54,7 +54,6 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
             compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
         )
         self.compute_dtype = compute_dtype
-        self.quant_storage = quant_storage
 
     def _weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)

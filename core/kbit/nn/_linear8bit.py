@@ -12,15 +12,15 @@ every backend's device and not only on CUDA.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .._errors import QuantStateError
+from .._errors import KbitTypeError, QuantStateError
 from ..autograd._matmul8bit import MatmulLtState, matmul
 from ..functional._int8 import check_threshold, int8_vectorwise_dequant, int8_vectorwise_quant
+from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
 __all__ = ["Int8Params", "Linear8bitLt", "Embedding8bit"]
 
@@ -32,11 +32,19 @@ def _is_int8(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.int8
 
 
-class Int8Params(nn.Parameter):
+def _checked_codes(codes: object) -> torch.Tensor:
+    if not isinstance(codes, torch.Tensor) or not _is_int8(codes):
+        found = f"dtype {codes.dtype}" if isinstance(codes, torch.Tensor) else f"type {type(codes).__name__}"
+        raise KbitTypeError("Int8Params", "CB", found, "an int8 tensor of codes")
+    return codes
+
+
+class Int8Params(QuantizedParameter):
     """A weight that quantizes itself to int8 row-wise on its first move to a device.
 
     Attributes:
-        CB: the int8 codes ``[out, in]`` once quantized (the same tensor as ``data``).
+        CB: the int8 codes ``[out, in]`` once quantized, else None. It reads through to
+            ``data`` (never a stale copy); assigning int8 codes to it installs them as ``data``.
         SCB: float32 per-row absmax ``(out,)`` once quantized.
         has_fp16_weights: keep the float weight (trainable) instead of quantizing it.
 
@@ -44,6 +52,8 @@ class Int8Params(nn.Parameter):
     ``has_fp16_weights=False`` quantize it in place and return the parameter itself, which
     is how ``module.to(device)`` leaves the module holding int8 codes. Moving an int8 weight
     never casts its codes: a requested dtype only applies to float weights.
+
+    Constructing with ``CB`` (int8 codes) makes those codes the data, whatever ``data`` is.
     """
 
     def __new__(
@@ -54,11 +64,12 @@ class Int8Params(nn.Parameter):
         CB: Optional[torch.Tensor] = None,
         SCB: Optional[torch.Tensor] = None,
     ) -> "Int8Params":
+        if CB is not None:
+            data = _checked_codes(CB)
         if data is None:
             data = torch.empty(0)
         # Only floating-point tensors can require grad; int8 codes are frozen by nature.
         param = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
-        param.CB = CB if CB is not None or not _is_int8(data) else data
         param.SCB = SCB
         param.has_fp16_weights = has_fp16_weights
         return param
@@ -69,15 +80,23 @@ class Int8Params(nn.Parameter):
         CB, SCB, _ = int8_vectorwise_quant(weight)
         self.requires_grad_(False)
         self.data = CB
-        self.CB = CB
         self.SCB = SCB
         return self
+
+    @property
+    def CB(self) -> Optional[torch.Tensor]:
+        """The int8 codes (``data`` itself) once quantized; None while the weight is float."""
+        return self.data if _is_int8(self) else None
+
+    @CB.setter
+    def CB(self, codes: torch.Tensor) -> None:
+        self.requires_grad_(False)
+        self.data = _checked_codes(codes)
 
     def _install_codes(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
         """Hold already-quantized codes and scales (used when loading a checkpoint)."""
         self.requires_grad_(False)
         self.data = CB
-        self.CB = CB
         self.SCB = SCB
 
     def to(self, *args: Any, **kwargs: Any) -> "Int8Params":
@@ -94,10 +113,8 @@ class Int8Params(nn.Parameter):
         )
         if moved is data:  # nothing to do: Tensor.to returned its input
             return self
-        new = Int8Params(moved, self.requires_grad, self.has_fp16_weights)
-        if _is_int8(moved):
-            new.CB = moved
-            new.SCB = self.SCB.to(moved.device) if self.SCB is not None else None
+        new = self._with_data(moved)
+        new._follow_data_device()
         return new
 
     def cpu(self) -> "Int8Params":  # type: ignore[override]
@@ -108,27 +125,15 @@ class Int8Params(nn.Parameter):
         """Same as ``.to("cuda")`` (quantizes a frozen float weight)."""
         return self.to("cuda" if device is None else device, non_blocking=non_blocking)
 
-    def __deepcopy__(self, memo: dict) -> "Int8Params":
-        new = Int8Params(self.data.clone(), self.requires_grad, self.has_fp16_weights)
-        memo[id(self)] = new
-        new.SCB = copy.deepcopy(self.SCB, memo)
-        new.CB = new.data if _is_int8(new) else copy.deepcopy(self.CB, memo)
-        return new
+    def _attributes(self) -> dict[str, Any]:
+        return {"has_fp16_weights": self.has_fp16_weights, "SCB": self.SCB}
 
-    def __reduce_ex__(self, protocol: int):
-        # Parameter's own pickling rebuilds a plain Parameter; keep the class and the scales.
-        return (_rebuild_int8_params, (self.data, self.requires_grad, self.has_fp16_weights, self.SCB))
+    def _follow_data_device(self) -> None:
+        self.SCB = follow_device(self.SCB, self.device)
 
     def __repr__(self) -> str:
         kind = "int8 codes" if _is_int8(self) else f"{self.dtype} weight"
         return f"Int8Params({kind} {tuple(self.shape)}, has_fp16_weights={self.has_fp16_weights})"
-
-
-def _rebuild_int8_params(
-    data: torch.Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[torch.Tensor]
-) -> Int8Params:
-    """Unpickle an :class:`Int8Params` (``torch.save`` of a whole module)."""
-    return Int8Params(data, requires_grad, has_fp16_weights, SCB=SCB)
 
 
 def _parse_format(key: str, value: object) -> int:
@@ -142,7 +147,7 @@ def _parse_format(key: str, value: object) -> int:
     return value
 
 
-class _Int8WeightModule(nn.Module):
+class _Int8WeightModule(QuantizedWeightModule):
     """State-dict and device handling shared by modules whose ``weight`` is an Int8Params.
 
     Subclasses call :meth:`_ensure_quantized` at the start of ``forward`` and may override
@@ -160,20 +165,6 @@ class _Int8WeightModule(nn.Module):
         if not self._int8_trainable and not _is_int8(self.weight):
             self.weight._quantize(self.weight.device)
             self._after_weight_change()
-
-    def _after_weight_change(self) -> None:
-        """Hook for subclasses that mirror the weight elsewhere (``Linear8bitLt.state``)."""
-
-    def _apply(self, fn, recurse: bool = True):
-        module = super()._apply(fn, recurse)
-        weight = self.weight
-        # Module.to() moves the parameter's data only; its scales must follow.
-        if getattr(weight, "SCB", None) is not None and weight.SCB.device != weight.device:
-            weight.SCB = weight.SCB.to(weight.device)
-        if _is_int8(weight):
-            weight.CB = weight.data
-        self._after_weight_change()
-        return module
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -279,7 +270,7 @@ class Linear8bitLt(_Int8WeightModule, nn.Linear):
     ) -> None:
         threshold = check_threshold("Linear8bitLt", threshold)
         super().__init__(input_features, output_features, bias, device)
-        self.state = MatmulLtState(
+        self._state = MatmulLtState(
             threshold=threshold,
             has_fp16_weights=has_fp16_weights,
             use_pool=threshold > 0.0 and not has_fp16_weights,
@@ -287,24 +278,37 @@ class Linear8bitLt(_Int8WeightModule, nn.Linear):
         self.index = index
         self.weight = Int8Params(self.weight.data, requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
 
+    @property
+    def state(self) -> MatmulLtState:
+        """The :class:`~kbit.MatmulLtState` of this layer.
+
+        Its ``CB`` and ``SCB`` are refreshed from the weight on every access, so they are
+        never stale copies, even after ``layer.weight`` (or its data) was replaced.
+        """
+        state = self._state
+        weight = self._parameters.get("weight")
+        if weight is not None and _is_int8(weight):
+            state.CB, state.SCB = weight.data, getattr(weight, "SCB", None)
+        return state
+
+    @state.setter
+    def state(self, state: MatmulLtState) -> None:
+        self._state = state
+
     def _after_weight_change(self) -> None:
-        if _is_int8(self.weight):
-            self.state.CB, self.state.SCB = self.weight.data, self.weight.SCB
-        else:
-            self.state.reset_grads()
+        if not _is_int8(self.weight):
+            self._state.reset_grads()  # codes of a float weight are recomputed on use
 
     def init_8bit_state(self) -> None:
-        """Copy the weight's int8 codes and scales into ``self.state`` (bitsandbytes API)."""
+        """Refresh ``self.state`` from the weight (bitsandbytes API; reads happen anyway)."""
         self._after_weight_change()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` through LLM.int8(); output in ``x``'s dtype."""
-        self.state.is_training = self.training
         self._ensure_quantized()
-        if _is_int8(self.weight):
-            # Code that sets weight.SCB directly (checkpoint loaders do) is picked up here.
-            self.state.SCB = self.weight.SCB
-        return matmul(x, self.weight, bias=self.bias, state=self.state)
+        state = self.state  # read after quantizing: picks up the current codes and SCB
+        state.is_training = self.training
+        return matmul(x, self.weight, bias=self.bias, state=state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, has_fp16_weights={self.state.has_fp16_weights}, threshold={self.state.threshold}"
@@ -327,8 +331,27 @@ class Embedding8bit(_Int8WeightModule, nn.Embedding):
         self, num_embeddings: int, embedding_dim: int, device: Optional[Any] = None, dtype: Optional[torch.dtype] = None
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
-        self.dtype = self.weight.dtype
+        self._float_dtype = self.weight.dtype
         self.weight = Int8Params(self.weight.data, requires_grad=False, has_fp16_weights=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the looked-up vectors: the float table's, or the one it had when quantized."""
+        weight = self.weight
+        return weight.dtype if weight.is_floating_point() else self._float_dtype
+
+    def _remember_float_dtype(self) -> None:
+        # Called just before anything may quantize the table (a move, the first forward).
+        if self.weight.is_floating_point():
+            self._float_dtype = self.weight.dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        self._remember_float_dtype()
+        return super()._apply(fn, recurse)
+
+    def _ensure_quantized(self) -> None:
+        self._remember_float_dtype()
+        super()._ensure_quantized()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Look up rows of the int8 table and dequantize them to ``self.dtype``."""

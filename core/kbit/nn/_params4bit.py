@@ -19,6 +19,7 @@ from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from ..functional._quant4 import packed_size_problem, quantize_4bit
 from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
 from ..functional._validate import check_choice
+from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
 __all__ = ["Params4bit"]
 
@@ -26,12 +27,7 @@ _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
 _ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized")
 
 
-def _rebuild_params4bit(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> "Params4bit":
-    # Module-level so pickle (torch.save / torch.load) can find it by name.
-    return Params4bit(data, requires_grad, **attributes)
-
-
-class Params4bit(torch.nn.Parameter):
+class Params4bit(QuantizedParameter):
     """A frozen weight parameter stored as 4-bit NF4/FP4 codes.
 
     Args:
@@ -75,10 +71,10 @@ class Params4bit(torch.nn.Parameter):
     def _attributes(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _ATTRIBUTES}
 
-    def _with_data(self, data: torch.Tensor) -> "Params4bit":
-        if data is self:
-            return self
-        return Params4bit(data, self.requires_grad, **self._attributes())
+    def _follow_data_device(self) -> None:
+        # A moved copy rather than QuantState.to (in place): aliases of this parameter
+        # (detach(), earlier .to() results) keep a state on their own device.
+        self.quant_state = _state_on(self.quant_state, self.device)
 
     @classmethod
     def from_prequantized(
@@ -156,11 +152,13 @@ class Params4bit(torch.nn.Parameter):
             return self._with_data(torch.Tensor.to(self, device=device, dtype=dtype, non_blocking=non_blocking))
         if device is None:
             return self  # a dtype alone would reinterpret packed bytes as numbers
-        if self.quant_state is not None:
-            # In place, so the parameter object a module keeps sees the move (Module.to
-            # swaps only .data into the original parameter).
-            self.quant_state.to(device)
-        return self._with_data(torch.Tensor.to(self, device=device, non_blocking=non_blocking))
+        # The result is independent of self: its own state on the new device. (A module's
+        # weight follows through QuantizedWeightModule._apply, as Module.to swaps only
+        # .data into the parameter object the module keeps.)
+        moved = self._with_data(torch.Tensor.to(self, device=device, non_blocking=non_blocking))
+        if moved is not self:
+            moved._follow_data_device()
+        return moved
 
     def cpu(self, *args: Any, **kwargs: Any) -> "Params4bit":
         """Move to (and on first move quantize on) the CPU."""
@@ -191,33 +189,25 @@ class Params4bit(torch.nn.Parameter):
         """float64 before quantization; packed codes are left as they are."""
         return self._cast(torch.float64)
 
-    def detach(self) -> "Params4bit":
-        """A detached alias that stays a ``Params4bit`` with the same quant state.
-
-        ``Module.to`` rebuilds parameters through ``Parameter(moved)`` when it cannot swap
-        ``.data`` in place (moves to ``meta``, or with
-        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), which
-        requires ``detach`` to keep the type.
-        """
-        return Params4bit(torch.Tensor.detach(self), False, **self._attributes())
-
-    def __deepcopy__(self, memo: dict) -> "Params4bit":
-        attributes = self._attributes()
-        attributes["quant_state"] = copy.deepcopy(self.quant_state, memo)
-        result = Params4bit(self.data.clone(), self.requires_grad, **attributes)
-        memo[id(self)] = result
-        return result
-
-    def __reduce_ex__(self, protocol: int):
-        return _rebuild_params4bit, (self.data, self.requires_grad, self._attributes())
-
     def __repr__(self) -> str:
         if not self.bnb_quantized:
             return f"Params4bit (not yet quantized, {self.quant_type}) containing:\n{self.data!r}"
         return f"Params4bit({self.quant_state!r}, packed {tuple(self.shape)} {self.dtype} on {self.device})"
 
 
-class Weight4bitStateDict:
+def _state_on(state: Optional[QuantState], device: torch.device) -> Optional[QuantState]:
+    """A copy of ``state`` with its tensors on ``device`` (``state`` itself is left alone)."""
+    if state is None:
+        return None
+    moved = copy.copy(state)
+    moved.absmax = follow_device(state.absmax, device)
+    moved.code = follow_device(state.code, device)
+    moved.offset = follow_device(state.offset, device)
+    moved.state2 = _state_on(state.state2, device)
+    return moved
+
+
+class Weight4bitStateDict(QuantizedWeightModule):
     """State-dict save/load for a module whose ``weight`` is a :class:`Params4bit`.
 
     Saving writes the hub layout: ``weight`` (packed codes) and, next to it,
@@ -255,6 +245,11 @@ class Weight4bitStateDict:
         if not weight.bnb_quantized:
             weight._quantize(weight.device)
         return weight
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        """dtype the packed bytes are viewed as (the loaded weight's, after a load)."""
+        return self._settings()["quant_storage"]
 
     @property
     def quant_state(self) -> Optional[QuantState]:

@@ -52,8 +52,9 @@ class NumpyBackend(Backend):
         return _tensor(_kernels.dequantize_blockwise(_array(A), _array(absmax), _array(code), blocksize, out))
 
     def quantize(self, A: Tensor, *, code: Tensor) -> tuple[Tensor, Tensor]:
-        # Whole-tensor quantization is blockwise quantization with one block.
-        return self.quantize_blockwise(A, code=code, blocksize=max(A.numel(), 1))
+        # Whole-tensor quantization is blockwise quantization with one block (absmax 0 if empty).
+        codes, absmax = self.quantize_blockwise(A, code=code, blocksize=max(A.numel(), 1))
+        return codes, absmax if absmax.numel() else absmax.new_zeros(1)
 
     def dequantize(self, A: Tensor, *, absmax: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
         return self.dequantize_blockwise(A, absmax=absmax, code=code, blocksize=max(A.numel(), 1), dtype=dtype)

@@ -1,0 +1,105 @@
+"""What ``Int8Params`` and ``Params4bit`` share: a Parameter that carries quantization state.
+
+A quantized weight is its data plus side information (int8 scales, a 4-bit
+``QuantState``) held as Python attributes. Generic PyTorch code loses those attributes
+unless the parameter cooperates:
+
+- ``Parameter(t)`` (which ``Module.to`` uses for moves to ``meta`` and under
+  ``torch.__future__.set_overwrite_module_params_on_conversion(True)``) calls
+  ``t.detach()`` and requires it to keep the type;
+- ``copy.deepcopy`` and pickling rebuild the object from scratch;
+- ``Module.to_empty`` and moves off ``meta`` replace the parameter by a plain one.
+
+:class:`QuantizedParameter` handles the first two for any subclass that can be rebuilt as
+``cls(data, requires_grad, **attributes)``; :class:`QuantizedWeightModule` handles the
+third for a module whose ``weight`` is such a parameter, and keeps the side information
+on the weight's device.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["QuantizedParameter", "QuantizedWeightModule", "follow_device"]
+
+
+def follow_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """``tensor`` on ``device``; a ``meta`` tensor (no values to copy) becomes an empty one there."""
+    if tensor is None or tensor.device == device:
+        return tensor
+    if tensor.device.type == "meta":
+        return torch.empty_like(tensor, device=device)
+    return tensor.to(device)
+
+
+def _rebuild(cls: type, data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> "QuantizedParameter":
+    # Module-level so pickle (torch.save of a whole module) can find it by name.
+    return cls(data, requires_grad, **attributes)
+
+
+class QuantizedParameter(torch.nn.Parameter):
+    """Base of parameters whose quantization state lives in attributes beside the data.
+
+    Subclasses list the constructor keywords that rebuild that state in
+    :meth:`_attributes` and move it in :meth:`_follow_data_device`.
+    """
+
+    def _attributes(self) -> dict[str, Any]:
+        """Keyword arguments that, with data and requires_grad, rebuild this parameter."""
+        raise NotImplementedError
+
+    def _follow_data_device(self) -> None:
+        """Put the side information on the data's device (after ``.data`` was swapped)."""
+        raise NotImplementedError
+
+    def _with_data(self, data: torch.Tensor, requires_grad: Optional[bool] = None) -> "QuantizedParameter":
+        """A parameter of the same type holding ``data`` and sharing this one's state."""
+        if data is self:
+            return self
+        grad = self.requires_grad if requires_grad is None else requires_grad
+        return type(self)(data, grad, **self._attributes())
+
+    def detach(self) -> "QuantizedParameter":
+        """A detached alias that keeps the type and shares the quantization state."""
+        return type(self)(torch.Tensor.detach(self), False, **self._attributes())
+
+    def __deepcopy__(self, memo: dict) -> "QuantizedParameter":
+        if id(self) in memo:
+            return memo[id(self)]
+        attributes = {name: copy.deepcopy(value, memo) for name, value in self._attributes().items()}
+        result = type(self)(self.data.clone(memory_format=torch.preserve_format), self.requires_grad, **attributes)
+        memo[id(self)] = result
+        return result
+
+    def __reduce_ex__(self, protocol: int):
+        # Parameter's own pickling rebuilds a plain Parameter; keep the class and the state.
+        return _rebuild, (type(self), self.data, self.requires_grad, self._attributes())
+
+
+class QuantizedWeightModule(torch.nn.Module):
+    """Mix-in keeping a module's :class:`QuantizedParameter` ``weight`` intact through ``_apply``.
+
+    ``Module.to`` / ``to_empty`` / ``cuda`` ... swap the weight's data in place, or, when
+    that is impossible (off ``meta``, a rebuilt parameter), install a plain ``Parameter``.
+    Afterwards the weight is wrapped again with its previous settings and state, and its
+    side information is moved to where the data now lives. Place it before the
+    ``torch.nn`` base class.
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        before = self._parameters.get("weight")
+        module = super()._apply(fn, recurse)
+        after = self._parameters.get("weight")
+        if isinstance(before, QuantizedParameter) and after is not None:
+            if not isinstance(after, type(before)):
+                after = before._with_data(after.data, after.requires_grad)
+                self._parameters["weight"] = after
+            after._follow_data_device()
+        self._after_weight_change()
+        return module
+
+    def _after_weight_change(self) -> None:
+        """Hook for subclasses that mirror the weight elsewhere."""
