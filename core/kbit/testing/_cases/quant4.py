@@ -313,7 +313,9 @@ def _golden_quantize_4bit(ctx: GoldenContext) -> tuple[int, list[str]]:
             problems.append(f"{label}: absmax differs from the golden absmax")
             continue
         if packed.shape != entry["packed"].shape or packed.dtype != entry["packed"].dtype:
-            problems.append(f"{label}: packed is {tuple(packed.shape)} {packed.dtype}, goldens {tuple(entry['packed'].shape)}")
+            problems.append(
+                f"{label}: packed is {tuple(packed.shape)} {packed.dtype}, goldens {tuple(entry['packed'].shape)}"
+            )
         elif entry["quant_type"] == "nf4":
             if not torch.equal(packed, entry["packed"]):
                 problems.append(f"{label}: NF4 packed bytes differ from the goldens")
@@ -336,9 +338,7 @@ def _golden_dequantize_4bit(ctx: GoldenContext) -> tuple[int, list[str]]:
     for entry in entries:
         A, blocksize, quant_type = entry["A"], entry["blocksize"], entry["quant_type"]
         absmax = entry["quant_state_packed"]["absmax"]
-        out = ctx.call(
-            "dequantize_4bit", entry["packed"], absmax, blocksize, quant_type, list(A.shape), A.dtype
-        )
+        out = ctx.call("dequantize_4bit", entry["packed"], absmax, blocksize, quant_type, list(A.shape), A.dtype)
         table = ctx.goldens["codes"][quant_type].float()
         per_element = absmax.repeat_interleave(blocksize)[: A.numel()]
         formula = (table[_nibbles(entry["packed"])[: A.numel()]] * per_element).to(A.dtype).reshape(A.shape)
