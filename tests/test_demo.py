@@ -43,7 +43,13 @@ def test_demo_says_which_backend_served_each_op(demo_report):
     served = report["backends"]
     for op in ("quantize_4bit", "matmul_4bit", "optimizer_update_8bit_blockwise"):
         assert sum(served[op].values()) > 0, op
-    assert all(name == "reference" for calls in served.values() for name in calls)
+    # The reference serves everything unless an installed plugin (e.g. kbit-numpy, which
+    # does 4-bit quantization on CPU) declares the op.
+    from kbit.backends._registry import REGISTRY
+
+    installed = set(REGISTRY.records())
+    assert {name for calls in served.values() for name in calls} <= installed
+    assert all(name == "reference" for op in ("matmul_4bit", "optimizer_update_8bit_blockwise") for name in served[op])
     assert "optimizer_update_8bit_blockwise" in stdout and "reference (" in stdout
 
 
