@@ -22,6 +22,7 @@ from kbit.testing._report import ConformanceReport, Outcome
 # packaging it.
 BACKENDS = '''
 import torch
+from kbit._opnames import OP_FAMILIES
 from kbit.backend import API_VERSION, Backend, BackendManifest, OpSupport
 from kbit.testing import BackendConformance, Tolerance
 from kbit_reference.backend import ReferenceBackend
@@ -30,9 +31,13 @@ from kbit_reference._manifest import MANIFEST as REFERENCE
 FLOATS = ("float16", "bfloat16", "float32")
 
 
+# By default the reference's 8-bit ops: the other families' sweeps would only add time.
+BLOCKWISE8 = {op: REFERENCE.ops[op] for op in OP_FAMILIES["blockwise8"]}
+
+
 def manifest(name, factory, ops=None, **fields):
     return BackendManifest(name=name, api_version=API_VERSION, device_types=("cpu",),
-                           factory=f"{__name__}:{factory}", ops=ops or dict(REFERENCE.ops), **fields)
+                           factory=f"{__name__}:{factory}", ops=ops or BLOCKWISE8, **fields)
 
 
 class OffByOne(ReferenceBackend):
@@ -106,6 +111,54 @@ class LionUphill(ReferenceBackend):
         super().optimizer_update_32bit(optimizer_name, *args, lr=-lr if optimizer_name == "lion" else lr, **kwargs)
 
 
+def nibbles(packed):
+    """The 4-bit codes of packed bytes, high nibble first."""
+    data = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([data >> 4, data & 15], dim=1).reshape(-1)
+
+
+def repack(codes, like):
+    """``codes`` packed two per byte, viewed like the packed tensor ``like``."""
+    pairs = codes.to(torch.uint8).view(-1, 2)
+    return (pairs[:, 0] * 16 + pairs[:, 1]).to(torch.uint8).view(like.dtype).reshape(like.shape)
+
+
+class SwappedNibbles(ReferenceBackend):
+    """Packs element 2j into the low nibble instead of the high one."""
+    def quantize_4bit(self, A, **kwargs):
+        packed, absmax = super().quantize_4bit(A, **kwargs)
+        return repack(nibbles(packed).view(-1, 2).flip(1).reshape(-1), packed), absmax
+
+
+class HalfAbsmax(ReferenceBackend):
+    """Keeps the 4-bit scales in float16 precision (returned as float32)."""
+    def quantize_4bit(self, A, **kwargs):
+        packed, absmax = super().quantize_4bit(A, **kwargs)
+        return packed, absmax.half().float()
+
+
+class ShiftedNF4(ReferenceBackend):
+    """Dequantizes NF4 with the table shifted by one code (FP4 is right)."""
+    def dequantize_4bit(self, A, *, quant_type, **kwargs):
+        if quant_type == "nf4":
+            A = repack((nibbles(A).int() + 1).clamp(max=15), A)
+        return super().dequantize_4bit(A, quant_type=quant_type, **kwargs)
+
+
+class FreeCodes(ReferenceBackend):
+    """Uses the format's freedoms: FP4 -0 (code 8) for negatives that round to zero, and
+    code 15 in all-zero blocks. Conformant."""
+    def quantize_4bit(self, A, *, blocksize, quant_type, quant_storage):
+        packed, absmax = super().quantize_4bit(A, blocksize=blocksize, quant_type=quant_type,
+                                               quant_storage=quant_storage)
+        codes, numel = nibbles(packed).clone(), A.numel()
+        mine = codes[:numel]
+        if quant_type == "fp4":
+            mine[(mine == 0) & (A.reshape(-1) < 0)] = 8
+        mine[(absmax == 0).repeat_interleave(blocksize)[:numel]] = 15
+        return repack(codes, packed), absmax
+
+
 class Missing(ReferenceBackend):
     def is_available(self):
         return "no Acme accelerator found"
@@ -120,6 +173,9 @@ GOLDEN_CHECKS_RUN = int(find_goldens()[0] is not None)
 
 ONLY_QB = '{"quantize_blockwise": OpSupport(dtypes=FLOATS, blocksizes=(64, 256))}'
 INT8_OPS = '{op: REFERENCE.ops[op] for op in REFERENCE.ops if op.startswith("int8_")}'
+# The four 4-bit ops on a few variants: float32, blocksize 64, both types, two storages.
+SOME_4BIT = """{op: OpSupport(dtypes=("float32",), blocksizes=(64,), quant_types=("nf4", "fp4"),
+                           quant_storages=("uint8", "bfloat16")) for op in OP_FAMILIES["quant4"]}"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -233,6 +289,77 @@ def test_declared_but_unimplemented_op_fails(pytester):
     assert messages and all("UnsupportedOpError" in m for m in messages)
 
 
+def test_4bit_mistakes_fail_the_op_that_makes_them(pytester):
+    result, payload = run_suite(
+        pytester,
+        f"""
+        class TestSwapped(BackendConformance):
+            backend = "swapped"
+            manifest = manifest("swapped", "SwappedNibbles", ops={SOME_4BIT})
+
+        class TestHalfAbsmax(BackendConformance):
+            backend = "halfabsmax"
+            manifest = manifest("halfabsmax", "HalfAbsmax", ops={SOME_4BIT})
+
+        class TestShifted(BackendConformance):
+            backend = "shifted"
+            manifest = manifest("shifted", "ShiftedNF4", ops={SOME_4BIT})
+        """,
+        "-k", "test_matches_reference or test_goldens",
+    )  # fmt: skip
+    assert result.ret == 1
+    failed = {}
+    for backend in ("swapped", "halfabsmax", "shifted"):
+        run = ops_of(payload, backend)
+        assert not run["conformant"]
+        failed[backend] = sorted(p["test"] for p in run["problems"] if p["status"] == "failed")
+    declared = [f"test_matches_reference[quantize_4bit-float32-64-{t}-{s}]" for t in ("nf4", "fp4")
+                for s in ("uint8", "bfloat16")]  # fmt: skip
+    goldens = ["test_goldens[quantize_4bit]"] * GOLDEN_CHECKS_RUN
+    assert failed["swapped"] == sorted(declared + goldens)
+    assert failed["halfabsmax"] == sorted(declared + goldens)
+    # Dequantize fails for NF4 only; gemv and matmul, which the reference builds on its
+    # dequantize, fail with it.
+    assert failed["shifted"] == sorted(
+        [f"test_matches_reference[{op}-float32-64-nf4-{s}]" for op in ("dequantize_4bit", "gemv_4bit", "matmul_4bit")
+         for s in ("uint8", "bfloat16")] + ["test_goldens[dequantize_4bit]"] * GOLDEN_CHECKS_RUN
+    )  # fmt: skip
+    messages = {b: "\n".join(p["message"] for p in ops_of(payload, b)["problems"]) for b in failed}
+    assert "packed nibbles (outside all-zero blocks)" in messages["swapped"]
+    assert "absmax:" in messages["halfabsmax"] and "packed" not in messages["halfabsmax"]
+    assert "out:" in messages["shifted"] and "within rtol=0.016" in messages["shifted"]
+
+
+def test_4bit_format_freedoms_are_allowed(pytester):
+    result, payload = run_suite(
+        pytester,
+        f"""
+        class TestFreeCodes(BackendConformance):
+            backend = "free"
+            manifest = manifest("free", "FreeCodes", ops={SOME_4BIT})
+        """,
+        "-k", "quantize_4bit",
+    )  # fmt: skip
+    run = ops_of(payload, "free")
+    assert result.ret == 0 and run["conformant"], run["problems"]
+    assert run["ops"]["quantize_4bit"]["passed"] == 4 + 2 + GOLDEN_CHECKS_RUN  # compare, opcheck, goldens
+
+
+def test_free_codes_really_differ_from_the_reference_bytes():
+    # The freedoms test above only means something if the inputs exercise them.
+    from kbit.testing._cases.quant4 import _nibbles
+
+    cases = op_cases()["quantize_4bit"]
+    (variant,) = [v for v in cases.variants() if v.id == "quantize_4bit-float32-64-fp4-uint8"]
+    inputs = {i.name: i.args for i in cases.inputs(variant)}
+    packed, _ = torch.ops.kbit.quantize_4bit(*inputs["ties"])
+    A = inputs["ties"][0].reshape(-1)
+    # Negative values that round to FP4 zero: FreeCodes stores them as code 8.
+    assert bool(((_nibbles(packed)[: A.numel()] == 0) & (A < 0)).any())
+    packed, absmax = torch.ops.kbit.quantize_4bit(*inputs["all_zero_blocks"])
+    assert bool((absmax == 0).any()) and bool((_nibbles(packed) != 15).any())
+
+
 def test_expected_failures_are_strict_and_checked(pytester):
     result, payload = run_suite(
         pytester,
@@ -246,7 +373,7 @@ def test_expected_failures_are_strict_and_checked(pytester):
                 "test_matches_reference[quantize_4bit-nf4]": "no such test",
             }
         """,
-        "-k", "float32-64 or test_manifest",
+        "-k", "blockwise-float32-64 or test_manifest",
     )  # fmt: skip
     outcomes = {p["test"]: p for p in ops_of(payload, "offbyone")["problems"]}
     assert outcomes["test_matches_reference[quantize_blockwise-float32-64]"]["status"] == "xfailed"
@@ -455,7 +582,7 @@ def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
 def test_suite_runs_without_the_plugin(pytester):
     # Without kbit's pytest plugin there is no report, but the class still generates and runs.
     pytester.makepyfile(test_wrong=BACKENDS + REFERENCE_CLASS)
-    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "float32-64", *QUIET)
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "blockwise-float32-64", *QUIET)
     result.assert_outcomes(passed=4)  # compare and opcheck of both blockwise ops
     assert "kbit conformance" not in result.stdout.str()
 

@@ -73,15 +73,45 @@ def test_public_api_round_trip_runs_on_numpy(numpy_backend):
     assert torch.equal(F.dequantize_blockwise(codes, state), F.dequantize_blockwise(ref_codes, ref_state, backend="reference"))
 
 
+def test_whole_tensor_quantize_of_an_empty_tensor_has_one_absmax(numpy_backend):
+    codes, (absmax, code) = F.quantize(torch.empty(0, 3), backend="numpy")
+    assert codes.shape == (0, 3) and absmax.shape == (1,) and absmax.tolist() == [0.0]
+    assert F.dequantize(codes, (absmax, code), backend="numpy").shape == (0, 3)
+
+
 def test_nearest_code_index_handles_duplicates_unsorted_tables_and_nan():
     # A table padded with zeros holds 0 several times (indices 1..3): the lowest index wins.
     code = np.array([-1.0, 0.0, 0.0, 0.0, 0.5, 1.0], dtype=np.float32)
     values = np.array([0.0, 1e-9, -1e-9, 0.25, 0.2501, 2.0, -2.0, np.nan], dtype=np.float32)
     assert _kernels.nearest_code_index(values, code).tolist() == [1, 1, 1, 1, 4, 5, 0, 5]
-    # An unsorted table: indices refer to the table as given.
+    # An unsorted table (as FP4's): indices refer to the table as given, and a tie goes to
+    # the lower index, not the lower value (0.25 is halfway between 0.0 at 2 and 0.5 at 0).
     table = np.array([0.5, -1.0, 0.0, 1.0], dtype=np.float32)
-    values = np.array([0.25, 0.26, -0.6, 0.9], dtype=np.float32)
-    assert _kernels.nearest_code_index(values, table).tolist() == [2, 0, 1, 3]
+    values = np.array([0.25, 0.24, 0.26, -0.6, 0.9, -0.5], dtype=np.float32)
+    assert _kernels.nearest_code_index(values, table).tolist() == [0, 2, 0, 1, 3, 1]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=str)
+def test_4bit_public_api_runs_on_numpy_and_matches_the_reference(numpy_backend, quant_type, storage):
+    A = torch.randn(33, 97, generator=torch.Generator().manual_seed(7), dtype=torch.float16)
+    args = {"blocksize": 128, "quant_type": quant_type, "quant_storage": storage}
+    assert kbit.backends.resolve("quantize_4bit", "cpu", A.dtype, **args).name == "numpy"
+    packed, state = F.quantize_4bit(A, **args)
+    ref_packed, ref_state = F.quantize_4bit(A, backend="reference", **args)
+    assert packed.dtype == storage and torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    assert torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(F.dequantize_4bit(packed, state), F.dequantize_4bit(packed, state, backend="reference"))
+
+
+def test_4bit_undeclared_variants_go_elsewhere(numpy_backend):
+    args = {"blocksize": 64, "quant_type": "nf4", "quant_storage": torch.uint8}
+    # NumPy has no bfloat16 input dtype, and the 4-bit products are not implemented.
+    assert kbit.backends.resolve("quantize_4bit", "cpu", torch.bfloat16, **args).name == "reference"
+    assert kbit.backends.resolve("gemv_4bit", "cpu", torch.float32, **args).name == "reference"
+    # A bfloat16 *storage* is only a view of the bytes: served.
+    args["quant_storage"] = torch.bfloat16
+    assert kbit.backends.resolve("dequantize_4bit", "cpu", torch.float32, **args).name == "numpy"
 
 
 def test_kbit_check_covers_every_declared_op(numpy_backend):

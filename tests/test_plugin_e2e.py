@@ -182,6 +182,7 @@ def test_kbit_info_lists_the_plugin(env):
     table = _check(env.kbit("info")).stdout
     line = next(line for line in table.splitlines() if line.startswith("numpy "))
     assert "kbit-numpy" in line and "0.1.0" in line and "available" in line and "blockwise8 7/8" in line
+    assert "quant4 2/4" in line
     payload = json.loads(_check(env.kbit("info", "--json")).stdout)
     numpy = next(b for b in payload["backends"] if b["name"] == "numpy")
     assert numpy["state"] == "available" and numpy["device_types"] == ["cpu"] and numpy["priority"] == 10
@@ -214,9 +215,13 @@ def test_kbit_conformance_numpy_passes(env):
     (run,) = json.loads((env.root / "numpy.json").read_text())["runs"]
     assert run["backend"] == "numpy" and run["conformant"] and run["totals"]["failed"] == 0
     assert run["ops"]["quantize_blockwise"]["passed"] > 0 and run["ops"]["estimate_quantiles"]["refused"] == 3
-    # With the golden vectors both golden checks run and pass; without, both skip.
+    # 4-bit: quantize and dequantize implemented (no bfloat16 input or output), the products not.
+    assert run["ops"]["quantize_4bit"]["passed"] > 0 and run["ops"]["quantize_4bit"]["refused"] == 64
+    assert run["ops"]["gemv_4bit"]["refused"] == run["ops"]["matmul_4bit"]["refused"] == 192
+    # With the golden vectors the four golden checks (8-bit and 4-bit quantize and
+    # dequantize) run and pass; without, all four skip.
     golden_skips = [p for p in run["problems"] if p["kind"] == "goldens"]
-    assert len(golden_skips) == (0 if goldens is not None else 2)
+    assert len(golden_skips) == (0 if goldens is not None else 4)
     assert "backend 'numpy' on cpu: CONFORMANT" in result.stdout
 
 

@@ -1,4 +1,4 @@
-"""kbit-numpy: kbit's 8-bit blockwise quantization ops written in NumPy.
+"""kbit-numpy: kbit's 8-bit blockwise and 4-bit quantization ops written in NumPy.
 
 A second, independent implementation of the 8-bit format and the template for vendor
 backends: ``_manifest.py`` declares what it implements, ``backend.py`` converts tensors at

@@ -12,6 +12,14 @@ from kbit.backend import API_VERSION, BackendManifest, OpSupport
 # backend (the reference), and `kbit conformance numpy` checks that they are refused here.
 DTYPES = ("float16", "float32")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+# 4-bit: the input dtype (quantize) or output dtype (dequantize) is one NumPy has; the
+# packed bytes may be viewed as any storage dtype, bfloat16 included (they are only bytes).
+QUANT4 = OpSupport(
+    dtypes=DTYPES,
+    blocksizes=(32, 64, 128, 256, 512, 1024, 2048, 4096),
+    quant_types=("nf4", "fp4"),
+    quant_storages=("uint8", "float16", "bfloat16", "float32"),
+)
 
 MANIFEST = BackendManifest(
     name="numpy",
@@ -29,6 +37,9 @@ MANIFEST = BackendManifest(
         "dequantize_no_absmax": OpSupport(dtypes=DTYPES),
         "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
         # estimate_quantiles is not implemented: kbit routes it elsewhere.
+        "quantize_4bit": QUANT4,
+        "dequantize_4bit": QUANT4,
+        # gemv_4bit and matmul_4bit are not implemented either.
     },
-    description="NumPy implementation of the 8-bit blockwise family (vendor template)",
+    description="NumPy implementation of the 8-bit blockwise family and 4-bit quantization (vendor template)",
 )

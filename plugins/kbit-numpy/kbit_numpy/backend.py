@@ -4,14 +4,19 @@ kbit calls these methods only for what the manifest declares, with arguments the
 API has already validated (contiguous CPU tensors, declared dtypes and blocksizes), so they
 convert and compute without re-checking. Tensors cross to NumPy with ``.numpy()`` (no
 copy) and results come back with ``torch.from_numpy``; no torch op computes anything.
+Packed 4-bit data crosses as raw bytes: ``Tensor.view(dtype)`` only reinterprets them, which
+is how the bfloat16 storage (a dtype NumPy lacks) works without computing in torch.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from kbit.backend import Backend, UnsupportedOpError
+from kbit.functional import get_4bit_type
 
 from . import _kernels
 
@@ -28,8 +33,13 @@ def _tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _table(quant_type: str) -> np.ndarray:
+    # The 16 values are part of the format: take kbit's published table, not a copy.
+    return get_4bit_type(quant_type).numpy()
+
+
 class NumpyBackend(Backend):
-    """kbit's 8-bit blockwise family in NumPy (float16 and float32, CPU)."""
+    """kbit's 8-bit blockwise family and 4-bit quantize/dequantize in NumPy (float16 and float32, CPU)."""
 
     def is_available(self) -> bool | str:
         # A hardware backend probes its device here and returns a reason string when it
@@ -70,3 +80,27 @@ class NumpyBackend(Backend):
     def histogram_scatter_add_2d(self, histogram: Tensor, *, index1: Tensor, index2: Tensor, source: Tensor) -> None:
         # .numpy() shares memory with the tensor, so the update lands in `histogram`.
         _kernels.scatter_add_2d(_array(histogram), _array(index1), _array(index2), _array(source))
+
+    def quantize_4bit(
+        self, A: Tensor, *, blocksize: int, quant_type: str, quant_storage: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        itemsize = torch.empty((), dtype=quant_storage).element_size()
+        packed, absmax = _kernels.quantize_4bit(_array(A), _table(quant_type), blocksize, itemsize)
+        # (rows, itemsize) bytes viewed as the storage dtype are its (rows, 1) elements: a
+        # reinterpretation, no arithmetic (and it keeps the strides right when rows is 0).
+        return _tensor(packed.reshape(-1, itemsize)).view(quant_storage), _tensor(absmax)
+
+    def dequantize_4bit(
+        self,
+        A: Tensor,
+        *,
+        absmax: Tensor,
+        blocksize: int,
+        quant_type: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> Tensor:
+        out = self._numpy_dtype("dequantize_4bit", dtype)
+        packed = _array(A.reshape(-1).view(torch.uint8))  # the bytes, whatever the storage dtype
+        values = _kernels.dequantize_4bit(packed, _array(absmax), _table(quant_type), blocksize, tuple(shape), out)
+        return _tensor(values)
