@@ -110,6 +110,14 @@ OPTIMIZER_GOLDEN_CODE_EXCEPTIONS: dict[tuple[str, int, str], float] = {("Adam8bi
 __all__ += ["OPTIMIZER_GOLDEN_CODE_EXCEPTIONS"]
 
 
+#: Optimizer conformance, float32 parameters: mean |p - p_ref| over mean |p_ref - p_start|.
+#: Codes that flip at midpoints touch under 1% of the elements, each by a few percent of
+#: its movement (about 5e-4 of the mean in all); a rule off by 1% everywhere gives 1e-2.
+OPTIMIZER_PARAM_MEAN_REL = 2e-3
+
+__all__ += ["OPTIMIZER_PARAM_MEAN_REL"]
+
+
 def mean_errors(original, roundtrip) -> ErrorBar:
     """Mean absolute and mean relative error of ``roundtrip`` against ``original``.
 
