@@ -7,6 +7,8 @@ from torch.library import opcheck
 import kbit
 import kbit.functional as F
 from kbit import KbitTypeError, KbitValueError
+from kbit._selftest import run_checks
+from kbit.backend import API_VERSION, BackendManifest, OpSupport
 from kbit.testing.tolerances import (
     FOUR_BIT_RANDN,
     FOUR_BIT_SEED_SLACK,
@@ -14,6 +16,7 @@ from kbit.testing.tolerances import (
     NESTED_4BIT_RANDN,
     mean_errors,
 )
+from kbit_reference.backend import ReferenceBackend
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -362,7 +365,6 @@ def test_every_quant4_op_is_served_by_the_reference():
 
 
 # ------------------------------------------------------------------------ self-test
-from kbit_reference.backend import ReferenceBackend  # noqa: E402
 
 
 class SwappedNibbles(ReferenceBackend):
@@ -380,9 +382,6 @@ class SwappedNibbles(ReferenceBackend):
 
 @pytest.mark.parametrize(("factory", "status"), [("SwappedNibbles", "failed"), ("ReferenceBackend", "passed")])
 def test_kbit_check_compares_4bit_ops_with_the_reference(factory, status):
-    from kbit._selftest import run_checks
-    from kbit.backend import API_VERSION, BackendManifest, OpSupport
-
     module = "tests.test_quant4" if factory == "SwappedNibbles" else "kbit_reference.backend"
     support = OpSupport(dtypes=("float32", "bfloat16"), quant_storages=("uint8", "float32"))
     kbit.backends.register(
