@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._formats import num_blocks
 from ._selftest_optim import OPTIMIZER_CHECKS, OPTIMIZER_REFERENCE_CHECKS
 from .backend import Backend
 from .functional._codebooks import cached_code
@@ -205,7 +206,7 @@ def _check_dequantize_4bit(backend: Backend, reference: Backend, device: torch.d
                 shape = (3, blocksize + 3)  # odd count, rows that are not whole blocks
                 numel = shape[0] * shape[1]
                 A = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=generator).to(device)
-                absmax = (torch.rand(-(-numel // blocksize), generator=generator) * 3).to(device)
+                absmax = (torch.rand(num_blocks(numel, blocksize), generator=generator) * 3).to(device)
                 kwargs = dict(absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=dtype)
                 problem = _compare(
                     f"dequantize ({dtype_name}, {quant_type}, blocksize {blocksize})",

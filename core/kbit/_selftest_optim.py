@@ -13,9 +13,10 @@ from typing import Callable, Optional
 
 import torch
 
+from ._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .backend import Backend
 from .functional._codebooks import cached_code
-from .functional._optim import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, OPTIMIZER_KINDS
+from .functional._optim import OPTIMIZER_KINDS
 from .testing.tolerances import OPTIMIZER_TRAJECTORY as BAR
 
 __all__ = ["OPTIMIZER_CHECKS", "OPTIMIZER_REFERENCE_CHECKS"]
@@ -57,7 +58,7 @@ def _start(kind_name: str, layout: str, dtype: torch.dtype, device: torch.device
     start = {"p": p, "state1": torch.zeros(rows + (_NUMEL,), dtype=state_dtype, device=device)}
     if kind.num_states == 2:
         start["state2"] = torch.zeros(_NUMEL, dtype=state_dtype, device=device)
-    nblocks = -(-_NUMEL // OPTIMIZER_BLOCKSIZE)
+    nblocks = num_blocks(_NUMEL, OPTIMIZER_BLOCKSIZE)
     for which in range(1, kind.num_states + 1):
         if layout == "8bit_blockwise":
             start[f"absmax{which}"] = torch.zeros((rows if which == 1 else ()) + (nblocks,), device=device)

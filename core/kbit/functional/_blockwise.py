@@ -15,13 +15,12 @@ from typing import Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
 from .._ops import call_with_backend
 from ._codebooks import cached_code
 from ._quant_state import QuantState
 from ._validate import (
-    BLOCKSIZES_8BIT,
-    FLOAT_DTYPES,
     check_buffer,
     check_choice,
     check_code,
@@ -41,10 +40,6 @@ __all__ = [
     "estimate_quantiles",
     "histogram_scatter_add_2d",
 ]
-
-#: Blocksize of the nested absmax quantization (format constant).
-NESTED_BLOCKSIZE = 256
-
 
 def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     if code is None:
@@ -82,7 +77,7 @@ def quantize_blockwise(
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     code = _code_for(op, code, A.device)
     check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
-    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
+    check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
     codes = store_into(op, "out", codes, out)
     scales = store_into(op, "absmax", scales, absmax)
@@ -148,7 +143,7 @@ def dequantize_blockwise(
         quant_state = QuantState(absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=torch.float32)
     check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT)
     scales = _float_absmax(op, quant_state, backend)
-    check_numel(op, "absmax", scales, -(-A.numel() // quant_state.blocksize))
+    check_numel(op, "absmax", scales, num_blocks(A.numel(), quant_state.blocksize))
     dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     table = _code_for(op, quant_state.code, A.device)

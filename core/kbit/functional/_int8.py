@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 
 from .._errors import KbitValueError
+from .._formats import FLOAT_DTYPES
 from .._ops import call_with_backend
 from .._ops import int8 as ops
-from ._validate import FLOAT_DTYPES, check_buffer, check_dtype, check_numel, check_tensor, store_into
+from ._validate import check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = [
     "int8_vectorwise_quant",

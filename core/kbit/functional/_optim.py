@@ -33,9 +33,10 @@ from typing import Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import FLOAT_DTYPES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .._ops import call_with_backend
 from .._ops import optim as ops
-from ._validate import FLOAT_DTYPES, check_dtype, check_tensor
+from ._validate import check_dtype, check_tensor
 
 __all__ = [
     "optimizer_update_32bit",
@@ -43,12 +44,6 @@ __all__ = [
     "optimizer_update_8bit_blockwise",
     "percentile_clipping",
 ]
-
-#: Block length of blockwise 8-bit optimizer state (format constant).
-OPTIMIZER_BLOCKSIZE = 256
-
-#: Slots of the gradient-norm history used by percentile clipping (format constant).
-GNORM_HISTORY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +338,7 @@ def optimizer_update_8bit_blockwise(
     state1, state2 = _check_states(op, kind, p, state1, state2, torch.uint8)
     h = check_hyperparameters(op, kind, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, lr=lr,
                               weight_decay=weight_decay, gnorm_scale=gnorm_scale)  # fmt: skip
-    nblocks = -(-p.numel() // OPTIMIZER_BLOCKSIZE)
+    nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
     qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
     absmax1_shape = (2, nblocks) if kind.stacked_state1 else (nblocks,)
     absmax1 = _check_inplace(op, "absmax1", absmax1, (torch.float32,), absmax1_shape, p.device)

@@ -19,12 +19,13 @@ from typing import Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, num_blocks
 from .._ops import call_with_backend
 from .._ops import quant4 as ops
 from ._blockwise import _float_absmax, nest_absmax
 from ._codebooks import get_4bit_type
-from ._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
-from ._validate import FLOAT_DTYPES, check_buffer, check_choice, check_dtype, check_numel, store_into
+from ._quant_state import QuantState
+from ._validate import check_buffer, check_choice, check_dtype, check_numel, store_into
 
 __all__ = [
     "quantize_4bit",
@@ -66,7 +67,7 @@ def checked_4bit_state(
     if problem:
         raise KbitValueError(op, f"{name}.shape", tuple(packed.shape), problem)
     scales = _float_absmax(op, quant_state, backend)
-    check_numel(op, "quant_state.absmax", scales, -(-quant_state.shape.numel() // quant_state.blocksize))
+    check_numel(op, "quant_state.absmax", scales, num_blocks(quant_state.shape.numel(), quant_state.blocksize))
     return scales.to(packed.device), quant_state.shape
 
 
@@ -105,7 +106,7 @@ def quantize_4bit(
     check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
     check_choice(op, "quant_storage", quant_storage, QUANT_STORAGES_4BIT)
     check_buffer(op, "out", out, (ops.packed_rows(A.numel(), quant_storage), 1), quant_storage, A.device)
-    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
+    check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     packed, scales = call_with_backend(backend, ops.quantize_4bit, A.contiguous(), blocksize, quant_type, quant_storage)
     packed = store_into(op, "out", packed, out)
     scales = store_into(op, "absmax", scales, absmax)

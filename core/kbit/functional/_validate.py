@@ -11,13 +11,11 @@ from typing import Iterable, Sequence
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+from .._formats import FLOAT_DTYPES, dtype_name
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return ", ".join(dtype_name(d) for d in dtypes)
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError, QuantStateError
+from .._formats import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT
 from ..functional._quant4 import packed_size_problem, quantize_4bit
-from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
+from ..functional._quant_state import QuantState
 from ..functional._validate import check_choice
 from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
