@@ -25,7 +25,9 @@ from ._validate import (
     check_choice,
     check_code,
     check_dtype,
+    check_int,
     check_numel,
+    check_real,
     check_tensor,
     store_into,
 )
@@ -234,11 +236,9 @@ def estimate_quantiles(
     check_dtype(op, "A", A, FLOAT_DTYPES)
     if A.numel() == 0:
         raise KbitValueError(op, "A.numel()", 0, "quantiles of an empty tensor are undefined")
-    if isinstance(num_quantiles, bool) or not isinstance(num_quantiles, int) or not 1 <= num_quantiles <= 256:
-        raise KbitValueError(op, "num_quantiles", num_quantiles, "expected an int in 1..256")
-    if not 0.0 <= offset < 0.5:
-        raise KbitValueError(op, "offset", offset, "expected 0 <= offset < 0.5")
-    result = call_with_backend(backend, ops.estimate_quantiles, A.contiguous(), float(offset), num_quantiles)
+    check_int(op, "num_quantiles", num_quantiles, low=1, high=256)
+    offset = check_real(op, "offset", offset, low=0.0, high=0.5, high_open=True)
+    result = call_with_backend(backend, ops.estimate_quantiles, A.contiguous(), offset, num_quantiles)
     return store_into(op, "out", result, out)
 
 
