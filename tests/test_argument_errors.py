@@ -121,3 +121,48 @@ def test_check_choice_keeps_non_int_choices_a_value_question():
     # Only int choices (blocksizes) get the type check: an unknown quant type is a bad value.
     with pytest.raises(KbitValueError, match="quant_type=3"):
         check_choice("op", "quant_type", 3, ("nf4", "fp4"))
+
+
+# ------------------------------------------------------------ malformed quantized payloads
+_CODES8, _STATE8 = F.quantize_blockwise(A, blocksize=64)
+_PACKED, _STATE4 = F.quantize_4bit(W, blocksize=64, quant_type="nf4")
+_SHORT4 = F.QuantState(_STATE4.absmax[:-1], shape=W.shape, blocksize=64, quant_type="nf4", dtype=torch.float32)
+
+# (call, op, key named in the message)
+PAYLOADS = [
+    (lambda: F.dequantize_blockwise(_CODES8.float(), _STATE8), "dequantize_blockwise", "A"),
+    (lambda: F.dequantize_blockwise(_CODES8[:200], _STATE8), "dequantize_blockwise", "A"),
+    (lambda: F.dequantize_blockwise(_CODES8, absmax=torch.ones(3), blocksize=64), "dequantize_blockwise", "absmax"),
+    (lambda: F.dequantize(_CODES8.to(torch.int8), absmax=torch.ones(1)), "dequantize", "A"),
+    (lambda: F.dequantize(_CODES8, absmax=torch.ones(2)), "dequantize", "absmax"),
+    (lambda: F.dequantize_4bit(_PACKED.to(torch.int32), _STATE4), "dequantize_4bit", "A"),
+    (lambda: F.dequantize_4bit(_PACKED[:-1], _STATE4), "dequantize_4bit", "A"),
+    (lambda: F.dequantize_4bit(_PACKED, _SHORT4), "dequantize_4bit", "quant_state.absmax"),
+    (lambda: kbit.matmul_4bit(torch.randn(2, 64), _PACKED.to(torch.int16), _STATE4), "matmul_4bit", "B"),
+    (lambda: F.gemv_4bit(torch.randn(1, 64), _PACKED[:-2], state=_STATE4), "gemv_4bit", "B"),
+]
+
+
+@pytest.mark.parametrize(("call", "op", "key"), PAYLOADS)
+def test_codes_that_contradict_their_state_raise_quant_state_error(call, op, key):
+    with pytest.raises(kbit.QuantStateError) as caught:
+        call()
+    assert (caught.value.op, caught.value.key) == (op, key)
+    assert str(caught.value).startswith(f"{op}: {key}: ")
+
+
+def test_codes_that_are_not_a_tensor_stay_a_type_error():
+    with pytest.raises(KbitTypeError, match="A has type list"):
+        F.dequantize_blockwise([1, 2, 3], _STATE8)
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [torch.zeros(8, 64, dtype=torch.int8), torch.randn(8, 32)],
+    ids=["codes-without-state", "float-of-another-shape"],
+)
+def test_a_4bit_checkpoint_with_a_bad_weight_raises_quant_state_error_naming_the_key(weight):
+    module = knn.LinearNF4(64, 8)
+    with pytest.raises(kbit.QuantStateError) as caught:
+        module.load_state_dict({"weight": weight, "bias": torch.zeros(8)})
+    assert caught.value.key == "weight" and caught.value.op is None

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError
+from .._errors import KbitValueError, QuantStateError
 from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
 from .._ops import call_with_backend
@@ -24,9 +24,11 @@ from ._validate import (
     check_buffer,
     check_choice,
     check_code,
+    check_codes,
     check_dtype,
     check_int,
     check_numel,
+    check_payload_numel,
     check_real,
     check_tensor,
     store_into,
@@ -113,7 +115,7 @@ def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.T
         return dequantize_blockwise(state.absmax, state.state2, backend=backend) + state.offset
     absmax = check_tensor(op, "absmax", state.absmax)
     if not absmax.is_floating_point():
-        raise KbitTypeError(op, "absmax", f"dtype {absmax.dtype}", "a floating-point tensor (or a nested state)")
+        raise QuantStateError("absmax", f"dtype {absmax.dtype} is not a float scale and the state is not nested", op=op)
     return absmax.to(torch.float32).contiguous()
 
 
@@ -137,15 +139,19 @@ def dequantize_blockwise(
     from the state.
     """
     op = "dequantize_blockwise"
-    check_dtype(op, "A", A, (torch.uint8,))
+    check_codes(op, "A", A, (torch.uint8,))
     if quant_state is None:
         if absmax is None:
             raise KbitValueError(op, "quant_state", None, "pass quant_state, or absmax for a plain state")
         check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
         quant_state = QuantState(absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=torch.float32)
     check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT)
+    if quant_state.shape is not None:
+        check_payload_numel(op, "A", A, quant_state.shape.numel(), f"quant_state.shape {tuple(quant_state.shape)}")
     scales = _float_absmax(op, quant_state, backend)
-    check_numel(op, "absmax", scales, num_blocks(A.numel(), quant_state.blocksize))
+    check_payload_numel(
+        op, "absmax", scales, num_blocks(A.numel(), quant_state.blocksize), f"blocksize {quant_state.blocksize}"
+    )
     dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     table = _code_for(op, quant_state.code, A.device)
@@ -180,13 +186,13 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`; returns float32 (or ``out``'s dtype)."""
     op = "dequantize"
-    check_dtype(op, "A", A, (torch.uint8,))
+    check_codes(op, "A", A, (torch.uint8,))
     if quant_state is not None:
         absmax, code = quant_state
     if absmax is None:
         raise KbitValueError(op, "quant_state", None, "pass quant_state=(absmax, code) or absmax")
     check_dtype(op, "absmax", absmax, FLOAT_DTYPES)
-    check_numel(op, "absmax", absmax, 1)
+    check_payload_numel(op, "absmax", absmax, 1, "whole-tensor quantization")
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     table = _code_for(op, code, A.device)

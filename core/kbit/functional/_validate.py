@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError
+from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from .._formats import FLOAT_DTYPES, dtype_name
 
 
@@ -96,6 +96,24 @@ def check_choice(op: str, name: str, value: object, allowed: Sequence[object]) -
         check_int(op, name, value)
     if isinstance(value, bool) or value not in allowed:
         raise KbitValueError(op, name, value, f"expected one of {list(allowed)}")
+
+
+def check_codes(op: str, name: str, codes: object, allowed: Sequence[torch.dtype]) -> torch.Tensor:
+    """Require quantized codes (or packed data) of a dtype the format stores them as.
+
+    Not a tensor is a type error; a tensor of another dtype is a malformed payload
+    (:class:`~kbit.QuantStateError`): codes that cannot belong to any quantization state.
+    """
+    codes = check_tensor(op, name, codes)
+    if codes.dtype not in allowed:
+        raise QuantStateError(name, f"dtype {codes.dtype} cannot hold quantized codes (expected {_names(allowed)})", op=op)
+    return codes
+
+
+def check_payload_numel(op: str, name: str, tensor: torch.Tensor, expected: int, why: str) -> None:
+    """Require a quantized payload (codes or scales) to hold as many elements as its state says."""
+    if tensor.numel() != expected:
+        raise QuantStateError(name, f"holds {tensor.numel()} values but {why} needs {expected}", op=op)
 
 
 def check_numel(op: str, name: str, tensor: torch.Tensor, expected: int) -> None:
