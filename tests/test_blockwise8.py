@@ -180,12 +180,12 @@ def test_dequantize_with_absmax_only():
         (lambda: F.quantize_blockwise(torch.ones(10), code=torch.ones(300)), kbit.KbitValueError, "code.shape"),
         (lambda: F.quantize_blockwise(torch.ones(10), code=torch.ones(256).double()), kbit.KbitTypeError, "code"),
         (lambda: F.quantize_blockwise(torch.ones(10), out=torch.empty(9, dtype=torch.uint8)), kbit.KbitValueError, "out"),
-        (lambda: F.dequantize_blockwise(torch.ones(10)), kbit.KbitTypeError, "torch.float32"),
+        (lambda: F.dequantize_blockwise(torch.ones(10)), kbit.QuantStateError, "A: dtype torch.float32"),
         (lambda: F.dequantize_blockwise(torch.ones(10, dtype=torch.uint8)), kbit.KbitValueError, "quant_state"),
         (
             lambda: F.dequantize_blockwise(torch.ones(100, dtype=torch.uint8), absmax=torch.ones(3), blocksize=64),
-            kbit.KbitValueError,
-            "absmax.numel",
+            kbit.QuantStateError,
+            "absmax: holds 3 values but blocksize 64 needs 2",
         ),
     ],
 )

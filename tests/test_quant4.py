@@ -6,7 +6,9 @@ from torch.library import opcheck
 
 import kbit
 import kbit.functional as F
-from kbit import KbitTypeError, KbitValueError
+from kbit import KbitTypeError, KbitValueError, QuantStateError
+from kbit._selftest import run_checks
+from kbit.backend import API_VERSION, BackendManifest, OpSupport
 from kbit.testing.tolerances import (
     FOUR_BIT_RANDN,
     FOUR_BIT_SEED_SLACK,
@@ -14,6 +16,7 @@ from kbit.testing.tolerances import (
     NESTED_4BIT_RANDN,
     mean_errors,
 )
+from kbit_reference.backend import ReferenceBackend
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -288,11 +291,11 @@ def test_dequantize_rejects_mismatched_states():
     A = _seeded(8, 64, seed=9)
     packed, state = F.quantize_4bit(A, quant_type="nf4")
     other_packed, other_state = F.quantize_4bit(_seeded(8, 32), quant_type="nf4")
-    with pytest.raises(KbitValueError, match="cannot hold the 4-bit codes"):
+    with pytest.raises(QuantStateError, match="dequantize_4bit: A: .* cannot hold the 4-bit codes"):
         F.dequantize_4bit(packed, other_state)
-    with pytest.raises(KbitValueError, match="cannot hold the 4-bit codes"):
+    with pytest.raises(QuantStateError, match="cannot hold the 4-bit codes"):
         F.dequantize_4bit(other_packed, state)
-    with pytest.raises(KbitTypeError, match="A has dtype torch.int8"):
+    with pytest.raises(QuantStateError, match="A: dtype torch.int8"):
         F.dequantize_4bit(packed.view(torch.int8), state)
     codes8, state8 = F.quantize_blockwise(A)
     with pytest.raises(KbitValueError, match="quant_state.quant_type=None"):
@@ -302,7 +305,7 @@ def test_dequantize_rejects_mismatched_states():
     with pytest.raises(KbitValueError, match="quant_state"):
         F.dequantize_4bit(packed)  # neither a state nor absmax + out
     truncated = F.QuantState(state.absmax[:-1], shape=state.shape, blocksize=64, quant_type="nf4", dtype=torch.float32)
-    with pytest.raises(KbitValueError, match="absmax.numel"):
+    with pytest.raises(QuantStateError, match="quant_state.absmax: holds 7 values"):
         F.dequantize_4bit(packed, truncated)
     out = torch.full((8, 32), 7.0)
     with pytest.raises(KbitValueError, match="out"):
@@ -362,7 +365,6 @@ def test_every_quant4_op_is_served_by_the_reference():
 
 
 # ------------------------------------------------------------------------ self-test
-from kbit_reference.backend import ReferenceBackend  # noqa: E402
 
 
 class SwappedNibbles(ReferenceBackend):
@@ -380,9 +382,6 @@ class SwappedNibbles(ReferenceBackend):
 
 @pytest.mark.parametrize(("factory", "status"), [("SwappedNibbles", "failed"), ("ReferenceBackend", "passed")])
 def test_kbit_check_compares_4bit_ops_with_the_reference(factory, status):
-    from kbit._selftest import run_checks
-    from kbit.backend import API_VERSION, BackendManifest, OpSupport
-
     module = "tests.test_quant4" if factory == "SwappedNibbles" else "kbit_reference.backend"
     support = OpSupport(dtypes=("float32", "bfloat16"), quant_storages=("uint8", "float32"))
     kbit.backends.register(

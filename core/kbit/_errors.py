@@ -91,12 +91,20 @@ class NoBackendError(UnsupportedOpError):
 
 
 class QuantStateError(KbitError, ValueError):
-    """A serialized quantization state is malformed; the message names the offending key."""
+    """A quantized payload is malformed: a serialized state, or codes that do not fit their state.
 
-    def __init__(self, key: str, problem: str) -> None:
+    Raised for state-dict entries (``key`` is the state-dict key) and, with ``op`` set, for
+    arguments of a dequantize or 4-bit product whose codes or scales contradict the
+    ``QuantState`` they come with (``key`` is the argument, e.g. ``A`` or
+    ``quant_state.absmax``). The message names the op when given, the key and the problem.
+    """
+
+    def __init__(self, key: str, problem: str, *, op: str | None = None) -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"quant state key {key!r}: {problem}")
+        self.op = op
+        where = f"quant state key {key!r}" if op is None else f"{op}: {key}"
+        super().__init__(f"{where}: {problem}")
 
 
 class KbitWarning(UserWarning):

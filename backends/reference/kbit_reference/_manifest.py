@@ -1,38 +1,46 @@
-"""Manifest of the reference backend (what ``kbit.backends`` loads at discovery)."""
+"""Manifest of the reference backend (what ``kbit.backends`` loads at discovery).
 
+The reference declares the whole format (``kbit._formats``): every dtype, blocksize, quant
+type and storage the public API accepts, so it can serve as the oracle for all of them.
+"""
+
+from kbit._formats import (
+    BLOCKSIZES_4BIT,
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPE_NAMES,
+    QUANT_STORAGES_4BIT,
+    QUANT_TYPES_4BIT,
+    dtype_name,
+)
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
 from kbit.functional._optim import OPTIMIZER_KINDS as _KINDS
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
-
 _blockwise8 = {
-    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPES, blocksizes=BLOCKSIZES_8BIT),
-    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPES, blocksizes=BLOCKSIZES_8BIT),
-    "quantize": OpSupport(dtypes=FLOAT_DTYPES),
-    "dequantize": OpSupport(dtypes=FLOAT_DTYPES),
-    "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPES),
-    "dequantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPES),
-    "estimate_quantiles": OpSupport(dtypes=FLOAT_DTYPES),
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "dequantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "estimate_quantiles": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "histogram_scatter_add_2d": OpSupport(dtypes=("float32",)),
 }
 
-BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _quant4_support = OpSupport(
-    dtypes=FLOAT_DTYPES,
+    dtypes=FLOAT_DTYPE_NAMES,
     blocksizes=BLOCKSIZES_4BIT,
-    quant_types=("nf4", "fp4"),
-    quant_storages=("uint8", "float16", "bfloat16", "float32"),
+    quant_types=QUANT_TYPES_4BIT,
+    quant_storages=tuple(dtype_name(dtype) for dtype in QUANT_STORAGES_4BIT),
 )
 _quant4 = {op: _quant4_support for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit")}
 
 _int8 = {
-    "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPES),
+    "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "int8_vectorwise_dequant": OpSupport(dtypes=("float32",)),
     "int8_linear_matmul": OpSupport(dtypes=("int8",)),
-    "int8_mm_dequant": OpSupport(dtypes=FLOAT_DTYPES),
-    "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPES),
-    "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPES),
+    "int8_mm_dequant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "int8_mixed_scaled_mm": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
 # The reference serves every kind kbit defines: one table, no second list to keep in step.
@@ -42,10 +50,10 @@ OPTIMIZER_KINDS = tuple(_KINDS)
 STATIC_8BIT_KINDS = tuple(name for name, kind in _KINDS.items() if kind.static_8bit)
 
 _optimizer = {
-    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
-    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPES, optimizers=STATIC_8BIT_KINDS),
-    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPES, optimizers=OPTIMIZER_KINDS),
-    "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPES),
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=OPTIMIZER_KINDS),
+    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=STATIC_8BIT_KINDS),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=OPTIMIZER_KINDS),
+    "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
 MANIFEST = BackendManifest(

@@ -27,12 +27,11 @@ from typing import Optional
 
 import torch
 
+from kbit._formats import OPTIMIZER_BLOCKSIZE
+
 from ._common import block_absmax, blockwise_apply, nearest_code_index, reciprocal_or_zero
 
 Tensor = torch.Tensor
-
-#: Block length of blockwise 8-bit optimizer state (format constant).
-OPTIMIZER_BLOCKSIZE = 256
 
 #: Kinds whose weight decay multiplies the parameter (AdamW style) instead of being added to
 #: the gradient (L2 style).

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._formats import num_blocks
 from . import backend_for
 
 Tensor = torch.Tensor
-
-
-def _num_blocks(numel: int, blocksize: int) -> int:
-    return (numel + blocksize - 1) // blocksize
 
 
 @torch.library.custom_op("kbit::quantize_blockwise", mutates_args=())
@@ -24,7 +21,7 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
 def _(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return (
         torch.empty(A.shape, dtype=torch.uint8, device=A.device),
-        A.new_empty((_num_blocks(A.numel(), blocksize),), dtype=torch.float32),
+        A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .._formats import num_blocks
 from . import backend_for
 
 Tensor = torch.Tensor
@@ -31,17 +32,6 @@ def packed_rows(numel: int, storage: torch.dtype) -> int:
     return -(-((numel + 1) // 2) // itemsize)
 
 
-def _num_blocks(numel: int, blocksize: int) -> int:
-    return -(-numel // blocksize)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 @torch.library.custom_op("kbit::quantize_4bit", mutates_args=())
 def quantize_4bit(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
     """4-bit blockwise quantization; returns ``(packed (rows, 1) quant_storage, absmax float32)``."""
@@ -53,7 +43,7 @@ def quantize_4bit(A: Tensor, blocksize: int, quant_type: str, quant_storage: tor
 def _(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
     return (
         A.new_empty((packed_rows(A.numel(), quant_storage), 1), dtype=quant_storage),
-        A.new_empty((_num_blocks(A.numel(), blocksize),), dtype=torch.float32),
+        A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32),
     )
 
 

@@ -12,10 +12,11 @@ from typing import Optional
 import torch
 
 from .._errors import KbitValueError
+from .._formats import FLOAT_DTYPES
 from .._ops import quant4 as ops
 from ..functional._quant4 import check_4bit_matmul
 from ..functional._quant_state import QuantState
-from ..functional._validate import FLOAT_DTYPES, check_buffer, check_dtype, store_into
+from ..functional._validate import check_buffer, check_dtype, store_into
 
 __all__ = ["matmul_4bit"]
 

@@ -16,9 +16,10 @@ from typing import Any, Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import FLOAT_DTYPES
 from .._ops import int8 as ops
 from ..functional._int8 import check_threshold
-from ..functional._validate import FLOAT_DTYPES, check_buffer, check_dtype, check_numel, check_tensor, store_into
+from ..functional._validate import check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = ["MatmulLtState", "matmul"]
 

@@ -39,6 +39,7 @@ from .._errors import (
     KbitValueError,
     NoBackendError,
 )
+from .._formats import dtype_name
 from .._manifest import CAPABILITY_PARAMS, BackendManifest
 from .._opnames import ALL_OPS
 from ..backend import Backend
@@ -134,12 +135,6 @@ def _split_names(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
-def _dtype_name(dtype: torch.dtype | str | None) -> Optional[str]:
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    return str(dtype).removeprefix("torch.")
-
-
 def _normalise_params(op: str, params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     unknown = sorted(set(params) - set(CAPABILITY_PARAMS))
     if unknown:
@@ -149,7 +144,7 @@ def _normalise_params(op: str, params: Mapping[str, Any]) -> tuple[tuple[str, An
     normal = []
     for key, value in sorted(params.items()):
         if isinstance(value, torch.dtype):
-            value = _dtype_name(value)
+            value = dtype_name(value)
         normal.append((key, value))
     return tuple(normal)
 
@@ -323,18 +318,18 @@ class Registry:
         """Choose the backend for ``op`` on ``device_type``; see the module docstring."""
         if op not in ALL_OPS:
             raise KbitValueError("resolve", "op", op, f"known ops: {sorted(ALL_OPS)}")
-        dtype_name = _dtype_name(dtype)
+        wanted_dtype = None if dtype is None else dtype_name(dtype)
         norm_params = _normalise_params(op, params)
         policy = _fallback_override.get() or os.environ.get("KBIT_FALLBACK", "reference").strip() or "reference"
         if policy not in FALLBACK_POLICIES:
             raise KbitValueError(op, "KBIT_FALLBACK", policy, f"expected one of {list(FALLBACK_POLICIES)}")
         preference = self.preference()
-        key = (op, device_type, dtype_name, norm_params, preference, policy)
+        key = (op, device_type, wanted_dtype, norm_params, preference, policy)
         resolution = self._cache.get(key)
         if resolution is None:
             with self._lock:
                 resolution = self._cache.get(key) or self._choose(
-                    op, device_type, dtype_name, norm_params, preference, policy
+                    op, device_type, wanted_dtype, norm_params, preference, policy
                 )
                 self._cache[key] = resolution
         if warn and resolution.fallback and op not in self._warned_fallback:

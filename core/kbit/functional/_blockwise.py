@@ -14,19 +14,22 @@ from typing import Optional
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError
+from .._errors import KbitValueError, QuantStateError
+from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
 from .._ops import call_with_backend
 from ._codebooks import cached_code
 from ._quant_state import QuantState
 from ._validate import (
-    BLOCKSIZES_8BIT,
-    FLOAT_DTYPES,
     check_buffer,
     check_choice,
     check_code,
+    check_codes,
     check_dtype,
+    check_int,
     check_numel,
+    check_payload_numel,
+    check_real,
     check_tensor,
     store_into,
 )
@@ -41,10 +44,6 @@ __all__ = [
     "estimate_quantiles",
     "histogram_scatter_add_2d",
 ]
-
-#: Blocksize of the nested absmax quantization (format constant).
-NESTED_BLOCKSIZE = 256
-
 
 def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     if code is None:
@@ -82,7 +81,7 @@ def quantize_blockwise(
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     code = _code_for(op, code, A.device)
     check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
-    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
+    check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
     codes = store_into(op, "out", codes, out)
     scales = store_into(op, "absmax", scales, absmax)
@@ -116,7 +115,7 @@ def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.T
         return dequantize_blockwise(state.absmax, state.state2, backend=backend) + state.offset
     absmax = check_tensor(op, "absmax", state.absmax)
     if not absmax.is_floating_point():
-        raise KbitTypeError(op, "absmax", f"dtype {absmax.dtype}", "a floating-point tensor (or a nested state)")
+        raise QuantStateError("absmax", f"dtype {absmax.dtype} is not a float scale and the state is not nested", op=op)
     return absmax.to(torch.float32).contiguous()
 
 
@@ -140,15 +139,19 @@ def dequantize_blockwise(
     from the state.
     """
     op = "dequantize_blockwise"
-    check_dtype(op, "A", A, (torch.uint8,))
+    check_codes(op, "A", A, (torch.uint8,))
     if quant_state is None:
         if absmax is None:
             raise KbitValueError(op, "quant_state", None, "pass quant_state, or absmax for a plain state")
         check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
         quant_state = QuantState(absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=torch.float32)
     check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT)
+    if quant_state.shape is not None:
+        check_payload_numel(op, "A", A, quant_state.shape.numel(), f"quant_state.shape {tuple(quant_state.shape)}")
     scales = _float_absmax(op, quant_state, backend)
-    check_numel(op, "absmax", scales, -(-A.numel() // quant_state.blocksize))
+    check_payload_numel(
+        op, "absmax", scales, num_blocks(A.numel(), quant_state.blocksize), f"blocksize {quant_state.blocksize}"
+    )
     dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     table = _code_for(op, quant_state.code, A.device)
@@ -183,13 +186,13 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`; returns float32 (or ``out``'s dtype)."""
     op = "dequantize"
-    check_dtype(op, "A", A, (torch.uint8,))
+    check_codes(op, "A", A, (torch.uint8,))
     if quant_state is not None:
         absmax, code = quant_state
     if absmax is None:
         raise KbitValueError(op, "quant_state", None, "pass quant_state=(absmax, code) or absmax")
     check_dtype(op, "absmax", absmax, FLOAT_DTYPES)
-    check_numel(op, "absmax", absmax, 1)
+    check_payload_numel(op, "absmax", absmax, 1, "whole-tensor quantization")
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     table = _code_for(op, code, A.device)
@@ -239,11 +242,9 @@ def estimate_quantiles(
     check_dtype(op, "A", A, FLOAT_DTYPES)
     if A.numel() == 0:
         raise KbitValueError(op, "A.numel()", 0, "quantiles of an empty tensor are undefined")
-    if isinstance(num_quantiles, bool) or not isinstance(num_quantiles, int) or not 1 <= num_quantiles <= 256:
-        raise KbitValueError(op, "num_quantiles", num_quantiles, "expected an int in 1..256")
-    if not 0.0 <= offset < 0.5:
-        raise KbitValueError(op, "offset", offset, "expected 0 <= offset < 0.5")
-    result = call_with_backend(backend, ops.estimate_quantiles, A.contiguous(), float(offset), num_quantiles)
+    check_int(op, "num_quantiles", num_quantiles, low=1, high=256)
+    offset = check_real(op, "offset", offset, low=0.0, high=0.5, high_open=True)
+    result = call_with_backend(backend, ops.estimate_quantiles, A.contiguous(), offset, num_quantiles)
     return store_into(op, "out", result, out)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .._errors import KbitValueError
+from ._validate import check_int, check_real
 
 __all__ = [
     "create_dynamic_map",
@@ -62,12 +63,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     more fraction points at larger magnitudes. This is the default 8-bit code and the
     optimizer state maps (signed for first moments, unsigned for second moments).
     """
-    if not 1 <= total_bits <= 8:
-        raise KbitValueError("create_dynamic_map", "total_bits", total_bits, "expected 1..8")
-    if not 0 < max_exponent_bits < total_bits:
-        raise KbitValueError(
-            "create_dynamic_map", "max_exponent_bits", max_exponent_bits, f"expected 1..{total_bits - 1}"
-        )
+    check_int("create_dynamic_map", "total_bits", total_bits, low=1, high=8)
+    check_int("create_dynamic_map", "max_exponent_bits", max_exponent_bits, low=1, high=total_bits - 1)
     non_sign_bits = total_bits - 1
     values: list[float] = []
 
@@ -98,8 +95,7 @@ def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool =
     With ``add_zero`` (or fewer than 8 bits) a signed map has an odd number of points, so
     that 0 is exactly representable.
     """
-    if not 1 <= total_bits <= 8:
-        raise KbitValueError("create_linear_map", "total_bits", total_bits, "expected 1..8")
+    check_int("create_linear_map", "total_bits", total_bits, low=1, high=8)
     count = 2**total_bits
     if signed and (add_zero or total_bits < 8):
         count -= 1
@@ -117,8 +113,7 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     With ``use_extra_value`` there are 8 positive and 7 negative quantiles plus 0 (the NF4
     values); otherwise 7 of each. Returned sorted and zero-padded to 256 entries.
     """
-    if not 0.5 < offset < 1.0:
-        raise KbitValueError("create_normal_map", "offset", offset, "expected 0.5 < offset < 1")
+    check_real("create_normal_map", "offset", offset, low=0.5, high=1.0, low_open=True, high_open=True)
     positive_count = 9 if use_extra_value else 8
     positive = _normal_ppf(torch.linspace(offset, 0.5, positive_count, dtype=torch.float64)[:-1])
     negative = -_normal_ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
@@ -137,6 +132,8 @@ def create_fp8_map(
     ``mantissa * 2**(-bias - 2)``. The table is zero-padded to 256, sorted and divided by
     its largest value.
     """
+    for name, value in (("exponent_bits", exponent_bits), ("precision_bits", precision_bits), ("total_bits", total_bits)):
+        check_int("create_fp8_map", name, value)
     sign_bits = 1 if signed else 0
     if exponent_bits < 1 or precision_bits < 0 or exponent_bits + precision_bits + sign_bits != total_bits:
         raise KbitValueError(
@@ -171,10 +168,10 @@ def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, bl
     Entry ``i`` is the value code ``i`` stands for. ``blocksize`` is accepted for API
     compatibility; the tables do not depend on it.
     """
-    try:
-        values = _FOUR_BIT_TYPES[typename]
-    except KeyError:
-        raise KbitValueError("get_4bit_type", "typename", typename, f"expected one of {sorted(_FOUR_BIT_TYPES)}") from None
+    # An unhashable typename (a list) must not escape as a bare TypeError from the lookup.
+    values = _FOUR_BIT_TYPES.get(typename) if isinstance(typename, str) else None
+    if values is None:
+        raise KbitValueError("get_4bit_type", "typename", typename, f"expected one of {sorted(_FOUR_BIT_TYPES)}")
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 

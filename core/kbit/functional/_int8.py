@@ -13,15 +13,15 @@ statistic 0 and codes 0 (it dequantizes to zeros, never NaN).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .._errors import KbitValueError
+from .._formats import FLOAT_DTYPES
 from .._ops import call_with_backend
 from .._ops import int8 as ops
-from ._validate import FLOAT_DTYPES, check_buffer, check_dtype, check_numel, check_tensor, store_into
+from ._validate import check_buffer, check_dtype, check_numel, check_real, check_tensor, store_into
 
 __all__ = [
     "int8_vectorwise_quant",
@@ -37,13 +37,7 @@ MM_DEQUANT_DEFAULT_DTYPE = torch.float16
 
 def check_threshold(op: str, threshold: object) -> float:
     """Require a finite, non-negative outlier threshold (0 disables outlier handling)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise KbitValueError(op, "threshold", threshold, "expected a finite number >= 0")
-    # Plain comparisons (NaN fails both) rather than math.isfinite, which torch.compile
-    # cannot trace for a float it treats as symbolic.
-    if not 0 <= threshold < math.inf:
-        raise KbitValueError(op, "threshold", threshold, "expected a finite number >= 0 (0 disables outlier columns)")
-    return float(threshold)
+    return check_real(op, "threshold", threshold, low=0.0)
 
 
 def _check_rows(op: str, name: str, A: torch.Tensor) -> int:

@@ -33,9 +33,10 @@ from typing import Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import FLOAT_DTYPES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .._ops import call_with_backend
 from .._ops import optim as ops
-from ._validate import FLOAT_DTYPES, check_dtype, check_tensor
+from ._validate import check_dtype, check_int, check_real, check_tensor
 
 __all__ = [
     "optimizer_update_32bit",
@@ -43,12 +44,6 @@ __all__ = [
     "optimizer_update_8bit_blockwise",
     "percentile_clipping",
 ]
-
-#: Block length of blockwise 8-bit optimizer state (format constant).
-OPTIMIZER_BLOCKSIZE = 256
-
-#: Slots of the gradient-norm history used by percentile clipping (format constant).
-GNORM_HISTORY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,22 +90,6 @@ def optimizer_kind(op: str, name: object, *, static_8bit: bool = False) -> Optim
     return kind
 
 
-def check_real(op: str, name: str, value: object, *, low: float = 0.0, high: float = math.inf,
-               high_open: bool = False) -> float:  # fmt: skip
-    """Require a finite real number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = float(value)
-        else:
-            raise KbitTypeError(op, name, f"type {type(value).__name__}", "a real number")
-    value = float(value)
-    above = value >= high if high_open else value > high
-    if not math.isfinite(value) or value < low or above:
-        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
-        raise KbitValueError(op, name, value, f"expected a finite number in {interval}")
-    return value
-
-
 def check_hyperparameters(op: str, kind: OptimizerKind, **values: float) -> dict[str, float]:
     """Validate the scalar hyperparameters of one step for ``kind``.
 
@@ -128,17 +107,15 @@ def check_hyperparameters(op: str, kind: OptimizerKind, **values: float) -> dict
     checked = {}
     for name, value in values.items():
         is_beta = name.startswith("beta")
-        checked[name] = check_real(op, name, value, high=1.0 if is_beta else math.inf, high_open=is_beta)
+        checked[name] = check_real(op, name, value, low=0.0, high=1.0 if is_beta else math.inf, high_open=is_beta)
         if unused.get(name) and checked[name] != 0.0:
             raise KbitValueError(op, name, value, f"optimizer {kind.name!r} does not use {name}; pass 0")
     return checked
 
 
 def check_step(op: str, step: object) -> int:
-    """Require the 1-based step count (an int >= 1)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise KbitValueError(op, "step", step, "expected an int >= 1 (the first update is step 1)")
-    return step
+    """Require the 1-based step count (an int >= 1; the first update is step 1)."""
+    return check_int(op, "step", step, low=1)
 
 
 def _check_inplace(op: str, name: str, tensor: object, dtypes: tuple, shape: tuple, device: torch.device) -> torch.Tensor:
@@ -343,7 +320,7 @@ def optimizer_update_8bit_blockwise(
     state1, state2 = _check_states(op, kind, p, state1, state2, torch.uint8)
     h = check_hyperparameters(op, kind, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, lr=lr,
                               weight_decay=weight_decay, gnorm_scale=gnorm_scale)  # fmt: skip
-    nblocks = -(-p.numel() // OPTIMIZER_BLOCKSIZE)
+    nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
     qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
     absmax1_shape = (2, nblocks) if kind.stacked_state1 else (nblocks,)
     absmax1 = _check_inplace(op, "absmax1", absmax1, (torch.float32,), absmax1_shape, p.device)
@@ -375,8 +352,7 @@ def percentile_clipping(
     if grad.is_sparse:
         raise KbitTypeError(op, "grad", "a sparse layout", "a dense gradient")
     gnorm_vec = _check_inplace(op, "gnorm_vec", gnorm_vec, (torch.float32,), (GNORM_HISTORY,), grad.device)
-    if isinstance(percentile, bool) or not isinstance(percentile, int) or not 0 <= percentile < GNORM_HISTORY:
-        raise KbitValueError(op, "percentile", percentile, f"expected an int in 0..{GNORM_HISTORY - 1}")
+    check_int(op, "percentile", percentile, low=0, high=GNORM_HISTORY - 1)
     current, clip, scale = call_with_backend(
         backend, ops.percentile_clipping, grad.contiguous(), gnorm_vec, check_step(op, step), percentile
     )

@@ -18,13 +18,14 @@ from typing import Optional
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError
+from .._errors import KbitTypeError, KbitValueError, QuantStateError
+from .._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, num_blocks
 from .._ops import call_with_backend
 from .._ops import quant4 as ops
 from ._blockwise import _float_absmax, nest_absmax
 from ._codebooks import get_4bit_type
-from ._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
-from ._validate import FLOAT_DTYPES, check_buffer, check_choice, check_dtype, check_numel, store_into
+from ._quant_state import QuantState
+from ._validate import check_buffer, check_choice, check_codes, check_dtype, check_payload_numel, store_into
 
 __all__ = [
     "quantize_4bit",
@@ -61,12 +62,14 @@ def checked_4bit_state(
     check_choice(op, "quant_state.quant_type", quant_state.quant_type, QUANT_TYPES_4BIT)
     check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_4BIT)
     if quant_state.shape is None:
-        raise KbitValueError(op, "quant_state.shape", None, "a 4-bit state must record the original shape")
+        raise QuantStateError("quant_state.shape", "a 4-bit state must record the original shape", op=op)
     problem = packed_size_problem(packed, quant_state.shape)
     if problem:
-        raise KbitValueError(op, f"{name}.shape", tuple(packed.shape), problem)
+        raise QuantStateError(name, problem, op=op)
     scales = _float_absmax(op, quant_state, backend)
-    check_numel(op, "quant_state.absmax", scales, -(-quant_state.shape.numel() // quant_state.blocksize))
+    blocks = num_blocks(quant_state.shape.numel(), quant_state.blocksize)
+    why = f"shape {tuple(quant_state.shape)} in blocks of {quant_state.blocksize}"
+    check_payload_numel(op, "quant_state.absmax", scales, blocks, why)
     return scales.to(packed.device), quant_state.shape
 
 
@@ -105,7 +108,7 @@ def quantize_4bit(
     check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
     check_choice(op, "quant_storage", quant_storage, QUANT_STORAGES_4BIT)
     check_buffer(op, "out", out, (ops.packed_rows(A.numel(), quant_storage), 1), quant_storage, A.device)
-    check_buffer(op, "absmax", absmax, (-(-A.numel() // blocksize),), torch.float32, A.device)
+    check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     packed, scales = call_with_backend(backend, ops.quantize_4bit, A.contiguous(), blocksize, quant_type, quant_storage)
     packed = store_into(op, "out", packed, out)
     scales = store_into(op, "absmax", scales, absmax)
@@ -135,7 +138,7 @@ def dequantize_4bit(
     transposed 2-D result.
     """
     op = "dequantize_4bit"
-    check_dtype(op, "A", A, QUANT_STORAGES_4BIT)
+    check_codes(op, "A", A, QUANT_STORAGES_4BIT)
     if quant_state is None:
         if absmax is None or out is None:
             raise KbitValueError(
@@ -210,7 +213,7 @@ def dequantize_fp4(
 def check_4bit_matmul(op: str, A: torch.Tensor, B: torch.Tensor, quant_state: object, backend: Optional[str]):
     """Shared checks of the 4-bit products; returns ``(absmax, shape)`` as the op takes them."""
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    check_dtype(op, "B", B, QUANT_STORAGES_4BIT)
+    check_codes(op, "B", B, QUANT_STORAGES_4BIT)
     scales, shape = checked_4bit_state(op, B, quant_state, backend, name="B")
     if len(shape) != 2:
         raise KbitValueError(op, "quant_state.shape", tuple(shape), "a 4-bit weight must be 2-D [out_features, in_features]")

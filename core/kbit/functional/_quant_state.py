@@ -19,18 +19,18 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .._errors import KbitValueError, QuantStateError
+from .._formats import (
+    BLOCKSIZES_4BIT,
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPES,
+    QUANT_TYPES_4BIT,
+    dtype_name,
+    num_blocks,
+)
 from ._codebooks import get_4bit_type
 from ._utils import pack_dict_to_tensor, unpack_tensor_to_dict
-from ._validate import BLOCKSIZES_8BIT, FLOAT_DTYPES
 
 __all__ = ["QuantState"]
-
-#: 4-bit value types (format constant).
-QUANT_TYPES_4BIT = ("nf4", "fp4")
-#: Blocksizes of 4-bit quantization (format constant).
-BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-#: dtypes packed 4-bit data may be stored as (the bytes are only reinterpreted).
-QUANT_STORAGES_4BIT = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 #: Name of the JSON tensor, after the prefix, is this plus the quant type.
 PACKED_KEY = "quant_state.bitsandbytes__"
@@ -39,7 +39,7 @@ PACKED_KEY = "quant_state.bitsandbytes__"
 # be 128 TiB. Checking it keeps absurd sizes from turning into huge allocations.
 _MAX_NUMEL = 2**48
 _MAX_RANK = 16
-_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+_DTYPES_BY_NAME = {dtype_name(d): d for d in FLOAT_DTYPES}
 _FIELDS = (
     "quant_type",
     "absmax",
@@ -59,10 +59,6 @@ def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool
     if a is None or b is None:
         return a is b
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class QuantState:
@@ -138,7 +134,7 @@ class QuantState:
             "absmax": self.absmax,
             "blocksize": self.blocksize,
             "quant_map": None if self.code is None else self.code.clone(),
-            "dtype": None if self.dtype is None else _dtype_name(self.dtype),
+            "dtype": None if self.dtype is None else dtype_name(self.dtype),
             "shape": None if self.shape is None else tuple(self.shape),
         }
         if self.nested:
@@ -146,7 +142,7 @@ class QuantState:
                 nested_absmax=self.state2.absmax,
                 nested_blocksize=self.state2.blocksize,
                 nested_quant_map=self.state2.code.clone(),
-                nested_dtype=_dtype_name(self.state2.dtype),
+                nested_dtype=dtype_name(self.state2.dtype),
                 nested_offset=float(self.offset),
             )
         if not packed:
@@ -303,7 +299,7 @@ class _StateReader:
             raise self.fail(
                 name,
                 f"got a {value.dtype} tensor of shape {tuple(value.shape)} but the state needs "
-                f"{_dtype_name(dtype)} of shape ({numel},){why}",
+                f"{dtype_name(dtype)} of shape ({numel},){why}",
             )
         return value
 
@@ -318,7 +314,7 @@ class _StateReader:
         blocksize = self.integer("blocksize", BLOCKSIZES_4BIT)
         dtype = self.dtype("dtype")
         shape = self.shape()
-        blocks = -(-shape.numel() // blocksize)
+        blocks = num_blocks(shape.numel(), blocksize)
         per_block = f" (one per block of {blocksize} in shape {list(shape)})"
         code = self.tensor("quant_map", torch.float32, 16)
         table = get_4bit_type(quant_type, device=code.device)
@@ -335,7 +331,7 @@ class _StateReader:
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
             raise self.fail("nested_offset", f"{offset!r} is not a finite number")
         state2 = QuantState(
-            self.tensor("nested_absmax", torch.float32, -(-blocks // nested_blocksize)),
+            self.tensor("nested_absmax", torch.float32, num_blocks(blocks, nested_blocksize)),
             shape=(blocks,),
             code=self.tensor("nested_quant_map", torch.float32, 256),
             blocksize=nested_blocksize,

@@ -6,18 +6,17 @@ They run once, in the public API; backends receive arguments that already passed
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+from .._errors import KbitTypeError, KbitValueError, QuantStateError
+from .._formats import FLOAT_DTYPES, dtype_name
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return ", ".join(dtype_name(d) for d in dtypes)
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
@@ -35,10 +34,86 @@ def check_dtype(op: str, name: str, tensor: object, allowed: Sequence[torch.dtyp
     return tensor
 
 
+def _scalar_type_error(op: str, name: str, value: object, expected: str) -> KbitTypeError:
+    return KbitTypeError(op, name, f"{value!r} (type {type(value).__name__})", expected)
+
+
+def check_int(op: str, name: str, value: object, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """Require a Python int (not a bool) in ``[low, high]`` (either bound may be open-ended).
+
+    A non-int (``"64"``, ``64.0``, ``None``, ``True``) raises :class:`~kbit.KbitTypeError`;
+    an int out of range raises :class:`~kbit.KbitValueError`. Without this check a wrong
+    type reaches torch's op schema and surfaces as an untyped ``RuntimeError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _scalar_type_error(op, name, value, "an int")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"{'' if low is None else low}..{'' if high is None else high}"
+        raise KbitValueError(op, name, value, f"expected an int in {span}")
+    return value
+
+
+def check_real(
+    op: str,
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Require a finite real number in the interval from ``low`` to ``high``; returns a float.
+
+    Ints, floats and one-element tensors pass (a bool does not: it is a flag, not a
+    number). A wrong type raises :class:`~kbit.KbitTypeError`; NaN, infinities and values
+    outside the interval raise :class:`~kbit.KbitValueError`.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise _scalar_type_error(op, name, value, "a real number")
+        value = value.item()
+    value = float(value)
+    # Plain comparisons (NaN fails all of them) rather than math.isfinite, which
+    # torch.compile cannot trace for a float it treats as symbolic.
+    finite = -math.inf < value < math.inf
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not finite or below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise KbitValueError(op, name, value, f"expected a finite number in {interval}")
+    return value
+
+
 def check_choice(op: str, name: str, value: object, allowed: Sequence[object]) -> None:
-    """Require ``value`` to be one of ``allowed`` (an int check rejects bools)."""
+    """Require ``value`` to be one of ``allowed``.
+
+    When every allowed value is an int (blocksizes), a non-int is a type error first:
+    ``blocksize="64"`` or ``True`` raises :class:`~kbit.KbitTypeError`, an unsupported int
+    :class:`~kbit.KbitValueError`.
+    """
+    if allowed and all(isinstance(a, int) and not isinstance(a, bool) for a in allowed):
+        check_int(op, name, value)
     if isinstance(value, bool) or value not in allowed:
         raise KbitValueError(op, name, value, f"expected one of {list(allowed)}")
+
+
+def check_codes(op: str, name: str, codes: object, allowed: Sequence[torch.dtype]) -> torch.Tensor:
+    """Require quantized codes (or packed data) of a dtype the format stores them as.
+
+    Not a tensor is a type error; a tensor of another dtype is a malformed payload
+    (:class:`~kbit.QuantStateError`): codes that cannot belong to any quantization state.
+    """
+    codes = check_tensor(op, name, codes)
+    if codes.dtype not in allowed:
+        raise QuantStateError(name, f"dtype {codes.dtype} cannot hold quantized codes (expected {_names(allowed)})", op=op)
+    return codes
+
+
+def check_payload_numel(op: str, name: str, tensor: torch.Tensor, expected: int, why: str) -> None:
+    """Require a quantized payload (codes or scales) to hold as many elements as its state says."""
+    if tensor.numel() != expected:
+        raise QuantStateError(name, f"holds {tensor.numel()} values but {why} needs {expected}", op=op)
 
 
 def check_numel(op: str, name: str, tensor: torch.Tensor, expected: int) -> None:

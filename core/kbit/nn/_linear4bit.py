@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
+from .._formats import FLOAT_DTYPES
 from ..autograd._matmul4bit import matmul_4bit
-from ..functional._validate import FLOAT_DTYPES, check_choice, check_dtype
+from ..functional._validate import check_choice, check_dtype
 from ._params4bit import Weight4bitStateDict
 
 __all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]

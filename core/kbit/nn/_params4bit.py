@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 import torch
 
-from .._errors import KbitTypeError, KbitValueError, QuantStateError
+from .._errors import KbitValueError, QuantStateError
+from .._formats import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT
 from ..functional._quant4 import packed_size_problem, quantize_4bit
-from ..functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, QuantState
+from ..functional._quant_state import QuantState
 from ..functional._validate import check_choice
 from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
@@ -299,10 +300,8 @@ class Weight4bitStateDict(QuantizedWeightModule):
             return Params4bit._from_state(value.detach().clone(), state, device, key=key)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise KbitTypeError(
-                "load_state_dict", key, f"dtype {found}", "a float weight, or packed codes with their quant-state keys"
-            )
+            raise QuantStateError(key, f"holds {found}: expected a float weight, or packed codes with their quant-state keys")
         if value.shape != expected:
-            raise KbitValueError("load_state_dict", f"{key}.shape", tuple(value.shape), f"expected {tuple(expected)}")
+            raise QuantStateError(key, f"holds a weight of shape {tuple(value.shape)}; this module needs {tuple(expected)}")
         fresh = Params4bit(value.detach().to(device, copy=True), False, **self._settings())
         return fresh._quantize() if device.type != "meta" else fresh

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._errors import KbitTypeError, KbitValueError
+from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from ..functional._codebooks import cached_code
 from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state
@@ -206,14 +207,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             # First moments (and every single state) are signed; second moments unsigned.
             state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
             if block_wise:
-                nblocks = -(-p.numel() // F.OPTIMIZER_BLOCKSIZE)
+                nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
                 state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
             else:
                 state[f"max{which}"] = torch.zeros(1, dtype=torch.float32, device=p.device)
                 state[f"new_max{which}"] = torch.zeros(1, dtype=torch.float32, device=p.device)
         if config["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(F.GNORM_HISTORY, dtype=torch.float32, device=p.device)
+            state["gnorm_vec"] = torch.zeros(GNORM_HISTORY, dtype=torch.float32, device=p.device)
         if config["max_unorm"] > 0:
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
@@ -299,7 +300,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if config["percentile_clipping"] < 100:
             fresh = "gnorm_vec" not in state  # clipping enabled by an override after step 1
             if fresh:
-                state["gnorm_vec"] = torch.zeros(F.GNORM_HISTORY, dtype=torch.float32, device=p.device)
+                state["gnorm_vec"] = torch.zeros(GNORM_HISTORY, dtype=torch.float32, device=p.device)
             _, _, gnorm_scale = F.percentile_clipping(
                 grad, state["gnorm_vec"], 1 if fresh else step, config["percentile_clipping"]
             )

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .._errors import QuantStateError
-from ..functional._optim import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, OptimizerKind
+from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
+from ..functional._optim import OptimizerKind
 
 __all__ = [
     "QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state",
@@ -71,7 +72,7 @@ def _require(prefix: str, state: Mapping[str, Any], key: str, dtype: torch.dtype
 def _check_quantized(prefix: str, state: Mapping[str, Any], which: int, rows: int, numel: int) -> list[str]:
     """Check the code table and scales of uint8 state ``which``; return the keys used."""
     _require(prefix, state, f"qmap{which}", torch.float32, (256,))
-    nblocks = -(-numel // OPTIMIZER_BLOCKSIZE)
+    nblocks = num_blocks(numel, OPTIMIZER_BLOCKSIZE)
     if f"absmax{which}" in state:
         _require(prefix, state, f"absmax{which}", torch.float32, (rows, nblocks) if rows > 1 else (nblocks,))
         return [f"qmap{which}", f"absmax{which}"]

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from .._errors import KbitTypeError, KbitValueError
-from ..functional._optim import OptimizerKind, check_real
+from ..functional._optim import OptimizerKind
+from ..functional._validate import check_choice, check_int, check_real
 
 #: State options of an optimizer, in ``optimizer.args``.
 STATE_OPTIONS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
@@ -49,11 +50,6 @@ def state_options(owner: str, args: object, fixed_bits: Optional[int], **keyword
     return types.SimpleNamespace(**options)
 
 
-def _check_int(owner: str, name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise KbitValueError(owner, name, value, f"expected an int in {low}..{high}")
-
-
 def _check_bool(owner: str, name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise KbitTypeError(owner, name, f"type {type(value).__name__}", "a bool")
@@ -62,14 +58,13 @@ def _check_bool(owner: str, name: str, value: object) -> None:
 def check_state_options(owner: str, options: Mapping[str, Any]) -> None:
     """Validate the state options present in ``options``."""
     bits = options.get("optim_bits", 32)
-    if isinstance(bits, bool) or bits not in (8, 32):
-        raise KbitValueError(owner, "optim_bits", bits, "expected 8 or 32")
+    check_choice(owner, "optim_bits", bits, (8, 32))
     if "min_8bit_size" in options:
-        _check_int(owner, "min_8bit_size", options["min_8bit_size"], 0, 2**62)
+        check_int(owner, "min_8bit_size", options["min_8bit_size"], low=0, high=2**62)
     if "percentile_clipping" in options:
-        _check_int(owner, "percentile_clipping", options["percentile_clipping"], 0, 100)
+        check_int(owner, "percentile_clipping", options["percentile_clipping"], low=0, high=100)
     if "max_unorm" in options:
-        check_real(owner, "max_unorm", options["max_unorm"])
+        check_real(owner, "max_unorm", options["max_unorm"], low=0.0)
     for name in ("block_wise", "skip_zeros"):
         if name in options:
             _check_bool(owner, name, options[name])
@@ -89,7 +84,7 @@ def normalise_betas(owner: str, kind: OptimizerKind, betas: object) -> tuple[flo
     length = 3 if kind.uses_beta3_alpha else 2
     if not isinstance(betas, (tuple, list)) or len(betas) != length:
         raise KbitValueError(owner, "betas", betas, f"a tuple of {length} numbers in [0, 1)")
-    values = tuple(check_real(owner, f"betas[{i}]", b, high=1.0, high_open=True) for i, b in enumerate(betas))
+    values = tuple(check_real(owner, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas))
     unused = [(0, kind.uses_beta1), (1, kind.uses_beta2)]
     for index, used in unused:
         if not used and values[index] != 0.0:
@@ -101,21 +96,21 @@ def check_group_hyperparameters(owner: str, kind: OptimizerKind, group: Mapping[
     """Validated copy of the hyperparameters in ``group`` (betas normalised to a tuple)."""
     checked: dict[str, Any] = {}
     if "lr" in group:
-        checked["lr"] = check_real(owner, "lr", group["lr"])
+        checked["lr"] = check_real(owner, "lr", group["lr"], low=0.0)
     if "betas" in group:
         checked["betas"] = normalise_betas(owner, kind, group["betas"])
     if "eps" in group:
-        checked["eps"] = check_real(owner, "eps", group["eps"])
+        checked["eps"] = check_real(owner, "eps", group["eps"], low=0.0)
         if not kind.uses_eps and checked["eps"] != 0.0:
             raise KbitValueError(owner, "eps", group["eps"], f"optimizer {kind.name!r} does not use eps; pass 0")
     if "weight_decay" in group:
-        checked["weight_decay"] = check_real(owner, "weight_decay", group["weight_decay"])
+        checked["weight_decay"] = check_real(owner, "weight_decay", group["weight_decay"], low=0.0)
     if kind.uses_beta3_alpha:
         if "alpha" in group:
-            checked["alpha"] = check_real(owner, "alpha", group["alpha"])
+            checked["alpha"] = check_real(owner, "alpha", group["alpha"], low=0.0)
         for name in ("t_alpha", "t_beta3"):
             if group.get(name) is not None:
-                _check_int(owner, name, group[name], 1, 2**62)
+                check_int(owner, name, group[name], low=1, high=2**62)
             if name in group:
                 checked[name] = group[name]
     else:

@@ -13,8 +13,9 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .._errors import UnsupportedOpError
+from .._formats import dtype_name
 from .._manifest import BackendManifest
-from ..backends._registry import REFERENCE, REGISTRY, _dtype_name, use_backend
+from ..backends._registry import REFERENCE, REGISTRY, use_backend
 from ._cases._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant
 from ._plan import declares
 from .tolerances import Tolerance
@@ -129,7 +130,7 @@ def golden_problems(
     """Run a golden check on ``backend``: ``(entries checked, problems)``."""
 
     def declared(op: str, dtype: torch.dtype | str | None, **params: Any) -> bool:
-        return declares(manifest, op, _dtype_name(dtype), params)
+        return declares(manifest, op, None if dtype is None else dtype_name(dtype), params)
 
     def call(op: str, *args: Any) -> Any:
         with pinned(backend):

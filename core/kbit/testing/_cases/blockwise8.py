@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES, num_blocks
 from ...functional._codebooks import create_dynamic_map, create_linear_map
-from ...functional._validate import BLOCKSIZES_8BIT, FLOAT_DTYPES
 from ..tolerances import EXACT, Tolerance
 from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, mutates, returns, seeded
 
@@ -20,9 +20,8 @@ Tensor = torch.Tensor
 
 FAMILY = "blockwise8"
 
-_FLOATS = tuple(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
-_BLOCKWISE_UNIVERSE = {"dtype": _FLOATS, "blocksize": BLOCKSIZES_8BIT}
-_DTYPE_UNIVERSE = {"dtype": _FLOATS}
+_BLOCKWISE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES, "blocksize": BLOCKSIZES_8BIT}
+_DTYPE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES}
 
 # Tables are built once; the inputs of every case are built from CPU copies of them.
 _DYNAMIC = create_dynamic_map()
@@ -137,11 +136,11 @@ def _dequantize_blockwise_inputs(variant: Variant) -> list[InputSet]:
 
     def entry(name: str, shape: tuple[int, ...], scales: Tensor | None = None, code: Tensor = _DYNAMIC) -> InputSet:
         numel = int(torch.Size(shape).numel())
-        blocks = -(-numel // bs)
+        blocks = num_blocks(numel, bs)
         scales = _scales(variant, name, blocks) if scales is None else scales
         return InputSet(name, (_codes(variant, name, shape), scales, code.clone(), bs, dtype))
 
-    blocks3 = -(-(2 * bs + 3) // bs)
+    blocks3 = num_blocks(2 * bs + 3, bs)
     zero_scales = _scales(variant, "all_zero_block", blocks3)
     zero_scales[0] = 0.0
     large_scales = _scales(variant, "large_values", blocks3) * (_large(dtype) / 4)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ...functional._validate import FLOAT_DTYPES
+from ..._formats import FLOAT_DTYPE_NAMES
 from ..tolerances import EXACT, INT8_CODE_MAX_STEP, INT8_CODE_MISMATCH_FRACTION, Tolerance
 from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, returns, seeded
 
@@ -25,7 +25,6 @@ Tensor = torch.Tensor
 
 FAMILY = "int8"
 
-_FLOATS = tuple(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
 _THRESHOLD = 6.0
 
 
@@ -229,7 +228,7 @@ def _compare_float_output(
     return problems
 
 
-_QUANT_UNIVERSE = {"dtype": _FLOATS}
+_QUANT_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES}
 
 CASES = (
     OpCases("int8_vectorwise_quant", _QUANT_UNIVERSE, _quant_inputs, returns("CA", "row_stats", "outlier_cols")),

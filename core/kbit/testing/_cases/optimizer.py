@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..._formats import FLOAT_DTYPE_NAMES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ...functional._codebooks import create_dynamic_map
-from ...functional._optim import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, OPTIMIZER_KINDS, OptimizerKind
-from ...functional._validate import FLOAT_DTYPES
+from ...functional._optim import OPTIMIZER_KINDS, OptimizerKind
 from ..tolerances import (
     EXACT,
     OPTIMIZER_GOLDEN_CODE_EXCEPTIONS,
@@ -51,7 +51,6 @@ FAMILY = "optimizer"
 #: Update steps per trajectory (step counts 1..STEPS, or from the input's step on).
 STEPS = 3
 
-_FLOATS = tuple(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
 _ALL_KINDS = tuple(OPTIMIZER_KINDS)
 _STATIC_8BIT_KINDS = tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
 
@@ -137,7 +136,7 @@ def _start(op: str, kind: OptimizerKind, p: Tensor, g: Tensor, **hyper: Any) -> 
             "qmap2": _QMAP_UNSIGNED.clone() if two else None,
         }
     if op == "optimizer_update_8bit_blockwise":
-        nblocks = -(-n // OPTIMIZER_BLOCKSIZE)
+        nblocks = num_blocks(n, OPTIMIZER_BLOCKSIZE)
         state.update(absmax1=torch.zeros(rows + (nblocks,)), absmax2=torch.zeros(nblocks) if two else None)
     if op == "optimizer_update_8bit":
         for which in ("1", "2"):
@@ -321,7 +320,7 @@ def _update_cases(op: str, kinds: tuple[str, ...]) -> OpCases:
     # shapes (AdEMAMix stacks two); the dtype changes neither schema nor fake kernel.
     return OpCases(
         op,
-        {"dtype": _FLOATS, "optimizer": kinds},
+        {"dtype": FLOAT_DTYPE_NAMES, "optimizer": kinds},
         _update_inputs(op),
         _trajectory(op),
         _compare_trajectory,
@@ -334,7 +333,7 @@ CASES = (
     # Whole-tensor 8-bit state has no slot for AdEMAMix's third moment: the API refuses it.
     _update_cases("optimizer_update_8bit", _STATIC_8BIT_KINDS),
     _update_cases("optimizer_update_8bit_blockwise", _ALL_KINDS),
-    OpCases("percentile_clipping", {"dtype": _FLOATS}, _clipping_inputs, _clipping_run),
+    OpCases("percentile_clipping", {"dtype": FLOAT_DTYPE_NAMES}, _clipping_inputs, _clipping_run),
 )
 
 

@@ -15,10 +15,9 @@ import math
 
 import torch
 
+from ..._formats import BLOCKSIZES_4BIT, FLOAT_DTYPE_NAMES, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, dtype_name
 from ..._ops.quant4 import packed_rows
 from ...functional._codebooks import get_4bit_type
-from ...functional._quant_state import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT
-from ...functional._validate import FLOAT_DTYPES
 from ..tolerances import EXACT, Tolerance
 from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, returns, seeded
 
@@ -27,15 +26,11 @@ Tensor = torch.Tensor
 FAMILY = "quant4"
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 _UNIVERSE = {
-    "dtype": tuple(_name(dtype) for dtype in FLOAT_DTYPES),
+    "dtype": FLOAT_DTYPE_NAMES,
     "blocksize": BLOCKSIZES_4BIT,
     "quant_type": QUANT_TYPES_4BIT,
-    "quant_storage": tuple(_name(dtype) for dtype in QUANT_STORAGES_4BIT),
+    "quant_storage": tuple(dtype_name(dtype) for dtype in QUANT_STORAGES_4BIT),
 }
 
 # Tables are built once; FP4's code 8 is -0.0, the twin of code 0.
