@@ -216,3 +216,44 @@ class GoldenCheck:
 def seeded(variant: Variant, name: str) -> torch.Generator:
     """A CPU generator seeded from the variant and input-set name (stable across runs)."""
     return torch.Generator().manual_seed(zlib.crc32(f"{variant.id}/{name}".encode()))
+
+
+# ------------------------------------------------------------------- shared input builders
+def randn(variant: Variant, name: str, *shape: int) -> Tensor:
+    """Seeded standard-normal float32 values of ``shape`` (see :func:`seeded`)."""
+    return torch.randn(*shape, generator=seeded(variant, name))
+
+
+def large_magnitude(dtype: torch.dtype) -> float:
+    """A magnitude near the top of ``dtype``'s range whose reciprocal is still normal."""
+    return min(float(torch.finfo(dtype).max) / 16, 1e30)
+
+
+def tie_values(table: Tensor) -> Tensor:
+    """Exact midpoints between neighbouring table values, and the floats one ulp either side.
+
+    A midpoint that float32 represents exactly is a tie: it must go to the lower *index*
+    (for an unsorted table such as FP4's, not always the lower value); its neighbours must
+    go to the nearer value. Together they catch a search that rounds the wrong way or
+    compares distances in too little precision.
+    """
+    values = torch.unique(table.double())  # sorted; repeated values (FP4's two zeros) collapse
+    mids = (values[:-1] + values[1:]) / 2
+    mids32 = mids.float()
+    exact = mids32[mids32.double() == mids]
+    up = torch.nextafter(exact, torch.full_like(exact, torch.inf))
+    down = torch.nextafter(exact, torch.full_like(exact, -torch.inf))
+    return torch.cat([exact, up, down])
+
+
+def with_unit_absmax(values: Tensor, blocksize: int) -> Tensor:
+    """Lay ``values`` (within [-1, 1]) out in blocks that each start with 1.0.
+
+    Every block's absmax is then exactly 1, so normalisation leaves the values, and their
+    ties, unchanged.
+    """
+    per_block = blocksize - 1
+    pad = (-values.numel()) % per_block
+    body = torch.cat([values, torch.zeros(pad)]).view(-1, per_block)
+    blocks = torch.cat([torch.ones(body.shape[0], 1), body], dim=1).reshape(-1)
+    return blocks[: blocks.numel() - pad]

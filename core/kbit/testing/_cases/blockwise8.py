@@ -14,7 +14,21 @@ import torch
 from ..._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES, num_blocks
 from ...functional._codebooks import create_dynamic_map, create_linear_map
 from ..tolerances import EXACT, Tolerance
-from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, mutates, returns, seeded
+from ._spec import (
+    GoldenCheck,
+    GoldenContext,
+    InputSet,
+    OpCases,
+    Variant,
+    compare_tensor,
+    large_magnitude,
+    mutates,
+    randn,
+    returns,
+    seeded,
+    tie_values,
+    with_unit_absmax,
+)
 
 Tensor = torch.Tensor
 
@@ -30,48 +44,10 @@ _LINEAR = create_linear_map()
 
 
 # --------------------------------------------------------------------------- input values
-def _large(dtype: torch.dtype) -> float:
-    """A magnitude near the top of ``dtype``'s range whose reciprocal is still normal."""
-    return min(float(torch.finfo(dtype).max) / 16, 1e30)
-
-
-def _randn(variant: Variant, name: str, numel: int) -> Tensor:
-    return torch.randn(numel, generator=seeded(variant, name))
-
-
-def _tie_values(code: Tensor) -> Tensor:
-    """Exact midpoints between neighbouring code values and the floats right next to them.
-
-    A midpoint that float32 represents exactly is a tie (it must go to the lower index);
-    its neighbours one ulp away must go to the nearer code. Together they catch a search
-    that rounds the wrong way or compares distances in too little precision.
-    """
-    wide = code.double()
-    mids = (wide[:-1] + wide[1:]) / 2
-    mids32 = mids.float()
-    exact = mids32[mids32.double() == mids]
-    up = torch.nextafter(exact, torch.full_like(exact, torch.inf))
-    down = torch.nextafter(exact, torch.full_like(exact, -torch.inf))
-    return torch.cat([exact, up, down])
-
-
-def _with_unit_absmax(values: Tensor, blocksize: int) -> Tensor:
-    """Lay ``values`` (within [-1, 1]) out in blocks that each start with 1.0.
-
-    Every block's absmax is then exactly 1, so normalisation leaves the values unchanged
-    and the ties survive it.
-    """
-    per_block = blocksize - 1
-    pad = (-values.numel()) % per_block
-    body = torch.cat([values, torch.zeros(pad)]).view(-1, per_block)
-    blocks = torch.cat([torch.ones(body.shape[0], 1), body], dim=1).reshape(-1)
-    return blocks[: blocks.numel() - pad]
-
-
 def _large_values(variant: Variant, numel: int) -> Tensor:
     """randn with every seventh value, and the last, scaled towards the dtype's range."""
-    large = _large(variant.dtype)
-    values = _randn(variant, "large", numel)
+    large = large_magnitude(variant.dtype)
+    values = randn(variant, "large", numel)
     values[::7] *= large / 8
     values[-1] = -large
     return values
@@ -93,13 +69,13 @@ def _quantize_blockwise_inputs(variant: Variant) -> list[InputSet]:
         return InputSet(name, (values.to(dtype), code.clone(), bs))
 
     return [
-        entry("partial_block", _randn(variant, "partial_block", 2 * bs + 3)),
-        entry("one_element", _randn(variant, "one_element", 1) * 3),
-        entry("matrix", _randn(variant, "matrix", 3 * (bs // 2 + 7)).view(3, -1)),
-        entry("all_zero_block", torch.cat([torch.zeros(bs), _randn(variant, "all_zero_block", bs // 2)])),
+        entry("partial_block", randn(variant, "partial_block", 2 * bs + 3)),
+        entry("one_element", randn(variant, "one_element", 1) * 3),
+        entry("matrix", randn(variant, "matrix", 3 * (bs // 2 + 7)).view(3, -1)),
+        entry("all_zero_block", torch.cat([torch.zeros(bs), randn(variant, "all_zero_block", bs // 2)])),
         entry("large_values", _large_values(variant, bs + 5)),
-        entry("ties", _with_unit_absmax(_tie_values(_DYNAMIC), bs)),
-        entry("linear_code", _randn(variant, "linear_code", bs + 1), _LINEAR),
+        entry("ties", with_unit_absmax(tie_values(_DYNAMIC), bs)),
+        entry("linear_code", randn(variant, "linear_code", bs + 1), _LINEAR),
         entry("empty", torch.empty(0, 4)),
     ]
 
@@ -143,7 +119,7 @@ def _dequantize_blockwise_inputs(variant: Variant) -> list[InputSet]:
     blocks3 = num_blocks(2 * bs + 3, bs)
     zero_scales = _scales(variant, "all_zero_block", blocks3)
     zero_scales[0] = 0.0
-    large_scales = _scales(variant, "large_values", blocks3) * (_large(dtype) / 4)
+    large_scales = _scales(variant, "large_values", blocks3) * (large_magnitude(dtype) / 4)
     if dtype == torch.float16:
         large_scales[-1] = 1e5  # beyond float16's range: the cast must overflow to inf
     return [
@@ -164,15 +140,15 @@ def _quantize_inputs(variant: Variant) -> list[InputSet]:
     def entry(name: str, values: Tensor, code: Tensor = _DYNAMIC) -> InputSet:
         return InputSet(name, (values.to(dtype), code.clone()))
 
-    ties = _tie_values(_DYNAMIC)
+    ties = tie_values(_DYNAMIC)
     return [
-        entry("typical", _randn(variant, "typical", 1000)),
-        entry("one_element", _randn(variant, "one_element", 1) * 3),
-        entry("matrix", _randn(variant, "matrix", 7 * 13).view(7, 13)),
+        entry("typical", randn(variant, "typical", 1000)),
+        entry("one_element", randn(variant, "one_element", 1) * 3),
+        entry("matrix", randn(variant, "matrix", 7 * 13).view(7, 13)),
         entry("all_zero", torch.zeros(300)),
         entry("large_values", _large_values(variant, 200)),
         entry("ties", torch.cat([torch.ones(1), ties])),
-        entry("linear_code", _randn(variant, "linear_code", 500), _LINEAR),
+        entry("linear_code", randn(variant, "linear_code", 500), _LINEAR),
     ]
 
 
@@ -187,7 +163,7 @@ def _dequantize_inputs(variant: Variant) -> list[InputSet]:
         entry("one_element", (1,), 0.75),
         entry("matrix", (7, 13), 3.0),
         entry("zero_absmax", (100,), 0.0),
-        entry("large_values", (300,), _large(dtype) / 4),
+        entry("large_values", (300,), large_magnitude(dtype) / 4),
         entry("linear_code", (500,), 1.5, _LINEAR),
         entry("empty", (0,), 1.0),
     ]
@@ -206,9 +182,9 @@ def _quantize_no_absmax_inputs(variant: Variant) -> list[InputSet]:
         entry("typical", uniform * 2.4 - 1.2),
         entry("one_element", torch.tensor([0.3])),
         entry("matrix", (torch.rand(5, 31, generator=seeded(variant, "matrix")) * 2 - 1)),
-        entry("ties", _tie_values(_DYNAMIC)),
+        entry("ties", tie_values(_DYNAMIC)),
         entry("unsigned_code", torch.rand(500, generator=seeded(variant, "unsigned_code")), _UNSIGNED),
-        entry("linear_code_ties", _tie_values(_LINEAR), _LINEAR),
+        entry("linear_code_ties", tie_values(_LINEAR), _LINEAR),
         entry("empty", torch.empty(0)),
     ]
 
@@ -236,12 +212,12 @@ def _estimate_quantiles_inputs(variant: Variant) -> list[InputSet]:
         return InputSet(name, (values.to(dtype), offset, count))
 
     return [
-        entry("typical", _randn(variant, "typical", 1000)),
+        entry("typical", randn(variant, "typical", 1000)),
         entry("one_element", torch.tensor([1.25])),
         entry("two_elements", torch.tensor([-1.0, 3.0]), count=10),
         entry("duplicates", torch.randint(-3, 4, (500,), generator=seeded(variant, "duplicates")).float()),
-        entry("zero_offset", _randn(variant, "zero_offset", 300), offset=0.0, count=17),
-        entry("single_quantile", _randn(variant, "single_quantile", 300), offset=0.25, count=1),
+        entry("zero_offset", randn(variant, "zero_offset", 300), offset=0.0, count=17),
+        entry("single_quantile", randn(variant, "single_quantile", 300), offset=0.25, count=1),
         entry("large_values", _large_values(variant, 400)),
     ]
 

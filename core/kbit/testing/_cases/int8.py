@@ -19,7 +19,7 @@ import torch
 
 from ..._formats import FLOAT_DTYPE_NAMES
 from ..tolerances import EXACT, INT8_CODE_MAX_STEP, INT8_CODE_MISMATCH_FRACTION, Tolerance
-from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, returns, seeded
+from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, randn, returns, seeded
 
 Tensor = torch.Tensor
 
@@ -29,10 +29,6 @@ _THRESHOLD = 6.0
 
 
 # --------------------------------------------------------------------------- input values
-def _randn(variant: Variant, name: str, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=seeded(variant, name))
-
-
 def _int8(variant: Variant, name: str, *shape: int) -> Tensor:
     return torch.randint(-128, 128, shape, dtype=torch.int8, generator=seeded(variant, name))
 
@@ -52,7 +48,7 @@ def _with_outliers(variant: Variant, name: str, rows: int, cols: int, columns: l
     An element equal to the threshold is an outlier (``|a| >= threshold``); the one just
     below it is not.
     """
-    A = _randn(variant, name, rows, cols)
+    A = randn(variant, name, rows, cols)
     A[:, columns] *= 3 * _THRESHOLD
     A[0, cols - 1] = _THRESHOLD
     A[-1, cols - 2] = -_THRESHOLD
@@ -78,28 +74,28 @@ def _quant_inputs(variant: Variant) -> list[InputSet]:
     def entry(name: str, A: Tensor, threshold: float = 0.0) -> InputSet:
         return InputSet(name, (A.to(dtype), threshold))
 
-    zero_rows = _randn(variant, "zero_rows", 5, 24)
+    zero_rows = randn(variant, "zero_rows", 5, 24)
     zero_rows[1] = 0
     zero_rows[4] = 0
     zero_rows[:, 7] = 0  # an all-zero column as well (column statistics)
     only_outliers = _with_outliers(variant, "only_outliers", 4, 16, [2, 9])
     only_outliers[1] = 0
     only_outliers[1, [2, 9]] = 10 * _THRESHOLD  # a row with nothing but outliers: statistic 0
-    large = _randn(variant, "large_values", 4, 20)
+    large = randn(variant, "large_values", 4, 20)
     large[::2] *= _large(dtype) / 4
     large[1, 3] = -_large(dtype)
     return [
         entry("outliers", _with_outliers(variant, "outliers", 8, 32, [3, 17]), _THRESHOLD),
-        entry("typical", _randn(variant, "typical", 6, 40)),
-        entry("one_row", _randn(variant, "one_row", 1, 24)),
+        entry("typical", randn(variant, "typical", 6, 40)),
+        entry("one_row", randn(variant, "one_row", 1, 24)),
         entry("one_row_outliers", _with_outliers(variant, "one_row_outliers", 1, 16, [5]), _THRESHOLD),
-        entry("k_one", _randn(variant, "k_one", 5, 1)),
-        entry("k_one_outliers", _randn(variant, "k_one_outliers", 5, 1).index_fill(0, torch.tensor([2]), 5.0), 4.0),
+        entry("k_one", randn(variant, "k_one", 5, 1)),
+        entry("k_one_outliers", randn(variant, "k_one_outliers", 5, 1).index_fill(0, torch.tensor([2]), 5.0), 4.0),
         entry("zero_rows", zero_rows),
         entry("zero_rows_threshold", zero_rows.clone(), 1.5),
         entry("only_outliers", only_outliers, _THRESHOLD),
         entry("batched", _with_outliers(variant, "batched", 6, 24, [0, 11]).view(2, 3, 24), _THRESHOLD),
-        entry("no_outlier_found", _randn(variant, "no_outlier_found", 6, 16), 1000.0),
+        entry("no_outlier_found", randn(variant, "no_outlier_found", 6, 16), 1000.0),
         entry("ties", _ties(3)),
         entry("large_values", large),
     ]
@@ -195,11 +191,11 @@ def _mixed_inputs(variant: Variant) -> list[InputSet]:
 
     return [
         entry("outliers", _with_outliers(variant, "outliers", 6, 32, [1, 20]), 10, _THRESHOLD, True),
-        entry("no_outliers", _randn(variant, "no_outliers", 6, 32), 10, 0.0, False),
+        entry("no_outliers", randn(variant, "no_outliers", 6, 32), 10, 0.0, False),
         entry("one_row", _with_outliers(variant, "one_row", 1, 16, [4]), 5, _THRESHOLD, True),
-        entry("k_one", _randn(variant, "k_one", 4, 1) * 8, 3, _THRESHOLD, False),
-        entry("k_one_inliers", _randn(variant, "k_one_inliers", 4, 1), 3, 0.0, True),
-        entry("all_outlier_columns", _randn(variant, "all_outlier_columns", 3, 4) + 20, 6, _THRESHOLD, True),
+        entry("k_one", randn(variant, "k_one", 4, 1) * 8, 3, _THRESHOLD, False),
+        entry("k_one_inliers", randn(variant, "k_one_inliers", 4, 1), 3, 0.0, True),
+        entry("all_outlier_columns", randn(variant, "all_outlier_columns", 3, 4) + 20, 6, _THRESHOLD, True),
         entry("batched", _with_outliers(variant, "batched", 6, 24, [7]).view(2, 3, 24), 8, _THRESHOLD, True),
     ]
 
@@ -243,9 +239,7 @@ CASES = (
         _quant_inputs,
         returns("CA", "CAt", "row_stats", "col_stats", "outlier_cols"),
     ),
-    OpCases(
-        "int8_mixed_scaled_mm", _QUANT_UNIVERSE, _mixed_inputs, returns("out", "subA"), _compare_float_output
-    ),
+    OpCases("int8_mixed_scaled_mm", _QUANT_UNIVERSE, _mixed_inputs, returns("out", "subA"), _compare_float_output),
 )
 
 

@@ -19,7 +19,20 @@ from ..._formats import BLOCKSIZES_4BIT, FLOAT_DTYPE_NAMES, QUANT_STORAGES_4BIT,
 from ..._ops.quant4 import packed_rows
 from ...functional._codebooks import get_4bit_type
 from ..tolerances import EXACT, Tolerance
-from ._spec import GoldenCheck, GoldenContext, InputSet, OpCases, Variant, compare_tensor, returns, seeded
+from ._spec import (
+    GoldenCheck,
+    GoldenContext,
+    InputSet,
+    OpCases,
+    Variant,
+    compare_tensor,
+    large_magnitude,
+    randn,
+    returns,
+    seeded,
+    tie_values,
+    with_unit_absmax,
+)
 
 Tensor = torch.Tensor
 
@@ -41,44 +54,6 @@ _FP4_NEGATIVE_ZERO, _FP4_ZERO = 8, 0
 # --------------------------------------------------------------------------- input values
 def _storage(variant: Variant) -> torch.dtype:
     return getattr(torch, variant["quant_storage"])
-
-
-def _randn(variant: Variant, name: str, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=seeded(variant, name))
-
-
-def _large(dtype: torch.dtype) -> float:
-    """A magnitude near the top of ``dtype``'s range whose reciprocal is still normal."""
-    return min(float(torch.finfo(dtype).max) / 16, 1e30)
-
-
-def _tie_values(table: Tensor) -> Tensor:
-    """Exact midpoints between neighbouring table values, and the floats next to them.
-
-    The midpoints that float32 represents exactly are ties (they go to the lower *index*:
-    for FP4, whose table is not sorted, that is not always the lower value); their
-    neighbours one ulp away go to the nearer value.
-    """
-    values = torch.unique(table.double())  # sorted; FP4's two zeros collapse to one
-    mids = (values[:-1] + values[1:]) / 2
-    mids32 = mids.float()
-    exact = mids32[mids32.double() == mids]
-    up = torch.nextafter(exact, torch.full_like(exact, torch.inf))
-    down = torch.nextafter(exact, torch.full_like(exact, -torch.inf))
-    return torch.cat([exact, up, down])
-
-
-def _with_unit_absmax(values: Tensor, blocksize: int) -> Tensor:
-    """Lay ``values`` (within [-1, 1]) out in blocks that each start with 1.0.
-
-    Every block's absmax is then exactly 1: normalisation leaves the values, and their
-    ties, unchanged.
-    """
-    per_block = blocksize - 1
-    pad = (-values.numel()) % per_block
-    body = torch.cat([values, torch.zeros(pad)]).view(-1, per_block)
-    blocks = torch.cat([torch.ones(body.shape[0], 1), body], dim=1).reshape(-1)
-    return blocks[: blocks.numel() - pad]
 
 
 def _packed(variant: Variant, name: str, numel: int) -> Tensor:
@@ -114,20 +89,20 @@ def _quantize_inputs(variant: Variant) -> list[InputSet]:
     def entry(name: str, values: Tensor) -> InputSet:
         return InputSet(name, (values.to(dtype), bs, quant_type, storage))
 
-    large = _large(dtype)
-    large_values = _randn(variant, "large_values", bs + 5)
+    large = large_magnitude(dtype)
+    large_values = randn(variant, "large_values", bs + 5)
     large_values[::7] *= large / 8
     large_values[-1] = -large
-    zeros_around = torch.cat([torch.zeros(bs), _randn(variant, "all_zero_blocks", bs), torch.zeros(3)])
+    zeros_around = torch.cat([torch.zeros(bs), randn(variant, "all_zero_blocks", bs), torch.zeros(3)])
     return [
         # Odd count: the last byte holds one code and the pad nibble.
-        entry("partial_block", _randn(variant, "partial_block", 2 * bs + 3)),
-        entry("one_element", _randn(variant, "one_element", 1) * 3),
-        entry("matrix", _randn(variant, "matrix", 3, bs // 2 + 5)),
+        entry("partial_block", randn(variant, "partial_block", 2 * bs + 3)),
+        entry("one_element", randn(variant, "one_element", 1) * 3),
+        entry("matrix", randn(variant, "matrix", 3, bs // 2 + 5)),
         # First and (partial) last block all zero.
         entry("all_zero_blocks", zeros_around),
         entry("large_values", large_values),
-        entry("ties", _with_unit_absmax(_tie_values(_TABLES[quant_type]), bs)),
+        entry("ties", with_unit_absmax(tie_values(_TABLES[quant_type]), bs)),
         entry("empty", torch.empty(0, 4)),
     ]
 
@@ -175,7 +150,7 @@ def _dequantize_inputs(variant: Variant) -> list[InputSet]:
     numel3 = 2 * bs + 3
     zero_scales = _scales(variant, "all_zero_block", _blocks(numel3, bs))
     zero_scales[0] = 0.0
-    large_scales = _scales(variant, "large_values", _blocks(numel3, bs)) * (_large(dtype) / 4)
+    large_scales = _scales(variant, "large_values", _blocks(numel3, bs)) * (large_magnitude(dtype) / 4)
     if dtype == torch.float16:
         large_scales[-1] = 1e5  # beyond float16's range: the cast must overflow to inf
     return [
@@ -204,7 +179,7 @@ def _product_inputs(variant: Variant, shapes: dict[str, tuple[tuple[int, ...], i
         scales = _scales(variant, f"{name}/absmax", _blocks(numel, bs))
         if name == "all_zero_block":
             scales[0] = 0.0
-        A = _randn(variant, name, *leading, in_features) * (2 / math.sqrt(in_features))
+        A = randn(variant, name, *leading, in_features) * (2 / math.sqrt(in_features))
         args = (A.to(dtype), _packed(variant, name, numel), scales, bs, quant_type, [out_features, in_features])
         cases.append(InputSet(name, args))
     return cases
