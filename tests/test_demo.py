@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kbit
 from kbit._demo import DemoConfig, run_demo
@@ -103,6 +104,15 @@ def test_bad_arguments():
         main(["demo", "--size", "huge"])
     with pytest.raises(ValueError, match="huge"):
         run_demo(DemoConfig(size="huge"))
+
+
+def test_unusable_device_is_a_clear_error(capsys):
+    # This CPU build of torch has no CUDA: a one-line reason, not a traceback.
+    assert main(["demo", "--steps", "5", "--device", "nonsense"]) == 2
+    assert "--device 'nonsense' cannot be used here" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["demo", "--steps", "5", "--device", "cuda"]) == 2
+        assert "--device 'cuda' cannot be used here" in capsys.readouterr().err
 
 
 def test_the_optimizer_benchmark_counts_state_bytes_with_the_demo_helper():

@@ -114,6 +114,15 @@ def write_plot(report: dict, path: str) -> None:
     pyplot.close(figure)
 
 
+def _device_problem(device: str) -> str | None:
+    """Why PyTorch cannot allocate on ``device`` (a bad name, a build without it), or None."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for missing builds
+        return str(exc).strip().splitlines()[-1]
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from .._demo import DemoConfig, run_demo
 
@@ -124,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
         print("kbit demo: --plot needs matplotlib; install it with: pip install 'kbit[plot]'", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    problem = _device_problem(device)
+    if problem:
+        print(f"kbit demo: --device {device!r} cannot be used here: {problem}", file=sys.stderr)
+        return 2
     config = DemoConfig(steps=args.steps, size=args.size, device=device, seed=args.seed)
     # With --json - the numbers own stdout; progress and the report go to stderr.
     stream = sys.stderr if args.json == "-" else sys.stdout
