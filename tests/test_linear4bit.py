@@ -237,6 +237,21 @@ def test_three_layer_model_round_trips_through_its_state_dict():
     _assert_same_state_dict(fresh.state_dict(), model.state_dict())
 
 
+def _through_flat_bytes(state: dict) -> dict:
+    """What a safetensors file holds: one byte buffer, and per key a dtype, shape and offset."""
+    header, chunks, offset = {}, [], 0
+    for key, tensor in state.items():
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = (tensor.dtype, tuple(tensor.shape), offset, offset + len(raw))
+        chunks.append(raw)
+        offset += len(raw)
+    buffer = bytearray(b"".join(chunks))
+    return {
+        key: torch.frombuffer(buffer[start:end], dtype=torch.uint8).view(dtype).reshape(shape)
+        for key, (dtype, shape, start, end) in header.items()
+    }
+
+
 def test_safetensors_style_flat_tensors_round_trip():
     model = _three_layers().to("cpu")
     state = model.state_dict()
@@ -244,7 +259,8 @@ def test_safetensors_style_flat_tensors_round_trip():
     pointers = [t.untyped_storage().data_ptr() for t in state.values()]
     assert len(set(pointers)) == len(pointers)
     assert all(type(t) is torch.Tensor and t.is_contiguous() for t in state.values())
-    flat = {key: value.clone() for key, value in state.items()}  # as if written and read back
+    flat = _through_flat_bytes(state)
+    assert list(flat) == list(state)
     fresh = _three_layers(seed=2)
     fresh.load_state_dict(flat)
     x = _seeded(3, 32, seed=2)

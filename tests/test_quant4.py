@@ -1,5 +1,7 @@
 """4-bit NF4/FP4 quantization through the public API on the reference backend."""
 
+import copy
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -148,6 +150,20 @@ def test_round_trip_in_every_dtype(dtype, quant_type):
     assert torch.equal(back, _expected_dequant(packed, state))
     bar = FOUR_BIT_RANDN[(quant_type, 64)]
     assert mean_errors(A, back).abs_err < bar.abs_err * FOUR_BIT_SEED_SLACK
+
+
+@pytest.mark.parametrize("source", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_into_another_dtype_casts_the_float32_product(source, quant_type):
+    A = _seeded(33, 64, seed=15, dtype=source)
+    packed, state = F.quantize_4bit(A, quant_type=quant_type, compress_statistics=True)
+    as_float32 = copy.copy(state)
+    as_float32.dtype = torch.float32
+    product = _expected_dequant(packed, as_float32)  # table[code] * absmax, in float32
+    for target in DTYPES:
+        out = torch.empty(33, 64, dtype=target)
+        assert F.dequantize_4bit(packed, state, out=out) is out
+        assert torch.equal(out, product.to(target)), target  # one rounding, from float32
 
 
 # -------------------------------------------------------------------- exact numerics

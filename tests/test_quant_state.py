@@ -112,6 +112,8 @@ def _corruptions():
     yield "empty json", {**packed, json_key: _raw(b"")}, json_key, "JSON"
     yield "json list", {**packed, json_key: _raw(b"[1, 2]")}, json_key, "JSON object"
     yield "json int64", {**packed, json_key: packed[json_key].long()}, json_key, "uint8"
+    yield "json nested deeply", {**packed, json_key: _raw(b"[" * 100_000 + b"]" * 100_000)}, json_key, "nested too deeply"
+    yield "json on meta", {**packed, json_key: packed[json_key].to("meta")}, json_key, "meta tensor"
     nf5 = {k.replace("nf4", "nf5"): v for k, v in packed.items()}
     yield "unknown type in key", nf5, "weight.quant_state.bitsandbytes__nf5", "nf5"
     yield "type contradicts key", _with_json(packed, json_key, quant_type="fp4"), f"{json_key}:quant_type", "contradicts"
@@ -132,12 +134,12 @@ def _corruptions():
     missing = {k: v for k, v in packed.items() if k != "weight.nested_absmax"}
     yield "missing nested_absmax", missing, "weight.nested_absmax", "missing"
     yield "nested_absmax size", {**packed, "weight.nested_absmax": torch.ones(3)}, "weight.nested_absmax", "\\(1,\\)"
-    for bad in (float("nan"), "0.5", None):
+    for bad in (float("nan"), 1e308, 10**400, "0.5", None):
         corrupted = _with_json(packed, json_key, nested_offset=bad) if bad is not None else _with_json(
             packed, json_key, nested_offset=None
         )
         key = f"{json_key}:nested_offset" if bad is not None else "weight.nested_offset"
-        yield f"nested_offset {bad!r}", corrupted, key, "finite number|missing"
+        yield f"nested_offset {str(bad)[:8]}", corrupted, key, "finite float32 number|missing"
     yield "nested_blocksize", _with_json(packed, json_key, nested_blocksize=-256), f"{json_key}:nested_blocksize", "-256"
     two = {**packed, "other.quant_state.bitsandbytes__nf4": packed[json_key]}
     yield "two packed states", two, "other.quant_state.bitsandbytes__nf4", "second packed"

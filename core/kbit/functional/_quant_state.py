@@ -328,8 +328,14 @@ class _StateReader:
         nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT)
         nested_dtype = self.dtype("nested_dtype")
         offset = self.get("nested_offset")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-            raise self.fail("nested_offset", f"{offset!r} is not a finite number")
+        # Finite in float32, where it is stored: 1e308 would become inf and poison every scale.
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, (int, float))
+            or abs(offset) > torch.finfo(torch.float32).max  # before isfinite: a huge int overflows it
+            or not math.isfinite(offset)
+        ):
+            raise self.fail("nested_offset", f"{offset!r} is not a finite float32 number")
         state2 = QuantState(
             self.tensor("nested_absmax", torch.float32, num_blocks(blocks, nested_blocksize)),
             shape=(blocks,),

@@ -46,11 +46,14 @@ def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "tensor") -> dict[str
     """Decode a tensor made by :func:`pack_dict_to_tensor` back into a dict.
 
     Raises :class:`~kbit.QuantStateError` naming ``key`` when the bytes are not UTF-8, not
-    JSON, or not a JSON object (truncated downloads produce exactly these).
+    JSON (truncated downloads produce exactly these; hostile files may nest brackets
+    without end), not a JSON object, or not readable at all (a ``meta`` tensor).
     """
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
         found = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise QuantStateError(key, f"expected a uint8 tensor of UTF-8 JSON, got {found}")
+    if tensor.device.type == "meta":
+        raise QuantStateError(key, "a meta tensor holds no bytes to read (load the checkpoint to a real device)")
     raw = bytes(tensor.detach().cpu().reshape(-1).tolist())
     try:
         text = raw.decode("utf-8")
@@ -60,6 +63,9 @@ def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "tensor") -> dict[str
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise QuantStateError(key, f"not valid JSON ({exc.msg} at character {exc.pos}); truncated?") from None
+    except RecursionError:
+        # Hostile input: thousands of nested brackets exhaust the decoder's stack.
+        raise QuantStateError(key, "JSON nested too deeply to be a quant state") from None
     if not isinstance(value, dict):
         raise QuantStateError(key, f"expected a JSON object, got {type(value).__name__}")
     return value
