@@ -133,6 +133,16 @@ def test_non_finite_input_poisons_only_its_block(bad):
     assert (clean - clean_back).abs().max() < 0.05
 
 
+def test_non_finite_input_of_the_whole_tensor_and_code_only_variants():
+    # Documented in docs/formats.md section 2: one block for the whole tensor, so every
+    # value turns non-finite; without a scale, NaN takes the largest code and inf saturates.
+    codes, state = F.quantize(torch.tensor([1.0, float("inf"), -2.0]))
+    assert not torch.isfinite(F.dequantize(codes, state)).any()
+    code = F.create_dynamic_map()
+    values = torch.tensor([float("nan"), float("inf"), float("-inf"), 5.0, -5.0])
+    assert F.quantize_no_absmax(values, code).tolist() == [255, 255, 0, 255, 0]
+
+
 def test_non_contiguous_input_matches_contiguous():
     A = torch.randn(64, 200)
     codes_t, state_t = F.quantize_blockwise(A.t(), blocksize=128)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from kbit.cli import main
 
@@ -50,6 +51,11 @@ def test_python_dash_m_and_console_script():
     result = subprocess.run([sys.executable, "-m", "kbit", "info"], capture_output=True, text=True)
     assert result.returncode == 0 and "reference" in result.stdout
     assert subprocess.run([sys.executable, "-m", "kbit"], capture_output=True).returncode == 2
+    # The console script installed beside this interpreter (pip install puts it there).
+    script = Path(sys.executable).parent / "kbit"
+    result = subprocess.run([str(script), "check"], capture_output=True, text=True)
+    assert result.returncode == 0 and "0 failed" in result.stdout
+    assert subprocess.run([str(script), "no-such-command"], capture_output=True).returncode == 2
 
 
 from kbit_reference.backend import ReferenceBackend  # noqa: E402

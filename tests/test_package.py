@@ -24,7 +24,7 @@ PUBLIC_MODULES = [
 
 def test_import_kbit_imports_no_backend_and_no_cupy():
     script = (
-        "import sys, kbit, kbit.functional\n"
+        "import sys, kbit, kbit.functional, kbit.nn, kbit.optim, kbit.autograd\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'kbit_reference', 'kbit_cuda'))\n"
         "print(bad)\n"
         "from kbit.backends._registry import REGISTRY\n"

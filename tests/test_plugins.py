@@ -101,12 +101,17 @@ def test_broken_plugin_is_quarantined(make_plugin, mode):
             F.quantize_blockwise(torch.randn(100), blocksize=64)
 
 
-def test_named_broken_plugin_in_env_raises(make_plugin, monkeypatch):
-    make_plugin("import_error", "import_error", FAILURE_MODES["import_error"][2])
-    monkeypatch.setenv("KBIT_BACKEND", "import_error")
-    with pytest.warns(kbit.KbitPluginWarning):
-        with pytest.raises(kbit.BackendUnavailableError, match="ModuleNotFoundError"):
+@pytest.mark.parametrize("mode", sorted(FAILURE_MODES))
+def test_named_broken_plugin_in_env_raises(make_plugin, monkeypatch, mode):
+    # Every failure mode, named in KBIT_BACKEND, is an error naming the plugin, its state
+    # and the original error (never a silent fallback to the reference backend).
+    state, reason_fragment, source = FAILURE_MODES[mode]
+    make_plugin(mode, mode, source)
+    monkeypatch.setenv("KBIT_BACKEND", mode)
+    with pytest.warns(kbit.KbitPluginWarning, match=mode):
+        with pytest.raises(kbit.BackendUnavailableError, match=f"{mode}.*{state}") as info:
             F.quantize_blockwise(torch.randn(10), blocksize=64)
+    assert reason_fragment in str(info.value)
 
 
 def test_import_kbit_survives_a_broken_plugin(make_plugin):

@@ -69,8 +69,10 @@ class UnsupportedOpError(KbitError, NotImplementedError):
         self.op = op
         self.backend = backend
         self.detail = detail
-        who = f"backend {backend!r}" if backend else "no backend"
-        message = f"{op}: {who} does not support this call"
+        if backend:
+            message = f"{op}: backend {backend!r} does not support this call"
+        else:
+            message = f"{op}: no backend supports this call"
         super().__init__(f"{message}: {detail}" if detail else message)
 
 

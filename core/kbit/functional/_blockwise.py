@@ -205,7 +205,11 @@ def dequantize(
 def quantize_no_absmax(
     A: torch.Tensor, code: torch.Tensor, out: Optional[torch.Tensor] = None, *, backend: Optional[str] = None
 ) -> torch.Tensor:
-    """Map values already scaled to the code's range to the nearest code index (uint8)."""
+    """Map values already scaled to the code's range to the nearest code index (uint8).
+
+    Out-of-range values saturate to the nearest end of the table (±inf too); NaN maps to
+    the index of the largest code value (``docs/formats.md`` section 2).
+    """
     op = "quantize_no_absmax"
     check_dtype(op, "A", A, FLOAT_DTYPES)
     table = check_code(op, code).to(A.device)
