@@ -83,3 +83,10 @@ def test_unavailable_backend_exits_one_with_the_reason(tmp_path):
     (run,) = payload["runs"]
     assert run["device"] == "cuda" and run["totals"]["failed"] == 0 and run["totals"]["skipped"] > 0
     assert "backend 'cuda' is unavailable here" in result.stdout
+
+
+def test_a_selection_matching_nothing_exits_one_and_says_so(tmp_path):
+    result, payload = conformance(tmp_path, "reference", "-k", "no_test_is_called_this")
+    assert result.returncode == 1
+    assert "-k 'no_test_is_called_this' selects no test of backend 'reference'" in result.stderr
+    assert payload["runs"] == [] or not any(run["totals"]["passed"] for run in payload["runs"])

@@ -28,6 +28,8 @@ GOOD_PLUGIN = """
 FAILURE_MODES = {
     # module raises on import
     "import_error": ("invalid", "ModuleNotFoundError", "import not_a_real_module_xyz\nMANIFEST = None\n"),
+    # module calls sys.exit() on import (a CLI entry module registered by mistake)
+    "exits_on_import": ("invalid", "SystemExit", "import sys\nsys.exit('no driver')\nMANIFEST = None\n"),
     # manifest fails validation (unknown field)
     "bad_manifest": (
         "invalid",

@@ -49,6 +49,11 @@ REFERENCE = "reference"
 FIRST_PARTY_DISTRIBUTION = "kbit"
 FALLBACK_POLICIES = ("reference", "error")
 
+#: What plugin code may raise that kbit contains. ``SystemExit`` is included because a
+#: plugin that calls ``sys.exit()`` at import must not end the user's program;
+#: ``KeyboardInterrupt`` is not, so Ctrl-C still works while a plugin loads.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
 AVAILABLE = "available"
 UNAVAILABLE = "unavailable"
 INVALID = "invalid"
@@ -207,7 +212,7 @@ class Registry:
                     raise ValueError(
                         f"entry point is named {ep.name!r} but its manifest says {record.manifest.name!r}"
                     )
-            except Exception as exc:  # a plugin may raise anything; none of it may escape
+            except PLUGIN_FAILURES as exc:  # a plugin may raise anything; none of it may escape
                 record.manifest = None
                 record.state = INVALID
                 record.reason = f"manifest failed to load: {type(exc).__name__}: {exc}"
@@ -245,14 +250,14 @@ class Registry:
                 if not isinstance(backend, Backend):
                     raise TypeError(f"factory returned {type(backend).__name__}, not a kbit Backend")
                 backend.manifest = record.manifest
-            except Exception as exc:
+            except PLUGIN_FAILURES as exc:
                 record.state = INVALID
                 record.reason = f"factory {record.manifest.factory!r} failed: {type(exc).__name__}: {exc}"
                 self._warn_plugin(record)
                 return record
             try:
                 answer = backend.is_available()
-            except Exception as exc:
+            except PLUGIN_FAILURES as exc:
                 record.state = UNAVAILABLE
                 record.reason = f"is_available() raised {type(exc).__name__}: {exc}"
                 self._warn_plugin(record)

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--kbit-goldens", args.goldens]
         code = int(pytest.main(argv))
         payload: Optional[dict] = json.loads(report.read_text()) if report.is_file() else None
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print(f"kbit conformance: -k {args.keyword!r} selects no test of backend {args.name!r}", file=sys.stderr)
+        return 1
     if payload is None:
         print(f"kbit conformance: pytest exited with {code} before writing a report", file=sys.stderr)
         return 1
