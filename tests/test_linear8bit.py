@@ -392,3 +392,31 @@ def test_embedding8bit_dtype_follows_casts_before_quantization():
     table.to("cpu")  # quantizes; the output keeps the dtype the table had
     assert table.weight.dtype == torch.int8 and table.dtype == torch.float16
     assert table(torch.tensor([1, 2])).dtype == torch.float16
+
+
+# ------------------------------------------------------------------ saved checkpoints
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _frozen_layer(seed=43).to("cpu"),
+        lambda: Linear8bitLt(64, 32, has_fp16_weights=True),
+        lambda: Embedding8bit(20, 16).to("cpu"),
+    ],
+    ids=["Linear8bitLt-int8", "Linear8bitLt-trainable", "Embedding8bit"],
+)
+def test_state_dict_holds_plain_tensors_loadable_with_weights_only(make, tmp_path):
+    # torch.load defaults to weights_only=True, which refuses kbit's parameter classes:
+    # a saved state dict must hold plain tensors only.
+    module = make()
+    saved = module.state_dict()
+    assert all(type(value) is torch.Tensor for value in saved.values()), {k: type(v) for k, v in saved.items()}
+    torch.save(saved, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt")
+    assert list(loaded) == list(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    twin = make()
+    twin.load_state_dict(loaded)
+    index = torch.tensor([[0, 5], [19, 2]])
+    x = index if isinstance(module, Embedding8bit) else torch.randn(3, 64, generator=_gen(44))
+    assert torch.equal(twin(x), module(x))
+    # keep_vars=True still hands out the parameter itself (what optimizers and FSDP expect).
+    assert module.state_dict(keep_vars=True)["weight"] is module.weight
