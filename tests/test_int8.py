@@ -409,6 +409,24 @@ def test_matmul_is_exported_at_top_level():
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8).double()), kbit.KbitTypeError, "B"),
         (lambda: kbit.matmul(torch.randn(2, 8).long(), torch.randn(3, 8)), kbit.KbitTypeError, "A"),
         (lambda: kbit.matmul(torch.randn(2, 8), _int8(3, 8)), kbit.KbitValueError, "SCB"),
+        (
+            lambda: kbit.matmul(torch.randn(2, 8), _int8(3, 8), state=kbit.MatmulLtState(SCB=torch.ones(4))),
+            kbit.KbitValueError,
+            "state.SCB",
+        ),
+        (
+            lambda: kbit.matmul(
+                torch.randn(2, 8), _int8(3, 8), state=kbit.MatmulLtState(SCB=torch.ones(3, dtype=torch.int32))
+            ),
+            kbit.KbitTypeError,
+            "state.SCB has dtype torch.int32",
+        ),
+        (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), state=5), kbit.KbitTypeError, "state has type int"),
+        (
+            lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), out=torch.empty(2, 3, dtype=torch.float16)),
+            kbit.KbitValueError,
+            "out",
+        ),
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), bias=torch.ones(4)), kbit.KbitValueError, "bias"),
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), threshold=-2.0), kbit.KbitValueError, "threshold"),
     ],
