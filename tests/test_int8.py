@@ -356,8 +356,24 @@ def test_matmul_out_buffer():
 def test_matmul_is_exported_at_top_level():
     assert kbit.matmul is kbit.autograd.matmul and kbit.MatmulLtState is kbit.autograd.MatmulLtState
     state = kbit.MatmulLtState()
-    for name in ("CB", "SCB", "threshold", "has_fp16_weights", "idx", "is_training", "CxB", "formatB", "use_pool"):
-        assert hasattr(state, name)
+    # The attributes downstream code reads, with bitsandbytes' defaults.
+    assert (state.CB, state.SCB, state.idx, state.CxB, state.SB, state.CBt, state.subB) == (None,) * 7
+    assert state.threshold == 0.0 and state.has_fp16_weights and state.is_training
+    assert state.formatB == "row" and not state.use_pool and not state.has_accumulated_gradients
+
+
+def test_matmul_fills_the_state_it_is_given():
+    w = torch.randn(12, 32, generator=_gen(57))
+    x = _with_outlier_columns(6, 32, [4, 17], scale=30.0, seed=58)
+    state = kbit.MatmulLtState(has_fp16_weights=False)
+    kbit.matmul(x, w, state=state, threshold=6.0)
+    CB, SCB, _ = F.int8_vectorwise_quant(w)
+    assert torch.equal(state.CB, CB) and torch.equal(state.SCB, SCB)
+    assert state.threshold == 6.0 and state.idx.tolist() == [4, 17]
+    kbit.matmul(torch.randn(6, 32, generator=_gen(59)), w, state=state)  # the state's threshold applies
+    assert state.idx.numel() == 0
+    state.reset_grads()
+    assert state.CB is None and state.SCB is None
 
 
 # --------------------------------------------------------------------------- bad input
@@ -474,6 +490,23 @@ def test_outlier_columns_compile_with_a_data_dependent_size():
         x = _with_outlier_columns(8, 16, columns, scale=50.0, seed=53)
         for got, want in zip(compiled(x), quantize(x), strict=True):
             assert torch.equal(got, want)
+
+
+def test_data_dependent_outlier_columns_feed_later_ops_under_compile():
+    # The outlier count is an unbacked size: indexing with it, counting it and the double
+    # quantization's column output must all trace, also with dynamic shapes.
+    def pipeline(x):
+        CA, CAt, rows, cols, outlier_cols = F.int8_double_quant(x, threshold=6.0)
+        outliers = x.index_select(1, outlier_cols)
+        return CA, CAt, rows, cols, outliers * 2, outlier_cols.numel() + torch.zeros(())
+
+    compiled = torch.compile(pipeline, fullgraph=True, dynamic=True)
+    for shape, columns in (((8, 16), [4, 9]), ((5, 24), []), ((3, 40), [0, 1, 39])):
+        x = _with_outlier_columns(*shape, columns, scale=50.0, seed=56)
+        got, want = compiled(x), pipeline(x)
+        assert got[-1] == len(columns) and got[-2].shape == (shape[0], len(columns))
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
 
 
 def test_matmul_with_threshold_compiles():
