@@ -472,7 +472,12 @@ def _op_samples():
         "int8_linear_matmul": [(CA0, CB), (CA0.reshape(2, 3, 32), CB)],
         "int8_mm_dequant": [(C, SCA0, SCB, torch.float16, None), (C, SCA0, SCB, torch.float32, bias)],
         "int8_double_quant": [(A, 0.0), (A.bfloat16(), 6.0)],
-        "int8_mixed_scaled_mm": [(A, CA, CB, SCA, SCB, cols, bias), (A, CA0, CB, SCA0, SCB, none, None)],
+        "int8_mixed_scaled_mm": [
+            (A, CA, CB, SCA, SCB, cols, bias),
+            (A, CA0, CB, SCA0, SCB, none, None),
+            # Leading dims are rows; a 16-bit input with a 16-bit bias.
+            (A.bfloat16().reshape(2, 3, 32), CA.reshape(2, 3, 32), CB, SCA, SCB, cols, bias.bfloat16()),
+        ],
     }
 
 
