@@ -294,19 +294,25 @@ def test_without_outliers_both_paths_match_within_int8_error(dtype):
 
 
 # ------------------------------------------------------------------------ kbit.matmul
-def test_matmul_gradients_match_float_autograd():
-    # With a fixed upstream gradient G, straight-through gradients equal float autograd's.
-    x = torch.randn(4, 8, 64, generator=_gen(30), requires_grad=True)
-    w = torch.randn(32, 64, generator=_gen(31), requires_grad=True)
-    b = torch.randn(32, generator=_gen(32), requires_grad=True)
-    G = torch.randn(4, 8, 32, generator=_gen(33))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matmul_gradients_match_float_autograd(dtype):
+    # With a fixed upstream gradient G, straight-through gradients equal float autograd's
+    # (in half precision up to its rounding), and each has the dtype of its tensor.
+    x = torch.randn(4, 8, 64, generator=_gen(30)).to(dtype).requires_grad_()
+    w = torch.randn(32, 64, generator=_gen(31)).to(dtype).requires_grad_()
+    b = torch.randn(32, generator=_gen(32)).to(dtype).requires_grad_()
+    G = torch.randn(4, 8, 32, generator=_gen(33)).to(dtype)
     (kbit.matmul(x, w, bias=b) * G).sum().backward()
     grads = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None
     (torch.nn.functional.linear(x, w, b) * G).sum().backward()
     for got, want in zip(grads, (x.grad, w.grad, b.grad), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert relative_error(got, want) < 5e-3
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
@@ -356,8 +362,24 @@ def test_matmul_out_buffer():
 def test_matmul_is_exported_at_top_level():
     assert kbit.matmul is kbit.autograd.matmul and kbit.MatmulLtState is kbit.autograd.MatmulLtState
     state = kbit.MatmulLtState()
-    for name in ("CB", "SCB", "threshold", "has_fp16_weights", "idx", "is_training", "CxB", "formatB", "use_pool"):
-        assert hasattr(state, name)
+    # The attributes downstream code reads, with bitsandbytes' defaults.
+    assert (state.CB, state.SCB, state.idx, state.CxB, state.SB, state.CBt, state.subB) == (None,) * 7
+    assert state.threshold == 0.0 and state.has_fp16_weights and state.is_training
+    assert state.formatB == "row" and not state.use_pool and not state.has_accumulated_gradients
+
+
+def test_matmul_fills_the_state_it_is_given():
+    w = torch.randn(12, 32, generator=_gen(57))
+    x = _with_outlier_columns(6, 32, [4, 17], scale=30.0, seed=58)
+    state = kbit.MatmulLtState(has_fp16_weights=False)
+    kbit.matmul(x, w, state=state, threshold=6.0)
+    CB, SCB, _ = F.int8_vectorwise_quant(w)
+    assert torch.equal(state.CB, CB) and torch.equal(state.SCB, SCB)
+    assert state.threshold == 6.0 and state.idx.tolist() == [4, 17]
+    kbit.matmul(torch.randn(6, 32, generator=_gen(59)), w, state=state)  # the state's threshold applies
+    assert state.idx.numel() == 0
+    state.reset_grads()
+    assert state.CB is None and state.SCB is None
 
 
 # --------------------------------------------------------------------------- bad input
@@ -409,6 +431,24 @@ def test_matmul_is_exported_at_top_level():
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8).double()), kbit.KbitTypeError, "B"),
         (lambda: kbit.matmul(torch.randn(2, 8).long(), torch.randn(3, 8)), kbit.KbitTypeError, "A"),
         (lambda: kbit.matmul(torch.randn(2, 8), _int8(3, 8)), kbit.KbitValueError, "SCB"),
+        (
+            lambda: kbit.matmul(torch.randn(2, 8), _int8(3, 8), state=kbit.MatmulLtState(SCB=torch.ones(4))),
+            kbit.KbitValueError,
+            "state.SCB",
+        ),
+        (
+            lambda: kbit.matmul(
+                torch.randn(2, 8), _int8(3, 8), state=kbit.MatmulLtState(SCB=torch.ones(3, dtype=torch.int32))
+            ),
+            kbit.KbitTypeError,
+            "state.SCB has dtype torch.int32",
+        ),
+        (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), state=5), kbit.KbitTypeError, "state has type int"),
+        (
+            lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), out=torch.empty(2, 3, dtype=torch.float16)),
+            kbit.KbitValueError,
+            "out",
+        ),
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), bias=torch.ones(4)), kbit.KbitValueError, "bias"),
         (lambda: kbit.matmul(torch.randn(2, 8), torch.randn(3, 8), threshold=-2.0), kbit.KbitValueError, "threshold"),
     ],
@@ -432,7 +472,12 @@ def _op_samples():
         "int8_linear_matmul": [(CA0, CB), (CA0.reshape(2, 3, 32), CB)],
         "int8_mm_dequant": [(C, SCA0, SCB, torch.float16, None), (C, SCA0, SCB, torch.float32, bias)],
         "int8_double_quant": [(A, 0.0), (A.bfloat16(), 6.0)],
-        "int8_mixed_scaled_mm": [(A, CA, CB, SCA, SCB, cols, bias), (A, CA0, CB, SCA0, SCB, none, None)],
+        "int8_mixed_scaled_mm": [
+            (A, CA, CB, SCA, SCB, cols, bias),
+            (A, CA0, CB, SCA0, SCB, none, None),
+            # Leading dims are rows; a 16-bit input with a 16-bit bias.
+            (A.bfloat16().reshape(2, 3, 32), CA.reshape(2, 3, 32), CB, SCA, SCB, cols, bias.bfloat16()),
+        ],
     }
 
 
@@ -456,6 +501,23 @@ def test_outlier_columns_compile_with_a_data_dependent_size():
         x = _with_outlier_columns(8, 16, columns, scale=50.0, seed=53)
         for got, want in zip(compiled(x), quantize(x), strict=True):
             assert torch.equal(got, want)
+
+
+def test_data_dependent_outlier_columns_feed_later_ops_under_compile():
+    # The outlier count is an unbacked size: indexing with it, counting it and the double
+    # quantization's column output must all trace, also with dynamic shapes.
+    def pipeline(x):
+        CA, CAt, rows, cols, outlier_cols = F.int8_double_quant(x, threshold=6.0)
+        outliers = x.index_select(1, outlier_cols)
+        return CA, CAt, rows, cols, outliers * 2, outlier_cols.numel() + torch.zeros(())
+
+    compiled = torch.compile(pipeline, fullgraph=True, dynamic=True)
+    for shape, columns in (((8, 16), [4, 9]), ((5, 24), []), ((3, 40), [0, 1, 39])):
+        x = _with_outlier_columns(*shape, columns, scale=50.0, seed=56)
+        got, want = compiled(x), pipeline(x)
+        assert got[-1] == len(columns) and got[-2].shape == (shape[0], len(columns))
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
 
 
 def test_matmul_with_threshold_compiles():

@@ -338,6 +338,60 @@ def test_compiled_forward_matches_eager(has_fp16_weights, threshold):
     assert torch.equal(compiled(x), eager)
 
 
+def test_compiled_thresholded_forward_follows_the_outlier_columns():
+    # One compiled graph serves inputs with different numbers of outlier columns.
+    torch.manual_seed(45)
+    layer = Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0).to("cpu")
+    compiled = torch.compile(layer, fullgraph=True)
+    for rows, columns in ((6, [10]), (6, []), (3, [1, 2, 3, 40]), (9, list(range(64)))):
+        x = torch.randn(rows, 64, generator=_gen(46))
+        x[:, columns] *= 30
+        assert torch.equal(compiled(x), layer(x))
+        assert layer.state.idx.tolist() == columns
+
+
+def test_layer_state_mirrors_the_layer():
+    torch.manual_seed(47)
+    frozen = Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0).to("cpu")
+    state = frozen.state
+    assert state.CB.data_ptr() == frozen.weight.data_ptr() and state.SCB is frozen.weight.SCB
+    assert state.threshold == 6.0 and not state.has_fp16_weights and state.idx is None
+    frozen.eval()
+    x = torch.randn(4, 64, generator=_gen(48))
+    x[:, 8] *= 40
+    frozen(x)
+    assert not state.is_training and state.idx.tolist() == [8]
+    trainable = Linear8bitLt(64, 32, has_fp16_weights=True)
+    trainable(x)
+    CB, SCB, _ = F.int8_vectorwise_quant(trainable.weight.detach())
+    assert trainable.state.has_fp16_weights and trainable.state.is_training
+    assert torch.equal(trainable.state.CB, CB) and torch.equal(trainable.state.SCB, SCB)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_layer_gradients_are_float_linear_gradients(threshold):
+    # Straight-through: with a fixed upstream gradient G, grad_x = G @ W, grad_W = G.T @ x
+    # exactly; a frozen layer passes G through its dequantized codes and gets no weight grad.
+    torch.manual_seed(49)
+    reference = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64, generator=_gen(50))
+    x[..., 3] *= 30
+    G = torch.randn(2, 5, 32, generator=_gen(51))
+    trainable = Linear8bitLt(64, 32, has_fp16_weights=True, threshold=threshold)
+    trainable.load_state_dict(reference.state_dict())
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    (trainable(xs[0]) * G).sum().backward()
+    (reference(xs[1]) * G).sum().backward()
+    for got, want in ((xs[0].grad, xs[1].grad), (trainable.weight.grad, reference.weight.grad), (trainable.bias.grad, reference.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    frozen = Linear8bitLt(64, 32, has_fp16_weights=False, threshold=threshold)
+    frozen.load_state_dict(reference.state_dict())
+    (frozen(xs[2]) * G).sum().backward()
+    dequantized = F.int8_vectorwise_dequant(frozen.weight.data, frozen.weight.SCB)
+    assert frozen.weight.grad is None and frozen.bias.grad is not None
+    torch.testing.assert_close(xs[2].grad, G @ dequantized, rtol=1e-5, atol=1e-5)
+
+
 def test_small_mlp_trains():
     torch.manual_seed(26)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
@@ -392,3 +446,31 @@ def test_embedding8bit_dtype_follows_casts_before_quantization():
     table.to("cpu")  # quantizes; the output keeps the dtype the table had
     assert table.weight.dtype == torch.int8 and table.dtype == torch.float16
     assert table(torch.tensor([1, 2])).dtype == torch.float16
+
+
+# ------------------------------------------------------------------ saved checkpoints
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _frozen_layer(seed=43).to("cpu"),
+        lambda: Linear8bitLt(64, 32, has_fp16_weights=True),
+        lambda: Embedding8bit(20, 16).to("cpu"),
+    ],
+    ids=["Linear8bitLt-int8", "Linear8bitLt-trainable", "Embedding8bit"],
+)
+def test_state_dict_holds_plain_tensors_loadable_with_weights_only(make, tmp_path):
+    # torch.load defaults to weights_only=True, which refuses kbit's parameter classes:
+    # a saved state dict must hold plain tensors only.
+    module = make()
+    saved = module.state_dict()
+    assert all(type(value) is torch.Tensor for value in saved.values()), {k: type(v) for k, v in saved.items()}
+    torch.save(saved, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt")
+    assert list(loaded) == list(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    twin = make()
+    twin.load_state_dict(loaded)
+    index = torch.tensor([[0, 5], [19, 2]])
+    x = index if isinstance(module, Embedding8bit) else torch.randn(3, 64, generator=_gen(44))
+    assert torch.equal(twin(x), module(x))
+    # keep_vars=True still hands out the parameter itself (what optimizers and FSDP expect).
+    assert module.state_dict(keep_vars=True)["weight"] is module.weight

@@ -18,7 +18,7 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from .._formats import FLOAT_DTYPES
 from .._ops import int8 as ops
-from ..functional._int8 import check_threshold
+from ..functional._int8 import STATS_DTYPES, check_threshold
 from ..functional._validate import check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = ["MatmulLtState", "matmul"]
@@ -105,11 +105,12 @@ class _Int8Matmul(torch.autograd.Function):
 def _weight_codes(op: str, B: Tensor, state: MatmulLtState) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(CB, SCB, float weight or None)`` for ``B``, quantizing a float ``B`` when needed."""
     if B.dtype == torch.int8:
-        SCB = state.SCB if state.SCB is not None else getattr(B, "SCB", None)
+        name, SCB = ("state.SCB", state.SCB) if state.SCB is not None else ("B.SCB", getattr(B, "SCB", None))
         if SCB is None:
             raise KbitValueError(op, "state.SCB", None, "an int8 B needs its per-row absmax in state.SCB (or B.SCB)")
-        check_tensor(op, "state.SCB", SCB)
-        check_numel(op, "state.SCB", SCB, B.shape[0])
+        # Integer scales are a caller's mix-up (codes passed as scales), not something to cast.
+        check_dtype(op, name, SCB, STATS_DTYPES)
+        check_numel(op, name, SCB, B.shape[0])
         return B, SCB.reshape(-1).to(device=B.device, dtype=torch.float32), None
     if state.has_fp16_weights or state.CB is None:
         # A trainable weight changes every step, so its codes are recomputed every call.
@@ -143,7 +144,10 @@ def matmul(
         requires grad, and to ``bias``.
     """
     op = "matmul"
-    state = state if state is not None else MatmulLtState()
+    if state is None:
+        state = MatmulLtState()
+    elif not isinstance(state, MatmulLtState):
+        raise KbitTypeError(op, "state", f"type {type(state).__name__}", "a kbit.MatmulLtState (or None)")
     requested = check_threshold(op, threshold)
     threshold = requested if requested > 0.0 else check_threshold(op, state.threshold)
     check_dtype(op, "A", A, FLOAT_DTYPES)

@@ -35,6 +35,10 @@ __all__ = [
 MM_DEQUANT_DEFAULT_DTYPE = torch.float16
 
 
+#: dtypes accepted for row/column statistics (``SCB``, ``row_stats``); they are used as float32.
+STATS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_threshold(op: str, threshold: object) -> float:
     """Require a finite, non-negative outlier threshold (0 disables outlier handling)."""
     return check_real(op, "threshold", threshold, low=0.0)
@@ -51,7 +55,7 @@ def _check_rows(op: str, name: str, A: torch.Tensor) -> int:
 
 def _check_stats(op: str, name: str, stats: object, expected: int, device: torch.device) -> torch.Tensor:
     """Require one floating-point statistic per row/column; return it flat, float32, on ``device``."""
-    stats = check_dtype(op, name, stats, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    stats = check_dtype(op, name, stats, STATS_DTYPES)
     check_numel(op, name, stats, expected)
     return stats.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
 

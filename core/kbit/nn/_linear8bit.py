@@ -168,6 +168,10 @@ class _Int8WeightModule(QuantizedWeightModule):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and prefix + "weight" in destination:
+            # Int8Params.detach keeps the class (Parameter(t) requires it), but a saved
+            # checkpoint must hold a plain tensor: torch.load(weights_only=True) refuses ours.
+            destination[prefix + "weight"] = self.weight.data
         if _is_int8(self.weight) and self.weight.SCB is not None:
             scb = self.weight.SCB
             destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
