@@ -220,6 +220,31 @@ def test_a_bad_setting_anywhere_raises_before_any_parameter_moves(spoil, first_s
     assert _same_state(_state_copy(opt), states), "no state may change (not even the step count)"
 
 
+def _float64_parameter(q):
+    q.data = q.data.double()  # kbit's update ops take float32, float16 and bfloat16 parameters
+    _grad(q)
+
+
+def _gradient_of_another_dtype(q):
+    q.data = q.data.bfloat16()
+    q.grad_dtype = None  # torch then accepts a float32 gradient for a bfloat16 parameter
+    q.grad = torch.randn(q.shape)
+
+
+@pytest.mark.parametrize("spoil", [_float64_parameter, _gradient_of_another_dtype])
+@pytest.mark.parametrize("cls", [O.Adam8bit, O.Adam32bit])
+def test_a_parameter_the_update_cannot_take_raises_before_any_parameter_moves(spoil, cls):
+    p, q = _param(5000), _param(5000, seed=2)
+    opt = cls([p, q], lr=1e-2)
+    _grad(p)
+    spoil(q)
+    before = p.detach().clone()
+    with pytest.raises(KbitTypeError, match=r"parameter 1 in group 0.*float"):
+        opt.step()
+    assert torch.equal(p, before), "parameter 0 must not be stepped when parameter 1 cannot be"
+    assert not any(opt.state.values()), "no state may be allocated or counted"
+
+
 def test_sparse_gradients_raise_a_typed_error():
     embedding = torch.nn.Embedding(100, 64, sparse=True)
     opt = O.Adam8bit(embedding.parameters())

@@ -51,6 +51,9 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
     return beta3_t, alpha_t
 
 
+#: Parameter dtypes the update ops take (the state is float32 or uint8 whatever the dtype).
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 #: ``name2qmap`` keys (bitsandbytes' names) and the shared code tables they stand for.
 _QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
 
@@ -219,7 +222,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
     def _check_gradients(self, work: list[tuple[int, int, dict, torch.Tensor]]) -> None:
-        """Refuse sparse and non-finite gradients before any state changes.
+        """Refuse sparse and non-finite gradients, and dtypes the update ops do not take,
+        before any state changes.
 
         One reduction per gradient (its min and max: NaN and inf survive both) and one
         host synchronisation per device for the whole step.
@@ -230,6 +234,18 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise KbitTypeError(
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", "a sparse layout",
                     "a dense gradient (kbit optimizers do not take sparse gradients; use sparse=False)",
+                )  # fmt: skip
+            # The ops would refuse these too, but only when this parameter's turn comes,
+            # after the earlier ones were already stepped.
+            if p.dtype not in _PARAM_DTYPES:
+                raise KbitTypeError(
+                    f"{self._owner}.step", f"parameter {pindex} in group {gindex}", f"dtype {p.dtype}",
+                    "float32, float16 or bfloat16",
+                )  # fmt: skip
+            if p.grad.dtype != p.dtype:
+                raise KbitTypeError(
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", f"dtype {p.grad.dtype}",
+                    f"the parameter's dtype {p.dtype}",
                 )  # fmt: skip
             if p.grad.numel():
                 extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
@@ -248,8 +264,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Perform one optimization step (optionally re-evaluating the loss with ``closure``).
 
-        All gradients are checked first; a sparse or non-finite gradient raises and leaves
-        every parameter and state unchanged.
+        All gradients are checked first; a sparse or non-finite gradient, or a dtype the
+        update ops do not take, raises and leaves every parameter and state unchanged.
         """
         loss = None
         if closure is not None:
