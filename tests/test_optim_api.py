@@ -276,6 +276,46 @@ def test_closure_is_evaluated_with_gradients_enabled():
     assert loss.item() > 0 and opt.state[p]["step"] == 1
 
 
+# ------------------------------------------------------------- max_unorm and skip_zeros
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps, **kw: O.Adam32bit(ps, **kw), lambda ps, **kw: O.Adam8bit(ps, block_wise=False, **kw),
+     lambda ps, **kw: O.RMSprop32bit(ps, **kw)],  # fmt: skip
+    ids=["Adam32bit", "Adam8bit-whole-tensor", "RMSprop32bit"],
+)
+def test_max_unorm_clips_the_update_of_every_kind_that_accepts_it(make):
+    """The update (before ``lr``) is scaled down to ``max_unorm * ||p||`` where it would be
+    longer, and left alone where it is shorter: the optimizer passes the setting through."""
+    for max_unorm, binds in ((1e-3, True), (100.0, False)):
+        clipped, free = _param(), _param()
+        opt_clipped, opt_free = make([clipped], lr=0.1, max_unorm=max_unorm), make([free], lr=0.1)
+        start = clipped.detach().clone()
+        for p, opt in ((clipped, opt_clipped), (free, opt_free)):
+            _grad(p)
+            opt.step()
+        moved = float((clipped.detach() - start).norm())
+        if binds:
+            assert moved == pytest.approx(0.1 * max_unorm * float(start.norm()), rel=1e-3)
+            assert float((free.detach() - start).norm()) > 10 * moved
+        else:
+            torch.testing.assert_close(clipped, free, rtol=1e-6, atol=1e-6)
+        assert "unorm_vec" in opt_clipped.state[clipped]
+
+
+@pytest.mark.parametrize("cls", [O.Adam32bit, O.Adam8bit, O.AdEMAMix8bit])
+def test_skip_zeros_leaves_parameters_with_a_zero_gradient_in_place(cls):
+    p = _param()
+    opt = cls([p], lr=1e-2, skip_zeros=True)
+    _grad(p)
+    opt.step()
+    before = p.detach().clone()
+    _grad(p, seed=2)
+    p.grad[:300] = 0
+    opt.step()
+    assert torch.equal(p[:300], before[:300]), "zero-gradient elements must not move (momentum would move them)"
+    assert bool((p[300:] != before[300:]).all())
+
+
 # ------------------------------------------------------------------ percentile clipping
 def _unit_grad(p, seed):
     _grad(p, seed)
