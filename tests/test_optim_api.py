@@ -245,6 +245,28 @@ def test_a_parameter_the_update_cannot_take_raises_before_any_parameter_moves(sp
     assert not any(opt.state.values()), "no state may be allocated or counted"
 
 
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: O.Adam32bit(ps), lambda ps: O.Adam8bit(ps, min_8bit_size=0),
+     lambda ps: O.Adam(ps, optim_bits=8, min_8bit_size=0, block_wise=False), lambda ps: O.AdEMAMix8bit(ps)],  # fmt: skip
+    ids=["Adam32bit", "Adam8bit", "Adam8bit-whole-tensor", "AdEMAMix8bit"],
+)
+def test_an_empty_parameter_is_stepped_like_torch_optim_does(make):
+    """A zero-element parameter (a LoRA rank 0, a pruned head) has nothing to update; torch.optim
+    steps it without complaint, so kbit must too, and the other parameters are unaffected."""
+    empty, p, alone = torch.nn.Parameter(torch.zeros(0, 16)), _param(), _param()
+    opt, opt_alone = make([empty, p]), make([alone])
+    for _ in range(2):
+        empty.grad = torch.zeros(0, 16)
+        _grad(p), _grad(alone)
+        opt.step(), opt_alone.step()
+    assert torch.equal(p, alone)
+    assert opt.state[empty]["step"] == 2 and opt.state[empty]["state1"].dtype == torch.float32
+    fresh = make([torch.nn.Parameter(torch.zeros(0, 16)), _param()])
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[fresh.param_groups[0]["params"][0]]["step"] == 2
+
+
 def test_sparse_gradients_raise_a_typed_error():
     embedding = torch.nn.Embedding(100, 64, sparse=True)
     opt = O.Adam8bit(embedding.parameters())

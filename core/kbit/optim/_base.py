@@ -146,8 +146,13 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _new_layout(config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
-        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``."""
-        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"], bool(config["block_wise"])
+        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``.
+
+        An empty parameter keeps (empty) 32-bit state whatever ``min_8bit_size`` says: it
+        has no block to scale.
+        """
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= max(config["min_8bit_size"], 1)
+        return eight_bit, bool(config["block_wise"])
 
     def _layout(self, config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
         """``(eight_bit, block_wise)`` of ``p``'s state: as allocated, or as ``config`` will allocate it."""
@@ -311,6 +316,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = p.grad
         state["step"] += 1
         step = state["step"]
+        if p.numel() == 0:
+            return  # nothing to update (as torch.optim: the step still counts); kernels need not take empty tensors
 
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
