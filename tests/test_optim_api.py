@@ -549,6 +549,13 @@ def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
     opt.step()
     assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
     assert kbit.backends.resolve("optimizer_update_8bit_blockwise", "cpu", "float32", optimizer="adam").name == "pagedref"
+    # A resumed run pages its state too: the checkpoint's tensors are copied into paged ones.
+    plugin.ALLOCATED.clear()
+    resumed = O.PagedAdamW8bit([_param(seed=5)])
+    resumed.load_state_dict(opt.state_dict())
+    assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
+    loaded = next(iter(resumed.state.values()))
+    assert torch.equal(loaded["state1"], opt.state[p]["state1"]) and torch.equal(loaded["state2"], opt.state[p]["state2"])
 
 
 ONE_OP_PAGED_PLUGIN = """

@@ -407,6 +407,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 config = self.get_config(gindex, pindex, self.param_groups[gindex])
                 check_state_layout(label, loaded, config, *self._new_layout(config, p))
             new_state[p] = loaded
+        if self._allocator is not None:
+            for p, loaded in new_state.items():
+                self._page_loaded_state(p, loaded)
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             new_group = {key: value for key, value in saved.items() if key != "params"}
@@ -416,6 +419,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _page_loaded_state(self, p: torch.Tensor, loaded: dict[str, Any]) -> None:
+        """Move a validated checkpoint's state tensors of ``p`` into paged memory (a paged
+        optimizer resumed from a checkpoint must page like one that started afresh)."""
+        if not loaded:
+            return
+        op = update_op(loaded["state1"].dtype == torch.uint8, "absmax1" in loaded)
+        for key in ("state1", "state2"):
+            if key in loaded:
+                paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
+                loaded[key] = paged.copy_(loaded[key])
 
 
 class _KindOptimizer(Optimizer8bit):
