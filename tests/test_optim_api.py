@@ -190,6 +190,28 @@ def test_nan_gradient_raises_and_changes_nothing(cls):
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
+@pytest.mark.parametrize("cls", [O.Adam8bit, O.Adam32bit, O.RMSprop8bit])
+def test_a_gradient_whose_square_overflows_float32_raises_like_nan(cls):
+    """|g| > 1.8e19 is finite, but g**2 is inf in float32: an 8-bit block's scale would turn
+    inf and the next step would write NaN into the parameters of the whole block."""
+    p = _param(5000)
+    opt = cls([p], lr=1e-2)
+    _grad(p)
+    opt.step()
+    params, states = p.detach().clone(), _state_copy(opt)
+    _grad(p, seed=3)
+    p.grad[5] = 1e25
+    with pytest.raises(KbitValueError, match=r"parameter 0 in group 0.*1 value\(s\) of 5000 .*overflow"):
+        opt.step()
+    assert torch.equal(p, params) and _same_state(_state_copy(opt), states)
+    p.grad[5] = 1e18  # large, but its square fits
+    opt.step()
+    assert all(torch.isfinite(t).all() for t in opt.state[p].values() if isinstance(t, torch.Tensor))
+    _grad(p, seed=4)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
 def _bad_group_two(opt, q):
     opt.param_groups[1]["lr"] = -1.0  # edited after construction, as schedulers do
 

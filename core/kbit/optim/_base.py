@@ -54,6 +54,11 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
 #: Parameter dtypes the update ops take (the state is float32 or uint8 whatever the dtype).
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: Largest gradient magnitude the optimizers take: its square (second moments, norms) is
+#: still finite in float32. An inf second moment would make an 8-bit block's scale inf and
+#: the next step would write NaN into every parameter of that block.
+_MAX_GRAD = math.sqrt(torch.finfo(torch.float32).max)
+
 #: ``name2qmap`` keys (bitsandbytes' names) and the shared code tables they stand for.
 _QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
 
@@ -227,8 +232,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
     def _check_gradients(self, work: list[tuple[int, int, dict, torch.Tensor]]) -> None:
-        """Refuse sparse and non-finite gradients, and dtypes the update ops do not take,
-        before any state changes.
+        """Refuse sparse and non-finite gradients (and those whose square overflows float32),
+        and dtypes the update ops do not take, before any state changes.
 
         One reduction per gradient (its min and max: NaN and inf survive both) and one
         host synchronisation per device for the whole step.
@@ -254,14 +259,20 @@ class Optimizer8bit(torch.optim.Optimizer):
                 )  # fmt: skip
             if p.grad.numel():
                 extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
-        if all(bool(torch.isfinite(torch.cat(values)).all()) for values in extremes.values()):
+        # NaN fails the comparison, so one test covers NaN, inf and squares that overflow.
+        if all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values()):
             return
         for gindex, pindex, _, p in work:
-            if p.grad.numel() and not bool(torch.isfinite(p.grad).all()):
-                bad = int((~torch.isfinite(p.grad)).sum())
+            if not p.grad.numel():
+                continue
+            bad = int((~torch.isfinite(p.grad)).sum())
+            what = f"{bad} NaN/inf value(s) of {p.grad.numel()}"
+            if not bad:
+                bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
+                what = f"{bad} value(s) of {p.grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+            if bad:
                 raise KbitValueError(
-                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}",
-                    f"{bad} NaN/inf value(s) of {p.grad.numel()}",
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", what,
                     "finite gradients; nothing was updated, so skipping this batch and stepping again is safe",
                 )  # fmt: skip
 
