@@ -190,6 +190,28 @@ def test_nan_gradient_raises_and_changes_nothing(cls):
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
+@pytest.mark.parametrize("cls", [O.Adam8bit, O.Adam32bit, O.RMSprop8bit])
+def test_a_gradient_whose_square_overflows_float32_raises_like_nan(cls):
+    """|g| > 1.8e19 is finite, but g**2 is inf in float32: an 8-bit block's scale would turn
+    inf and the next step would write NaN into the parameters of the whole block."""
+    p = _param(5000)
+    opt = cls([p], lr=1e-2)
+    _grad(p)
+    opt.step()
+    params, states = p.detach().clone(), _state_copy(opt)
+    _grad(p, seed=3)
+    p.grad[5] = 1e25
+    with pytest.raises(KbitValueError, match=r"parameter 0 in group 0.*1 value\(s\) of 5000 .*overflow"):
+        opt.step()
+    assert torch.equal(p, params) and _same_state(_state_copy(opt), states)
+    p.grad[5] = 1e18  # large, but its square fits
+    opt.step()
+    assert all(torch.isfinite(t).all() for t in opt.state[p].values() if isinstance(t, torch.Tensor))
+    _grad(p, seed=4)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
 def _bad_group_two(opt, q):
     opt.param_groups[1]["lr"] = -1.0  # edited after construction, as schedulers do
 
@@ -218,6 +240,53 @@ def test_a_bad_setting_anywhere_raises_before_any_parameter_moves(spoil, first_s
         opt.step()
     assert torch.equal(p, params[0]) and torch.equal(q, params[1]), "group 0 must not be stepped"
     assert _same_state(_state_copy(opt), states), "no state may change (not even the step count)"
+
+
+def _float64_parameter(q):
+    q.data = q.data.double()  # kbit's update ops take float32, float16 and bfloat16 parameters
+    _grad(q)
+
+
+def _gradient_of_another_dtype(q):
+    q.data = q.data.bfloat16()
+    q.grad_dtype = None  # torch then accepts a float32 gradient for a bfloat16 parameter
+    q.grad = torch.randn(q.shape)
+
+
+@pytest.mark.parametrize("spoil", [_float64_parameter, _gradient_of_another_dtype])
+@pytest.mark.parametrize("cls", [O.Adam8bit, O.Adam32bit])
+def test_a_parameter_the_update_cannot_take_raises_before_any_parameter_moves(spoil, cls):
+    p, q = _param(5000), _param(5000, seed=2)
+    opt = cls([p, q], lr=1e-2)
+    _grad(p)
+    spoil(q)
+    before = p.detach().clone()
+    with pytest.raises(KbitTypeError, match=r"parameter 1 in group 0.*float"):
+        opt.step()
+    assert torch.equal(p, before), "parameter 0 must not be stepped when parameter 1 cannot be"
+    assert not any(opt.state.values()), "no state may be allocated or counted"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: O.Adam32bit(ps), lambda ps: O.Adam8bit(ps, min_8bit_size=0),
+     lambda ps: O.Adam(ps, optim_bits=8, min_8bit_size=0, block_wise=False), lambda ps: O.AdEMAMix8bit(ps)],  # fmt: skip
+    ids=["Adam32bit", "Adam8bit", "Adam8bit-whole-tensor", "AdEMAMix8bit"],
+)
+def test_an_empty_parameter_is_stepped_like_torch_optim_does(make):
+    """A zero-element parameter (a LoRA rank 0, a pruned head) has nothing to update; torch.optim
+    steps it without complaint, so kbit must too, and the other parameters are unaffected."""
+    empty, p, alone = torch.nn.Parameter(torch.zeros(0, 16)), _param(), _param()
+    opt, opt_alone = make([empty, p]), make([alone])
+    for _ in range(2):
+        empty.grad = torch.zeros(0, 16)
+        _grad(p), _grad(alone)
+        opt.step(), opt_alone.step()
+    assert torch.equal(p, alone)
+    assert opt.state[empty]["step"] == 2 and opt.state[empty]["state1"].dtype == torch.float32
+    fresh = make([torch.nn.Parameter(torch.zeros(0, 16)), _param()])
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[fresh.param_groups[0]["params"][0]]["step"] == 2
 
 
 def test_sparse_gradients_raise_a_typed_error():
@@ -249,6 +318,46 @@ def test_closure_is_evaluated_with_gradients_enabled():
 
     loss = opt.step(closure)
     assert loss.item() > 0 and opt.state[p]["step"] == 1
+
+
+# ------------------------------------------------------------- max_unorm and skip_zeros
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps, **kw: O.Adam32bit(ps, **kw), lambda ps, **kw: O.Adam8bit(ps, block_wise=False, **kw),
+     lambda ps, **kw: O.RMSprop32bit(ps, **kw)],  # fmt: skip
+    ids=["Adam32bit", "Adam8bit-whole-tensor", "RMSprop32bit"],
+)
+def test_max_unorm_clips_the_update_of_every_kind_that_accepts_it(make):
+    """The update (before ``lr``) is scaled down to ``max_unorm * ||p||`` where it would be
+    longer, and left alone where it is shorter: the optimizer passes the setting through."""
+    for max_unorm, binds in ((1e-3, True), (100.0, False)):
+        clipped, free = _param(), _param()
+        opt_clipped, opt_free = make([clipped], lr=0.1, max_unorm=max_unorm), make([free], lr=0.1)
+        start = clipped.detach().clone()
+        for p, opt in ((clipped, opt_clipped), (free, opt_free)):
+            _grad(p)
+            opt.step()
+        moved = float((clipped.detach() - start).norm())
+        if binds:
+            assert moved == pytest.approx(0.1 * max_unorm * float(start.norm()), rel=1e-3)
+            assert float((free.detach() - start).norm()) > 10 * moved
+        else:
+            torch.testing.assert_close(clipped, free, rtol=1e-6, atol=1e-6)
+        assert "unorm_vec" in opt_clipped.state[clipped]
+
+
+@pytest.mark.parametrize("cls", [O.Adam32bit, O.Adam8bit, O.AdEMAMix8bit])
+def test_skip_zeros_leaves_parameters_with_a_zero_gradient_in_place(cls):
+    p = _param()
+    opt = cls([p], lr=1e-2, skip_zeros=True)
+    _grad(p)
+    opt.step()
+    before = p.detach().clone()
+    _grad(p, seed=2)
+    p.grad[:300] = 0
+    opt.step()
+    assert torch.equal(p[:300], before[:300]), "zero-gradient elements must not move (momentum would move them)"
+    assert bool((p[300:] != before[300:]).all())
 
 
 # ------------------------------------------------------------------ percentile clipping
@@ -462,6 +571,13 @@ def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
     opt.step()
     assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
     assert kbit.backends.resolve("optimizer_update_8bit_blockwise", "cpu", "float32", optimizer="adam").name == "pagedref"
+    # A resumed run pages its state too: the checkpoint's tensors are copied into paged ones.
+    plugin.ALLOCATED.clear()
+    resumed = O.PagedAdamW8bit([_param(seed=5)])
+    resumed.load_state_dict(opt.state_dict())
+    assert plugin.ALLOCATED == [((5000,), torch.uint8), ((5000,), torch.uint8)]
+    loaded = next(iter(resumed.state.values()))
+    assert torch.equal(loaded["state1"], opt.state[p]["state1"]) and torch.equal(loaded["state2"], opt.state[p]["state2"])
 
 
 ONE_OP_PAGED_PLUGIN = """

@@ -51,6 +51,14 @@ def ademamix_schedule(step: int, beta1: float, beta3: float, alpha: float,
     return beta3_t, alpha_t
 
 
+#: Parameter dtypes the update ops take (the state is float32 or uint8 whatever the dtype).
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Largest gradient magnitude the optimizers take: its square (second moments, norms) is
+#: still finite in float32. An inf second moment would make an 8-bit block's scale inf and
+#: the next step would write NaN into every parameter of that block.
+_MAX_GRAD = math.sqrt(torch.finfo(torch.float32).max)
+
 #: ``name2qmap`` keys (bitsandbytes' names) and the shared code tables they stand for.
 _QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
 
@@ -143,8 +151,13 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _new_layout(config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
-        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``."""
-        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"], bool(config["block_wise"])
+        """``(eight_bit, block_wise)`` of the state ``config`` allocates for ``p``.
+
+        An empty parameter keeps (empty) 32-bit state whatever ``min_8bit_size`` says: it
+        has no block to scale.
+        """
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= max(config["min_8bit_size"], 1)
+        return eight_bit, bool(config["block_wise"])
 
     def _layout(self, config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
         """``(eight_bit, block_wise)`` of ``p``'s state: as allocated, or as ``config`` will allocate it."""
@@ -219,7 +232,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
     def _check_gradients(self, work: list[tuple[int, int, dict, torch.Tensor]]) -> None:
-        """Refuse sparse and non-finite gradients before any state changes.
+        """Refuse sparse and non-finite gradients (and those whose square overflows float32),
+        and dtypes the update ops do not take, before any state changes.
 
         One reduction per gradient (its min and max: NaN and inf survive both) and one
         host synchronisation per device for the whole step.
@@ -231,16 +245,34 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", "a sparse layout",
                     "a dense gradient (kbit optimizers do not take sparse gradients; use sparse=False)",
                 )  # fmt: skip
+            # The ops would refuse these too, but only when this parameter's turn comes,
+            # after the earlier ones were already stepped.
+            if p.dtype not in _PARAM_DTYPES:
+                raise KbitTypeError(
+                    f"{self._owner}.step", f"parameter {pindex} in group {gindex}", f"dtype {p.dtype}",
+                    "float32, float16 or bfloat16",
+                )  # fmt: skip
+            if p.grad.dtype != p.dtype:
+                raise KbitTypeError(
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", f"dtype {p.grad.dtype}",
+                    f"the parameter's dtype {p.dtype}",
+                )  # fmt: skip
             if p.grad.numel():
                 extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
-        if all(bool(torch.isfinite(torch.cat(values)).all()) for values in extremes.values()):
+        # NaN fails the comparison, so one test covers NaN, inf and squares that overflow.
+        if all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values()):
             return
         for gindex, pindex, _, p in work:
-            if p.grad.numel() and not bool(torch.isfinite(p.grad).all()):
-                bad = int((~torch.isfinite(p.grad)).sum())
+            if not p.grad.numel():
+                continue
+            bad = int((~torch.isfinite(p.grad)).sum())
+            what = f"{bad} NaN/inf value(s) of {p.grad.numel()}"
+            if not bad:
+                bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
+                what = f"{bad} value(s) of {p.grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+            if bad:
                 raise KbitValueError(
-                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}",
-                    f"{bad} NaN/inf value(s) of {p.grad.numel()}",
+                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", what,
                     "finite gradients; nothing was updated, so skipping this batch and stepping again is safe",
                 )  # fmt: skip
 
@@ -248,8 +280,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Perform one optimization step (optionally re-evaluating the loss with ``closure``).
 
-        All gradients are checked first; a sparse or non-finite gradient raises and leaves
-        every parameter and state unchanged.
+        All gradients are checked first; a sparse or non-finite gradient, or a dtype the
+        update ops do not take, raises and leaves every parameter and state unchanged.
         """
         loss = None
         if closure is not None:
@@ -295,6 +327,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = p.grad
         state["step"] += 1
         step = state["step"]
+        if p.numel() == 0:
+            return  # nothing to update (as torch.optim: the step still counts); kernels need not take empty tensors
 
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
@@ -384,6 +418,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 config = self.get_config(gindex, pindex, self.param_groups[gindex])
                 check_state_layout(label, loaded, config, *self._new_layout(config, p))
             new_state[p] = loaded
+        if self._allocator is not None:
+            for p, loaded in new_state.items():
+                self._page_loaded_state(p, loaded)
         new_groups = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             new_group = {key: value for key, value in saved.items() if key != "params"}
@@ -393,6 +430,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _page_loaded_state(self, p: torch.Tensor, loaded: dict[str, Any]) -> None:
+        """Move a validated checkpoint's state tensors of ``p`` into paged memory (a paged
+        optimizer resumed from a checkpoint must page like one that started afresh)."""
+        if not loaded:
+            return
+        op = update_op(loaded["state1"].dtype == torch.uint8, "absmax1" in loaded)
+        for key in ("state1", "state2"):
+            if key in loaded:
+                paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
+                loaded[key] = paged.copy_(loaded[key])
 
 
 class _KindOptimizer(Optimizer8bit):
