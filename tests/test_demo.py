@@ -91,6 +91,31 @@ def test_medium_size_runs_the_larger_model(tmp_path):
     assert report["memory"]["base_weights"]["ratio_vs_bf16"] <= 0.3
 
 
+def test_small_cpu_run_uses_one_thread_and_restores_the_setting(monkeypatch):
+    import kbit._demo as demo
+
+    seen = []
+    real_run_demo = demo.run_demo
+
+    def spy(config, stream=None):
+        seen.append((config.size, torch.get_num_threads()))
+        return real_run_demo(config, stream)
+
+    monkeypatch.setattr(demo, "run_demo", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--steps", "5", "--device", "cpu"]) == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["demo", "--steps", "5", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    # One thread for the small model; an explicit OMP_NUM_THREADS is left alone.
+    assert seen == [("small", 1), ("small", 2)]
+
+
 def test_progress_bar_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
