@@ -64,7 +64,56 @@ def test_demo_prints_plain_progress_when_not_a_terminal(demo_report):
     _, stdout = demo_report
     assert "NF4 + PagedAdamW8bit: step 20/20 loss" in stdout
     assert "\r" not in stdout
-    assert "kbit / bf16" in stdout and "8-bit" in stdout
+    # The report: memory fp32/bf16 vs NF4 and 32-bit vs 8-bit state, both runs' losses and
+    # throughput, and the op table.
+    for heading in ("fp32", "bf16", "kbit / bf16", "32-bit AdamW", "8-bit", "loss start", "loss end", "tokens/s"):
+        assert heading in stdout, heading
+    assert "PagedAdamW8bit " in stdout and "AdamW " in stdout and "served by (calls)" in stdout
+
+
+def test_json_to_stdout_keeps_stdout_pure(capsys):
+    # `--json -` is for pipes (`kbit demo --json - | jq`): only the JSON may reach stdout.
+    assert main(["demo", "--steps", "5", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert len(report["training"]["kbit"]["losses"]) == 5
+    assert "NF4 + PagedAdamW8bit: step 5/5" in err and "kbit / bf16" in err
+
+
+@pytest.mark.slow
+def test_medium_size_runs_the_larger_model(tmp_path):
+    path = tmp_path / "medium.json"
+    assert main(["demo", "--steps", "5", "--size", "medium", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["size"] == "medium" and report["config"]["model"]["d_model"] == 512
+    # 4 blocks of q, k, v, o (512 x 512) and up, down (512 x 2048) in NF4.
+    assert report["memory"]["base_weights"]["parameters"] == 4 * (4 * 512 * 512 + 2 * 512 * 2048)
+    assert report["memory"]["base_weights"]["ratio_vs_bf16"] <= 0.3
+
+
+def test_small_cpu_run_uses_one_thread_and_restores_the_setting(monkeypatch):
+    import kbit._demo as demo
+
+    seen = []
+    real_run_demo = demo.run_demo
+
+    def spy(config, stream=None):
+        seen.append((config.size, torch.get_num_threads()))
+        return real_run_demo(config, stream)
+
+    monkeypatch.setattr(demo, "run_demo", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--steps", "5", "--device", "cpu"]) == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["demo", "--steps", "5", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    # One thread for the small model; an explicit OMP_NUM_THREADS is left alone.
+    assert seen == [("small", 1), ("small", 2)]
 
 
 def test_progress_bar_on_a_terminal():

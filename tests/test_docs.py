@@ -33,3 +33,9 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"^```bash\n(.*?)\n```", readme, re.S | re.M)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (REPO / ".ci" / "run").read_text()
+
+
+def test_readme_main_command_installs_and_runs_the_demo():
+    readme = (REPO / "README.md").read_text()
+    first = re.search(r"^```bash\n(.*?)\n```", readme, re.S | re.M).group(1)
+    assert "pip install" in first and first.rstrip().endswith("kbit demo"), first
