@@ -17,6 +17,7 @@ __all__ = [
     "BLOCKSIZES_4BIT",
     "QUANT_TYPES_4BIT",
     "QUANT_STORAGES_4BIT",
+    "QUANT_STORAGE_NAMES_4BIT",
     "NESTED_BLOCKSIZE",
     "OPTIMIZER_BLOCKSIZE",
     "GNORM_HISTORY",
@@ -54,6 +55,8 @@ BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 #: dtypes packed 4-bit data may be stored as (the bytes are only reinterpreted).
 QUANT_STORAGES_4BIT = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+#: :data:`QUANT_STORAGES_4BIT` as manifest names.
+QUANT_STORAGE_NAMES_4BIT = tuple(dtype_name(dtype) for dtype in QUANT_STORAGES_4BIT)
 
 #: Blocksize of the nested (8-bit) quantization of a blockwise absmax.
 NESTED_BLOCKSIZE = 256

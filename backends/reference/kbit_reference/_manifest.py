@@ -8,12 +8,12 @@ from kbit._formats import (
     BLOCKSIZES_4BIT,
     BLOCKSIZES_8BIT,
     FLOAT_DTYPE_NAMES,
-    QUANT_STORAGES_4BIT,
+    QUANT_STORAGE_NAMES_4BIT,
     QUANT_TYPES_4BIT,
-    dtype_name,
 )
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
 from kbit.functional._optim import OPTIMIZER_KINDS as _KINDS
+from kbit.functional._optim import static_8bit_kind_names
 
 _blockwise8 = {
     "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
@@ -30,7 +30,7 @@ _quant4_support = OpSupport(
     dtypes=FLOAT_DTYPE_NAMES,
     blocksizes=BLOCKSIZES_4BIT,
     quant_types=QUANT_TYPES_4BIT,
-    quant_storages=tuple(dtype_name(dtype) for dtype in QUANT_STORAGES_4BIT),
+    quant_storages=QUANT_STORAGE_NAMES_4BIT,
 )
 _quant4 = {op: _quant4_support for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit")}
 
@@ -47,7 +47,7 @@ _int8 = {
 OPTIMIZER_KINDS = tuple(_KINDS)
 # Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API), so that op
 # serves only the kinds the table marks static_8bit (every kind except ademamix).
-STATIC_8BIT_KINDS = tuple(name for name, kind in _KINDS.items() if kind.static_8bit)
+STATIC_8BIT_KINDS = static_8bit_kind_names()
 
 _optimizer = {
     "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=OPTIMIZER_KINDS),

@@ -80,12 +80,20 @@ OPTIMIZER_KINDS: dict[str, OptimizerKind] = {
 }
 
 
+def static_8bit_kind_names() -> tuple[str, ...]:
+    """Kinds the whole-tensor 8-bit op serves (its state has no slot for AdEMAMix's beta3/alpha).
+
+    Read from :data:`OPTIMIZER_KINDS` on every call, so the table stays the only list.
+    """
+    return tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
+
+
 # ----------------------------------------------------------------------------- checks
 def optimizer_kind(op: str, name: object, *, static_8bit: bool = False) -> OptimizerKind:
     """The :class:`OptimizerKind` called ``name``; raises for unknown kinds."""
     kind = OPTIMIZER_KINDS.get(name) if isinstance(name, str) else None
     if kind is None or (static_8bit and not kind.static_8bit):
-        allowed = [k for k, v in OPTIMIZER_KINDS.items() if v.static_8bit or not static_8bit]
+        allowed = list(static_8bit_kind_names() if static_8bit else OPTIMIZER_KINDS)
         raise KbitValueError(op, "optimizer_name", name, f"expected one of {allowed}")
     return kind
 

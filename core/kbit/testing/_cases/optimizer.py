@@ -34,7 +34,7 @@ import torch
 
 from ..._formats import FLOAT_DTYPE_NAMES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ...functional._codebooks import create_dynamic_map
-from ...functional._optim import OPTIMIZER_KINDS, OptimizerKind
+from ...functional._optim import OPTIMIZER_KINDS, OptimizerKind, static_8bit_kind_names
 from ..tolerances import (
     EXACT,
     OPTIMIZER_GOLDEN_CODE_EXCEPTIONS,
@@ -52,7 +52,6 @@ FAMILY = "optimizer"
 STEPS = 3
 
 _ALL_KINDS = tuple(OPTIMIZER_KINDS)
-_STATIC_8BIT_KINDS = tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
 
 _QMAP_SIGNED = create_dynamic_map()
 _QMAP_UNSIGNED = create_dynamic_map(signed=False)
@@ -331,7 +330,7 @@ def _update_cases(op: str, kinds: tuple[str, ...]) -> OpCases:
 CASES = (
     _update_cases("optimizer_update_32bit", _ALL_KINDS),
     # Whole-tensor 8-bit state has no slot for AdEMAMix's third moment: the API refuses it.
-    _update_cases("optimizer_update_8bit", _STATIC_8BIT_KINDS),
+    _update_cases("optimizer_update_8bit", static_8bit_kind_names()),
     _update_cases("optimizer_update_8bit_blockwise", _ALL_KINDS),
     OpCases("percentile_clipping", {"dtype": FLOAT_DTYPE_NAMES}, _clipping_inputs, _clipping_run),
 )

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..._formats import BLOCKSIZES_4BIT, FLOAT_DTYPE_NAMES, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT, dtype_name
+from ..._formats import BLOCKSIZES_4BIT, FLOAT_DTYPE_NAMES, QUANT_STORAGE_NAMES_4BIT, QUANT_TYPES_4BIT, num_blocks
 from ..._ops.quant4 import packed_rows
 from ...functional._codebooks import get_4bit_type
 from ..tolerances import EXACT, Tolerance
@@ -43,7 +43,7 @@ _UNIVERSE = {
     "dtype": FLOAT_DTYPE_NAMES,
     "blocksize": BLOCKSIZES_4BIT,
     "quant_type": QUANT_TYPES_4BIT,
-    "quant_storage": tuple(dtype_name(dtype) for dtype in QUANT_STORAGES_4BIT),
+    "quant_storage": QUANT_STORAGE_NAMES_4BIT,
 }
 
 # Tables are built once; FP4's code 8 is -0.0, the twin of code 0.
@@ -75,10 +75,6 @@ def _packed(variant: Variant, name: str, numel: int) -> Tensor:
 
 def _scales(variant: Variant, name: str, count: int, low: float = 0.05) -> Tensor:
     return torch.rand(count, generator=seeded(variant, name)) * (1 - low) + low
-
-
-def _blocks(numel: int, blocksize: int) -> int:
-    return -(-numel // blocksize)
 
 
 # ----------------------------------------------------------------------- quantize_4bit
@@ -144,13 +140,13 @@ def _dequantize_inputs(variant: Variant) -> list[InputSet]:
 
     def entry(name: str, shape: tuple[int, ...], scales: Tensor | None = None) -> InputSet:
         numel = math.prod(shape)
-        scales = _scales(variant, name, _blocks(numel, bs)) * 3 if scales is None else scales
+        scales = _scales(variant, name, num_blocks(numel, bs)) * 3 if scales is None else scales
         return InputSet(name, (_packed(variant, name, numel), scales, bs, quant_type, list(shape), dtype))
 
     numel3 = 2 * bs + 3
-    zero_scales = _scales(variant, "all_zero_block", _blocks(numel3, bs))
+    zero_scales = _scales(variant, "all_zero_block", num_blocks(numel3, bs))
     zero_scales[0] = 0.0
-    large_scales = _scales(variant, "large_values", _blocks(numel3, bs)) * (large_magnitude(dtype) / 4)
+    large_scales = _scales(variant, "large_values", num_blocks(numel3, bs)) * (large_magnitude(dtype) / 4)
     if dtype == torch.float16:
         large_scales[-1] = 1e5  # beyond float16's range: the cast must overflow to inf
     return [
@@ -176,7 +172,7 @@ def _product_inputs(variant: Variant, shapes: dict[str, tuple[tuple[int, ...], i
     cases = []
     for name, (leading, out_features, in_features) in shapes.items():
         numel = out_features * in_features
-        scales = _scales(variant, f"{name}/absmax", _blocks(numel, bs))
+        scales = _scales(variant, f"{name}/absmax", num_blocks(numel, bs))
         if name == "all_zero_block":
             scales[0] = 0.0
         A = randn(variant, name, *leading, in_features) * (2 / math.sqrt(in_features))
