@@ -20,7 +20,7 @@ from .._errors import KbitTypeError, KbitValueError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from ..functional._codebooks import cached_code
-from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state
+from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state, state_layout
 from ._config import (
     HYPERPARAMETERS,
     check_group_hyperparameters,
@@ -162,9 +162,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _layout(self, config: dict[str, Any], p: torch.Tensor) -> tuple[bool, bool]:
         """``(eight_bit, block_wise)`` of ``p``'s state: as allocated, or as ``config`` will allocate it."""
         state = self.state.get(p)  # .get: the defaultdict must not grow an empty entry
-        if state:
-            return state["state1"].dtype == torch.uint8, "absmax1" in state
-        return self._new_layout(config, p)
+        return state_layout(state) if state else self._new_layout(config, p)
 
     def _checked_config(self, gindex: int, pindex: int, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """:meth:`get_config` plus the layout checks the update of ``p`` will make."""
@@ -436,7 +434,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         optimizer resumed from a checkpoint must page like one that started afresh)."""
         if not loaded:
             return
-        op = update_op(loaded["state1"].dtype == torch.uint8, "absmax1" in loaded)
+        op = update_op(*state_layout(loaded))
         for key in ("state1", "state2"):
             if key in loaded:
                 paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)

@@ -21,7 +21,7 @@ from ..functional._optim import OptimizerKind
 
 __all__ = [
     "QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state",
-    "check_state_layout",
+    "check_state_layout", "state_layout",
 ]  # fmt: skip
 
 #: The nested key of the format (kept byte-identical for interoperability).
@@ -128,6 +128,16 @@ def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state:
     return loaded
 
 
+def state_layout(state: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(eight_bit, block_wise)`` of an allocated (or loaded) parameter state.
+
+    8-bit states are uint8; blockwise ones carry per-block scales (``absmax1``) where
+    whole-tensor ones carry ``max1``/``new_max1``. 32-bit state is never blockwise.
+    """
+    eight_bit = state["state1"].dtype == torch.uint8
+    return eight_bit, eight_bit and "absmax1" in state
+
+
 def _describe(eight_bit: bool, block_wise: bool) -> str:
     if not eight_bit:
         return "32-bit (float32) state"
@@ -143,8 +153,7 @@ def check_state_layout(label: str, state: Mapping[str, Any], config: Mapping[str
     parameter. Stepping a checkpoint of another layout would silently keep the checkpoint's
     width or fail steps later, so the mismatch is reported now, naming the entry.
     """
-    has_eight_bit = state["state1"].dtype == torch.uint8
-    has_block_wise = has_eight_bit and "absmax1" in state
+    has_eight_bit, has_block_wise = state_layout(state)
     if (has_eight_bit, has_block_wise) == (eight_bit, eight_bit and block_wise):
         return
     if has_eight_bit != eight_bit:
