@@ -12,11 +12,10 @@ from typing import Optional
 import torch
 
 from .._errors import KbitValueError
-from .._formats import FLOAT_DTYPES
 from .._ops import quant4 as ops
 from ..functional._quant4 import check_4bit_matmul
 from ..functional._quant_state import QuantState
-from ..functional._validate import check_buffer, check_dtype, store_into
+from ..functional._validate import check_bias, check_buffer, store_into
 
 __all__ = ["matmul_4bit"]
 
@@ -55,11 +54,9 @@ def matmul_4bit(
         )
     scales, shape = check_4bit_matmul(op, A, B, quant_state, None)
     if bias is not None:
-        check_dtype(op, "bias", bias, FLOAT_DTYPES)
+        check_bias(op, bias, A.device)
         if bias.shape != (shape[0],):
             raise KbitValueError(op, "bias.shape", tuple(bias.shape), f"expected ({shape[0]},)")
-        if bias.device != A.device:
-            raise KbitValueError(op, "bias.device", str(bias.device), f"expected A's device {A.device}")
     check_buffer(op, "out", out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     # A single row takes the gemv op, which a backend may serve with a faster kernel.
     product = ops.gemv_4bit if A.numel() == A.shape[-1] else ops.matmul_4bit

@@ -19,7 +19,7 @@ from .._errors import KbitTypeError, KbitValueError
 from .._formats import FLOAT_DTYPES
 from .._ops import int8 as ops
 from ..functional._int8 import STATS_DTYPES, check_threshold
-from ..functional._validate import check_buffer, check_dtype, check_numel, check_tensor, store_into
+from ..functional._validate import check_bias, check_buffer, check_dtype, check_numel, check_tensor, store_into
 
 __all__ = ["MatmulLtState", "matmul"]
 
@@ -161,10 +161,8 @@ def matmul(
     if B.dtype != torch.int8 and B.dtype not in FLOAT_DTYPES:
         raise KbitTypeError(op, "B", f"dtype {B.dtype}", "int8 codes or a float16, bfloat16 or float32 weight")
     if bias is not None:
-        check_dtype(op, "bias", bias, FLOAT_DTYPES)
+        check_bias(op, bias, A.device)
         check_numel(op, "bias", bias, B.shape[0])
-        if bias.device != A.device:
-            raise KbitValueError(op, "bias.device", str(bias.device), f"expected A's device {A.device}")
     check_buffer(op, "out", out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
     # Only valid calls change the state: a rejected one must leave it as it was.
     if requested > 0.0:

@@ -38,6 +38,14 @@ def _scalar_type_error(op: str, name: str, value: object, expected: str) -> Kbit
     return KbitTypeError(op, name, f"{value!r} (type {type(value).__name__})", expected)
 
 
+def check_bias(op: str, bias: object, device: torch.device) -> torch.Tensor:
+    """Require a floating-point bias on ``device`` (the input's); callers check its size."""
+    bias = check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    if bias.device != device:
+        raise KbitValueError(op, "bias.device", str(bias.device), f"expected A's device {device}")
+    return bias
+
+
 def check_int(op: str, name: str, value: object, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """Require a Python int (not a bool) in ``[low, high]`` (either bound may be open-ended).
 
