@@ -537,6 +537,8 @@ def test_the_paged_memory_warning_is_a_top_level_kbit_warning():
         O.PagedAdam([_param()])
 
 
+# A paged-memory backend named ``{name}`` serving ``{ops}`` (a Python expression over the
+# reference manifest's ops).
 PAGED_PLUGIN = """
 import torch
 from kbit.backend import API_VERSION, BackendManifest
@@ -551,16 +553,17 @@ class PagedBackend(ReferenceBackend):
         return torch.zeros(shape, dtype=dtype, device=device)
 
 MANIFEST = BackendManifest(
-    name="pagedref", api_version=API_VERSION, priority=10, device_types=("cpu",),
-    factory="pagedref_pkg.manifest:PagedBackend",
-    ops={k: v for k, v in REFERENCE.ops.items() if k.startswith(("optimizer", "percentile"))},
+    name="{name}", api_version=API_VERSION, priority=10, device_types=("cpu",),
+    factory="{name}_pkg.manifest:PagedBackend",
+    ops={ops},
     features=("paged_memory",),
 )
 """
 
 
 def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
-    make_plugin("pagedref", "pagedref", PAGED_PLUGIN)
+    ops = '{k: v for k, v in REFERENCE.ops.items() if k.startswith(("optimizer", "percentile"))}'
+    make_plugin("pagedref", "pagedref", PAGED_PLUGIN.format(name="pagedref", ops=ops))
     import pagedref_pkg.manifest as plugin
 
     p = _param()
@@ -580,28 +583,6 @@ def test_a_backend_with_paged_memory_allocates_the_state(make_plugin):
     assert torch.equal(loaded["state1"], opt.state[p]["state1"]) and torch.equal(loaded["state2"], opt.state[p]["state2"])
 
 
-ONE_OP_PAGED_PLUGIN = """
-import torch
-from kbit.backend import API_VERSION, BackendManifest
-from kbit_reference._manifest import MANIFEST as REFERENCE
-from kbit_reference.backend import ReferenceBackend
-
-ALLOCATED = []
-
-class PagedBackend(ReferenceBackend):
-    def paged_zeros(self, shape, dtype, device):
-        ALLOCATED.append((tuple(shape), dtype))
-        return torch.zeros(shape, dtype=dtype, device=device)
-
-MANIFEST = BackendManifest(
-    name="{name}", api_version=API_VERSION, priority=10, device_types=("cpu",),
-    factory="{name}_pkg.manifest:PagedBackend",
-    ops={{"{op}": REFERENCE.ops["{op}"]}},
-    features=("paged_memory",),
-)
-"""
-
-
 @pytest.mark.parametrize(
     "op, make, numel, dtype",
     [
@@ -612,7 +593,7 @@ MANIFEST = BackendManifest(
 )
 def test_paging_asks_the_registry_about_the_op_the_state_is_updated_with(make_plugin, op, make, numel, dtype):
     name = op.replace("optimizer_update_", "paged")
-    make_plugin(name, name, ONE_OP_PAGED_PLUGIN.format(name=name, op=op))
+    make_plugin(name, name, PAGED_PLUGIN.format(name=name, ops=f'{{"{op}": REFERENCE.ops["{op}"]}}'))
     plugin = __import__(f"{name}_pkg.manifest", fromlist=["ALLOCATED"])
     p = _param(numel)
     with warnings.catch_warnings():
