@@ -1,0 +1,162 @@
+"""What each rank runs in the multi-process tests (``tests/test_distributed.py``).
+
+The processes are spawned, so these functions live at module level in a module that
+imports nothing heavier than torch and kbit. Each one builds its tiny models from fixed
+seeds, computes the single-process reference itself (every rank can: the models are tiny)
+and returns plain numbers and flags; the assertions are made in the test process, where a
+failure reads like any other test failure.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import kbit
+from kbit._demo._data import PermutationTask
+from kbit._demo._model import ModelConfig, TinyLM, to_qlora
+
+#: The model every worker trains: two blocks of 4-bit linears with LoRA adapters.
+CONFIG = ModelConfig(vocab_size=32, d_model=64, n_heads=2, n_layers=2, d_ff=256, seq_len=16, lora_rank=8)
+
+#: 4-bit settings the FSDP checks run: (quant_type, nested absmax, quant_storage).
+FOUR_BIT_SETTINGS = {
+    "nf4-nested-uint8": ("nf4", True, torch.uint8),
+    "fp4-plain-uint8": ("fp4", False, torch.uint8),
+    "nf4-nested-bfloat16": ("nf4", True, torch.bfloat16),
+    "fp4-nested-float32": ("fp4", True, torch.float32),
+}
+
+
+def qlora_model(device: str, seed: int = 0, settings: str = "nf4-nested-uint8") -> TinyLM:
+    """The test model, identical on every rank (same seed), with quantized base weights."""
+    quant_type, nested, storage = FOUR_BIT_SETTINGS[settings]
+    torch.manual_seed(seed)
+    return to_qlora(TinyLM(CONFIG), torch.device(device), CONFIG.lora_rank, quant_type=quant_type,
+                    compress_statistics=nested, quant_storage=storage)  # fmt: skip
+
+
+def shard(model: TinyLM, device: str, **options: Any) -> TinyLM:
+    """FSDP2 over ``model``: one unit per block and one for the rest, on a 1-D mesh of every rank."""
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
+    return model
+
+
+def batch(step: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``: the same on every rank."""
+    task = PermutationTask(CONFIG.vocab_size, CONFIG.seq_len, seed=1)
+    task.generator.manual_seed(1000 + step)
+    return task.batch(size, torch.device(device))
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy."""
+    logits = model(inputs)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The LoRA parameters, in registration order (FSDP keeps it)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded tensor, on the CPU."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (packed 4-bit codes stored as floats may look like NaN)."""
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _error_of(action: Callable[[], Any]) -> str:
+    try:
+        action()
+    except Exception as exc:  # the test checks the type and the message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def _code_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of 4-bit codes this rank holds, and of the per-block scales beside them.
+
+    (The code tables and the JSON of each layer's quant state, about 1.3 KB per layer
+    whatever its size, are left out: they do not grow with the model.)
+    """
+    codes = scales = 0
+    for module in model.modules():
+        if isinstance(module, kbit.nn.Linear4bit):
+            local = module.weight.to_local() if isinstance(module.weight, DTensor) else module.weight
+            codes += local.numel() * local.element_size()
+            state = module.quant_state
+            scales += state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return codes, scales
+
+
+# --------------------------------------------------------------------------- FSDP2 models
+def fsdp_4bit_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """FSDP2 over 4-bit layers with LoRA, per 4-bit setting: sharding, forward/backward, state dicts."""
+    results: dict[str, Any] = {}
+    inputs, targets = batch(0, 4, device)
+    for name in FOUR_BIT_SETTINGS:
+        model = qlora_model(device, settings=name)
+        reference = copy.deepcopy(model)
+        full_codes, _ = _code_bytes(model)
+        shard(model, device)
+        local_codes, scale_bytes = _code_bytes(model)
+        out: dict[str, Any] = {"full_code_bytes": full_codes, "local_code_bytes": local_codes, "scale_bytes": scale_bytes}
+        # Twice: the second forward gathers again into the storage FSDP freed after the first.
+        logits = [model(inputs) for _ in range(2)]
+        expected = reference(inputs)
+        out["forward_equal"] = all(torch.equal(found, expected) for found in logits)
+        loss_of(model, inputs, targets).backward()
+        loss_of(reference, inputs, targets).backward()
+        out["grads_equal"] = all(
+            torch.equal(full(p.grad), q.grad.cpu()) for p, q in zip(trainable(model), trainable(reference), strict=True)
+        )
+        expected_state = reference.state_dict()
+        for offload in (False, True):
+            found = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+            if offload and rank != 0:
+                continue  # a full state dict offloaded to the CPU lands on rank 0 only
+            out[f"full_state_dict_keys_equal_offload={offload}"] = sorted(found) == sorted(expected_state)
+            out[f"full_state_dict_equal_offload={offload}"] = all(
+                same_bytes(found[key], expected_state[key]) for key in expected_state if key in found
+            )
+        sharded = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
+        out["sharded_weight_types"] = sorted({type(v).__name__ for k, v in sharded.items() if k.endswith(".weight")})
+        out["sharded_absmax_types"] = sorted({type(v).__name__ for k, v in sharded.items() if k.endswith(".absmax")})
+        # Load the single-process state dict back (after disturbing the adapters and codes).
+        with torch.no_grad():
+            for p in trainable(model):
+                p.add_(1.0)
+        set_model_state_dict(model, expected_state, options=StateDictOptions(full_state_dict=True))
+        out["forward_equal_after_load"] = torch.equal(model(inputs), expected)
+        results[name] = out
+
+    # Codes stored as float32 would be cast by a mixed-precision policy: refused, by name.
+    model = shard(qlora_model(device, settings="fp4-nested-float32"), device,
+                  mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))  # fmt: skip
+    results["float_storage_cast_error"] = _error_of(lambda: model(inputs))
+    # uint8 codes are not floating point: the policy leaves them alone.
+    model = shard(qlora_model(device), device, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    results["uint8_mixed_precision_finite"] = bool(torch.isfinite(model(inputs)).all())
+    # A model whose 4-bit weights were never quantized cannot be sharded.
+    unquantized = torch.nn.Sequential(kbit.nn.LinearNF4(16, 16, device=device))
+    mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    results["unquantized_error"] = _error_of(lambda: fully_shard(unquantized, mesh=mesh))
+    return results

@@ -1,0 +1,86 @@
+"""kbit under torch.distributed: FSDP2 and DDP on 2 processes (CPU with gloo, or ``--device cuda``).
+
+Each test module-scoped fixture starts its 2 processes once (``kbit._spawn.run_ranks``,
+bounded in time: a hang fails the tests instead of blocking CI) and every test reads its
+part of the results. The ranks' work is in ``tests/distributed_workers.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kbit._spawn import run_ranks
+
+from . import distributed_workers as workers
+
+pytestmark = pytest.mark.slow
+
+WORLD_SIZE = 2
+#: Seconds one launch may take (start-up included) before its processes are ended.
+LAUNCH_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def device(request: pytest.FixtureRequest) -> str:
+    """``--device``: cpu (gloo), or cuda (nccl) where there is a GPU for every rank."""
+    device = request.config.getoption("--device")
+    if device == "cuda" and torch.cuda.device_count() < WORLD_SIZE:
+        pytest.skip(f"--device cuda needs {WORLD_SIZE} GPUs, found {torch.cuda.device_count()}")
+    return device
+
+
+def launch(worker, device: str, *args):
+    return run_ranks(worker, WORLD_SIZE, (device, *args), device=device, timeout=LAUNCH_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- FSDP2 models
+@pytest.fixture(scope="module")
+def fsdp_4bit(device):
+    return launch(workers.fsdp_4bit_worker, device)
+
+
+@pytest.mark.parametrize("settings", list(workers.FOUR_BIT_SETTINGS))
+def test_fsdp_shards_the_packed_codes(fsdp_4bit, settings):
+    for rank, results in enumerate(fsdp_4bit):
+        found = results[settings]
+        # Each rank holds half the codes (rounded up to whole storage elements per layer) ...
+        assert found["full_code_bytes"] / 2 <= found["local_code_bytes"] <= found["full_code_bytes"] / 2 + 64, rank
+        # ... and a copy of the per-block scales: 1/32 of the codes with nested absmax (one
+        # byte per 64 weights), 1/8 without (a float32 per 64 weights).
+        share = 1 / 32 if "nested" in settings else 1 / 8
+        assert found["scale_bytes"] <= share * found["full_code_bytes"] * 1.05, (rank, found)  # + nested scales
+
+
+@pytest.mark.parametrize("settings", list(workers.FOUR_BIT_SETTINGS))
+def test_fsdp_forward_and_backward_match_one_process_exactly(fsdp_4bit, settings):
+    for rank, results in enumerate(fsdp_4bit):
+        found = results[settings]
+        assert found["forward_equal"], rank
+        assert found["grads_equal"], rank
+
+
+@pytest.mark.parametrize("settings", list(workers.FOUR_BIT_SETTINGS))
+def test_fsdp_state_dicts_keep_the_hub_layout(fsdp_4bit, settings):
+    for rank, results in enumerate(fsdp_4bit):
+        found = results[settings]
+        offloads = (False, True) if rank == 0 else (False,)
+        for offload in offloads:
+            assert found[f"full_state_dict_keys_equal_offload={offload}"], (rank, offload)
+            assert found[f"full_state_dict_equal_offload={offload}"], (rank, offload)
+        assert found["sharded_weight_types"] == ["DTensor"]
+        assert found["sharded_absmax_types"] == ["Tensor"]  # replicated, saved once by DCP
+        assert found["forward_equal_after_load"], rank
+
+
+def test_fsdp_refuses_float_storage_cast_by_mixed_precision(fsdp_4bit):
+    for results in fsdp_4bit:
+        assert results["float_storage_cast_error"].startswith("KbitTypeError")
+        assert "quant_storage=torch.uint8" in results["float_storage_cast_error"]
+        assert results["uint8_mixed_precision_finite"]
+
+
+def test_fsdp_refuses_unquantized_weights(fsdp_4bit):
+    for results in fsdp_4bit:
+        assert results["unquantized_error"].startswith("KbitValueError")
+        assert "before fully_shard" in results["unquantized_error"]
