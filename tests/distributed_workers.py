@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 import kbit
 from kbit._demo._data import PermutationTask
-from kbit._demo._model import ModelConfig, TinyLM, to_qlora
+from kbit._demo._model import LoRA, ModelConfig, TinyLM, to_qlora
 
 #: The model every worker trains: two blocks of 4-bit linears with LoRA adapters.
 CONFIG = ModelConfig(vocab_size=32, d_model=64, n_heads=2, n_layers=2, d_ff=256, seq_len=16, lora_rank=8)
@@ -39,8 +39,15 @@ def qlora_model(device: str, seed: int = 0, settings: str = "nf4-nested-uint8") 
     """The test model, identical on every rank (same seed), with quantized base weights."""
     quant_type, nested, storage = FOUR_BIT_SETTINGS[settings]
     torch.manual_seed(seed)
-    return to_qlora(TinyLM(CONFIG), torch.device(device), CONFIG.lora_rank, quant_type=quant_type,
-                    compress_statistics=nested, quant_storage=storage)  # fmt: skip
+    model = to_qlora(TinyLM(CONFIG), torch.device(device), CONFIG.lora_rank, quant_type=quant_type,
+                     compress_statistics=nested, quant_storage=storage)  # fmt: skip
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRA):
+                # Not zero as in QLoRA: the trust ratio of LAMB and LARS (max_unorm * ||p||)
+                # would keep B at zero, and A gets no gradient while B is zero.
+                module.lora_b.normal_(std=0.02)
+    return model
 
 
 def shard(model: TinyLM, device: str, **options: Any) -> TinyLM:
@@ -159,4 +166,120 @@ def fsdp_4bit_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
     unquantized = torch.nn.Sequential(kbit.nn.LinearNF4(16, 16, device=device))
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
     results["unquantized_error"] = _error_of(lambda: fully_shard(unquantized, mesh=mesh))
+    return results
+
+
+# ------------------------------------------------------------------------------ training
+#: Global batch of every training step; each of the ranks takes an equal slice of it.
+GLOBAL_BATCH = 8
+#: Learning rate of the parity runs (large enough that 20 steps move the adapters visibly).
+LEARNING_RATE = 1e-2
+
+
+def optimizer_names() -> list[str]:
+    """Every kbit optimizer class (paged variants included)."""
+    return [name for name in kbit.optim.__all__ if name not in ("Optimizer8bit", "Optimizer1State",
+            "Optimizer2State", "GlobalOptimManager", "KbitPagedMemoryWarning")]  # fmt: skip
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], **options: Any) -> torch.optim.Optimizer:
+    """``kbit.optim.<name>`` over ``params``; 8-bit state for every parameter (the adapters are small)."""
+    cls = getattr(kbit.optim, name)
+    if issubclass(cls, kbit.optim.Optimizer8bit):
+        options.setdefault("min_8bit_size", 0)
+    if name.startswith(("SGD", "LARS")):
+        options.setdefault("momentum", 0.9)  # they keep no state without it
+    return cls(params, lr=LEARNING_RATE, **options)
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, device: str,
+          start: int = 0) -> list[float]:  # fmt: skip
+    """``steps`` steps on this rank's slice of each global batch; returns this rank's losses."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    per_rank = GLOBAL_BATCH // world_size
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    losses = []
+    for step in range(start, start + steps):
+        inputs, targets = batch(step, GLOBAL_BATCH, device)
+        loss = loss_of(model, inputs[part], targets[part])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def train_alone(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, device: str, *,
+                slices: int = 1, start: int = 0) -> list[float]:  # fmt: skip
+    """The single-process run of the same global batches.
+
+    ``slices=1`` computes each step's gradient on the whole global batch. ``slices=N``
+    accumulates it over the N rank slices, each loss divided by N: the sums a data-parallel
+    all-reduce or reduce-scatter of N ranks performs, in the same order, so 32-bit training
+    can match it bit for bit.
+    """
+    per_slice = GLOBAL_BATCH // slices
+    losses = []
+    for step in range(start, start + steps):
+        inputs, targets = batch(step, GLOBAL_BATCH, device)
+        total = 0.0
+        for index in range(slices):
+            part = slice(index * per_slice, (index + 1) * per_slice)
+            loss = loss_of(model, inputs[part], targets[part]) / slices
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
+
+
+def max_difference(params: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Largest absolute difference between the (possibly sharded) ``params`` and ``expected``."""
+    return max(float((full(p) - q.detach().cpu()).abs().max()) for p, q in zip(params, expected, strict=True))
+
+
+def _parity(wrap: Callable[[torch.nn.Module], torch.nn.Module], name: str, steps: int, device: str,
+            references: tuple[int, ...] = (1, 2)) -> dict[str, float]:  # fmt: skip
+    """Train a wrapped model and single-process twins; the largest parameter differences.
+
+    Keys ``"slices=N"``: against the single-process run accumulating N slices (N = 1: the
+    whole global batch at once). ``"moved"``: how far training moved the parameters.
+    """
+    model = qlora_model(device)
+    start = [p.detach().clone() for p in trainable(model)]
+    twins = {slices: copy.deepcopy(model) for slices in references}
+    model = wrap(model)
+    train(model, make_optimizer(name, trainable(model)), steps, device)
+    found = {"moved": max_difference(trainable(model), start)}
+    for slices, twin in twins.items():
+        train_alone(twin, make_optimizer(name, trainable(twin)), steps, device, slices=slices)
+        found[f"slices={slices}"] = max_difference(trainable(model), trainable(twin))
+    return found
+
+
+def ddp_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """DDP over the 4-bit model: 20 steps of Adam and Adam8bit, a few of every optimizer."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
+
+    results: dict[str, Any] = {"long": {}, "all": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbit.KbitPagedMemoryWarning)
+        for name in ("Adam", "Adam8bit"):
+            results["long"][name] = _parity(wrap, name, 20, device)
+        # Replicated parameters: the optimizers see plain tensors, one family each is enough.
+        for name in optimizer_names():
+            if name.endswith("8bit") and not name.startswith("Paged"):
+                results["all"][name] = _parity(wrap, name, 3, device, references=(2,))
+    model = wrap(qlora_model(device))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    expected = qlora_model(device).state_dict()
+    results["state_dict_equal"] = sorted(state) == sorted(expected) and all(
+        same_bytes(state[key], expected[key]) for key in expected
+    )
     return results

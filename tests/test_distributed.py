@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kbit._spawn import run_ranks
+from kbit.testing.tolerances import conformance_tolerance
 
 from . import distributed_workers as workers
 
@@ -84,3 +85,39 @@ def test_fsdp_refuses_unquantized_weights(fsdp_4bit):
     for results in fsdp_4bit:
         assert results["unquantized_error"].startswith("KbitValueError")
         assert "before fully_shard" in results["unquantized_error"]
+
+
+# ---------------------------------------------------------------------------------- DDP
+def within_optimizer_tolerance(name: str, found: dict[str, float]) -> bool:
+    """Single-process bar of docs/formats.md for an optimizer trajectory: the parameters'
+    difference within the op's CONFORMANCE tolerance, relative to how far they moved."""
+    op = "optimizer_update_8bit_blockwise" if "8bit" in name else "optimizer_update_32bit"
+    tolerance = conformance_tolerance(op)
+    return found["slices=1"] <= tolerance.atol + tolerance.rtol * found["moved"]
+
+
+@pytest.fixture(scope="module")
+def ddp(device):
+    return launch(workers.ddp_worker, device)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adam8bit"])
+def test_ddp_training_matches_one_process(ddp, name):
+    for results in ddp:
+        found = results["long"][name]
+        assert found["moved"] > 0.05  # 20 steps really trained
+        # Bit for bit against one process summing the same two gradient halves ...
+        assert found["slices=2"] == 0.0, found
+        # ... and within the optimizer's tolerance against the whole batch at once.
+        assert within_optimizer_tolerance(name, found), found
+
+
+def test_ddp_every_optimizer_family_matches_one_process(ddp):
+    for results in ddp:
+        for name, found in results["all"].items():
+            assert found["moved"] > 0, name
+            assert found["slices=2"] == 0.0, (name, found)
+
+
+def test_ddp_model_state_dict_is_the_single_process_one(ddp):
+    assert all(results["state_dict_equal"] for results in ddp)
