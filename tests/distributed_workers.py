@@ -14,7 +14,14 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -283,3 +290,213 @@ def ddp_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
         same_bytes(state[key], expected[key]) for key in expected
     )
     return results
+
+
+def _state_layouts(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Per parameter: how its state is placed and the share of it this rank holds."""
+    layouts = []
+    for p, state in optimizer.state.items():
+        found = {}
+        for key in ("state1", "absmax1"):
+            value = state.get(key)
+            if isinstance(value, DTensor):
+                found[key] = [str(placement) for placement in value.placements]
+                found[f"{key}_share"] = value.to_local().numel() / value.numel()
+        layouts.append(found)
+    return layouts
+
+
+def _misaligned_parity(name: str, device: str) -> dict[str, Any]:
+    """A parameter whose shards end inside an 8-bit block (10 x 30 on 2 ranks: 150 elements each)."""
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(30, 10, bias=False)).to(device)
+
+    inputs = torch.randn(GLOBAL_BATCH, 30, generator=torch.Generator().manual_seed(5)).to(device)
+    per_rank = GLOBAL_BATCH // dist.get_world_size()
+    mine = inputs[dist.get_rank() * per_rank : (dist.get_rank() + 1) * per_rank]
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    model, twin = fully_shard(build(), mesh=mesh), build()
+    optimizer, twin_optimizer = make_optimizer(name, list(model.parameters())), make_optimizer(name, list(twin.parameters()))
+    for _ in range(3):
+        model(mine).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for index in range(dist.get_world_size()):
+            (twin(inputs[index * per_rank : (index + 1) * per_rank]).pow(2).mean() / dist.get_world_size()).backward()
+        twin_optimizer.step()
+        twin_optimizer.zero_grad()
+    return {"difference": max_difference(list(model.parameters()), list(twin.parameters())),
+            "layouts": _state_layouts(optimizer)}  # fmt: skip
+
+
+def fsdp_train_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """FSDP2 training: 20 steps of Adam and Adam8bit, a few of every kbit optimizer."""
+    import warnings
+
+    results: dict[str, Any] = {"long": {}, "all": {}, "layouts": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbit.KbitPagedMemoryWarning)
+        for name in ("Adam", "Adam8bit"):
+            results["long"][name] = _parity(lambda model: shard(model, device), name, 20, device)
+        for name in optimizer_names():
+            results["all"][name] = _parity(lambda model: shard(model, device), name, 3, device, references=(2,))
+    for name in ("Adam8bit", "Adam", "LAMB8bit"):
+        model = shard(qlora_model(device), device)
+        optimizer = make_optimizer(name, trainable(model))
+        train(model, optimizer, 1, device)
+        results["layouts"][name] = _state_layouts(optimizer)
+    results["misaligned"] = _misaligned_parity("Adam8bit", device)
+    return results
+
+
+# -------------------------------------------------------------------------- checkpoints
+#: Steps before the checkpoint; the test compares the step after it.
+STEPS_BEFORE_SAVE = 3
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> dict[str, Any]:
+    return {
+        "model": get_model_state_dict(model, options=StateDictOptions(**options)),
+        "optim": get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**options)),
+    }
+
+
+def _save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str, group: Any = None,
+          cpu_offload: bool = False) -> None:  # fmt: skip
+    dcp.save(_state(model, optimizer, cpu_offload=cpu_offload), checkpoint_id=path, process_group=group)
+
+
+def _load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str, group: Any = None) -> None:
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def _mesh_of(group: Any, device: str) -> Any:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, torch.device(device).type)
+
+
+def _one_rank_model(model: torch.nn.Module, device: str, group: Any) -> torch.nn.Module:
+    """``model`` under FSDP2 on a mesh of this rank alone (a world size of 1)."""
+    mesh = _mesh_of(group, device)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def fresh_model(device: str) -> TinyLM:
+    """The model a resumed job starts from: the same 4-bit base weights (they are frozen and
+    rebuilt from the same base checkpoint), other adapter values (the checkpoint restores them)."""
+    model = qlora_model(device)
+    generator = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in trainable(model):
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _step_alone(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, device: str) -> None:
+    """One step of the global batch on one process, accumulated over the 2 rank slices
+    (how a job keeps its global batch on fewer ranks)."""
+    train_alone(model, optimizer, 1, device, slices=2, start=step)
+
+
+def dcp_worker(rank: int, world_size: int, device: str, directory: str, names: list[str]) -> dict[str, Any]:
+    """:func:`dcp_round_trips` for each optimizer of ``names``."""
+    import os
+
+    return {name: dcp_round_trips(rank, device, os.path.join(directory, name), name) for name in names}
+
+
+def dcp_round_trips(rank: int, device: str, directory: str, name: str) -> dict[str, Any]:
+    """DCP round trips of model and optimizer: 2 -> 2, 2 -> 1 (also into a plain model), 1 -> 2.
+
+    Every resumed run takes step ``STEPS_BEFORE_SAVE + 1`` and is compared with the
+    uninterrupted single-process run (accumulating the 2 rank slices, which the 2-rank
+    runs match bit for bit).
+    """
+    import os
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    os.makedirs(directory, exist_ok=True)
+    results: dict[str, Any] = {}
+    alone_group = dist.new_group([0])  # every rank must create it; rank 0 then runs alone on it
+    # The uninterrupted run.
+    reference = qlora_model(device)
+    reference_optimizer = make_optimizer(name, trainable(reference))
+    train_alone(reference, reference_optimizer, STEPS_BEFORE_SAVE, device, slices=2)
+    # A copy: the state dict of a plain optimizer holds its live state tensors.
+    saved_reference_optimizer = copy.deepcopy(
+        get_optimizer_state_dict(reference, reference_optimizer, options=StateDictOptions(full_state_dict=True))
+    )
+    train_alone(reference, reference_optimizer, 1, device, slices=2, start=STEPS_BEFORE_SAVE)
+    expected = [q.detach().cpu() for q in trainable(reference)]
+
+    # 2 ranks train and save (cpu_offload on the model and optimizer state dicts).
+    model = shard(qlora_model(device), device)
+    optimizer = make_optimizer(name, trainable(model))
+    train(model, optimizer, STEPS_BEFORE_SAVE, device)
+    two = os.path.join(directory, "two-ranks")
+    _save(model, optimizer, two, cpu_offload=True)
+    saved = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    results["full_optimizer_state_differences"] = nested_differences(saved, saved_reference_optimizer)
+
+    # 2 -> 2.
+    model = shard(fresh_model(device), device)
+    optimizer = make_optimizer(name, trainable(model))
+    _load(model, optimizer, two)
+    train(model, optimizer, 1, device, start=STEPS_BEFORE_SAVE)
+    results["2->2"] = max_difference(trainable(model), expected)
+
+    if rank == 0:
+        # 2 -> 1, under FSDP2 on this rank alone ...
+        model = _one_rank_model(fresh_model(device), device, alone_group)
+        optimizer = make_optimizer(name, trainable(model))
+        _load(model, optimizer, two, group=alone_group)
+        _step_alone(model, optimizer, STEPS_BEFORE_SAVE, device)
+        results["2->1"] = max_difference(trainable(model), expected)
+        # ... and into a plain model with load_state_dict, from the checkpoint as one torch.save file.
+        flat = os.path.join(directory, "two-ranks.pt")
+        dcp_to_torch_save(two, flat)
+        loaded = torch.load(flat, weights_only=False)
+        model = fresh_model(device)
+        model.load_state_dict(loaded["model"])
+        optimizer = make_optimizer(name, trainable(model))
+        set_optimizer_state_dict(model, optimizer, loaded["optim"])
+        _step_alone(model, optimizer, STEPS_BEFORE_SAVE, device)
+        results["2->plain"] = max_difference(trainable(model), expected)
+        # 1 -> 2: this rank trains alone and saves.
+        model = _one_rank_model(qlora_model(device), device, alone_group)
+        optimizer = make_optimizer(name, trainable(model))
+        for step in range(STEPS_BEFORE_SAVE):
+            _step_alone(model, optimizer, step, device)
+        _save(model, optimizer, os.path.join(directory, "one-rank"), group=alone_group)
+    dist.barrier()
+    model = shard(fresh_model(device), device)
+    optimizer = make_optimizer(name, trainable(model))
+    _load(model, optimizer, os.path.join(directory, "one-rank"))
+    train(model, optimizer, 1, device, start=STEPS_BEFORE_SAVE)
+    results["1->2"] = max_difference(trainable(model), expected)
+    return results
+
+
+def nested_differences(found: Any, expected: Any, path: str = "") -> list[str]:
+    """Where ``found`` differs from ``expected`` (structure, values; tensors bit for bit, DTensors whole)."""
+    if isinstance(expected, dict):
+        if not isinstance(found, dict) or sorted(map(str, found)) != sorted(map(str, expected)):
+            return [f"{path}: keys {sorted(map(str, found)) if isinstance(found, dict) else type(found).__name__}"]
+        return [d for key in expected for d in nested_differences(found[key], expected[key], f"{path}/{key}")]
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(found, (list, tuple)) or len(found) != len(expected):
+            return [f"{path}: {found!r}"]
+        return [d for i, (a, b) in enumerate(zip(found, expected)) for d in nested_differences(a, b, f"{path}[{i}]")]
+    if isinstance(expected, torch.Tensor):
+        ok = isinstance(found, torch.Tensor) and same_bytes(full(found), full(expected))
+        return [] if ok else [f"{path}: tensor differs"]
+    return [] if found == expected else [f"{path}: {found!r} != {expected!r}"]

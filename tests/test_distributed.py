@@ -121,3 +121,77 @@ def test_ddp_every_optimizer_family_matches_one_process(ddp):
 
 def test_ddp_model_state_dict_is_the_single_process_one(ddp):
     assert all(results["state_dict_equal"] for results in ddp)
+
+
+# ------------------------------------------------------------------- FSDP2 optimizers
+@pytest.fixture(scope="module")
+def fsdp_train(device):
+    return launch(workers.fsdp_train_worker, device)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adam8bit"])
+def test_fsdp_training_matches_one_process(fsdp_train, name):
+    for results in fsdp_train:
+        found = results["long"][name]
+        assert found["moved"] > 0.05  # 20 steps really trained
+        assert found["slices=2"] == 0.0, found
+        assert within_optimizer_tolerance(name, found), found
+
+
+def test_fsdp_every_optimizer_matches_one_process(fsdp_train):
+    for results in fsdp_train:
+        assert set(results["all"]) == set(workers.optimizer_names())
+        for name, found in results["all"].items():
+            assert found["moved"] > 0, name
+            if name == "PytorchLARS":
+                # Plain torch ops on DTensors: torch sums the norms shard by shard.
+                tolerance = conformance_tolerance("optimizer_update_32bit")
+                assert found["slices=2"] <= tolerance.atol + tolerance.rtol * found["moved"], found
+            else:
+                assert found["slices=2"] == 0.0, (name, found)
+
+
+def test_fsdp_optimizer_state_is_kept_per_shard(fsdp_train):
+    for results in fsdp_train:
+        for name in ("Adam8bit", "Adam"):
+            for layout in results["layouts"][name]:
+                assert layout["state1"] == ["S(0)"], (name, layout)
+                assert layout["state1_share"] == 0.5, (name, layout)
+        for layout in results["layouts"]["Adam8bit"]:  # blocks of 256 sharded with the elements
+            assert layout["absmax1"] == ["S(0)"] and layout["absmax1_share"] == 0.5, layout
+        # LAMB clips by the norm of the whole update: stepped gathered, its state replicated.
+        for layout in results["layouts"]["LAMB8bit"]:
+            assert layout["state1"] == ["R"], layout
+
+
+def test_fsdp_8bit_blocks_never_straddle_shards(fsdp_train):
+    for results in fsdp_train:
+        found = results["misaligned"]
+        # 150 elements per rank: a block would straddle, so the parameter is stepped whole.
+        assert found["layouts"][0]["state1"] == ["R"], found
+        assert found["difference"] == 0.0, found
+
+
+# ------------------------------------------------------------------------ checkpoints
+#: Optimizers of the checkpoint round trips: 8-bit and 32-bit, stacked state, gathered state.
+CHECKPOINTED = ["Adam8bit", "Adam", "AdEMAMix8bit", "LAMB8bit"]
+
+
+@pytest.fixture(scope="module")
+def dcp_round_trips(device, tmp_path_factory):
+    return launch(workers.dcp_worker, device, str(tmp_path_factory.mktemp("dcp")), CHECKPOINTED)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_dcp_full_optimizer_state_equals_one_process(dcp_round_trips, name):
+    for results in dcp_round_trips:
+        assert results[name]["full_optimizer_state_differences"] == []
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+@pytest.mark.parametrize("change", ["2->2", "2->1", "2->plain", "1->2"])
+def test_dcp_resumes_with_the_uninterrupted_next_step(dcp_round_trips, name, change):
+    ranks = [results[name] for results in dcp_round_trips if change in results[name]]
+    assert ranks, change
+    for found in ranks:
+        assert found[change] == 0.0, found
