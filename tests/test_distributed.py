@@ -7,6 +7,11 @@ part of the results. The ranks' work is in ``tests/distributed_workers.py``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from kbit._spawn import run_ranks
 from kbit.testing.tolerances import conformance_tolerance
 
 from . import distributed_workers as workers
+from .conftest import INSTALLED_PLUGINS
 
 pytestmark = pytest.mark.slow
 
@@ -195,3 +201,28 @@ def test_dcp_resumes_with_the_uninterrupted_next_step(dcp_round_trips, name, cha
     assert ranks, change
     for found in ranks:
         assert found[change] == 0.0, found
+
+
+# ------------------------------------------------------------------------------- demo
+def test_demo_on_two_ranks_halves_memory_and_keeps_the_loss_curve(device, tmp_path):
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "losses.png"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
+    env["KBIT_DISABLE_PLUGINS"] = ",".join(INSTALLED_PLUGINS)
+    result = subprocess.run(
+        [sys.executable, "-m", "kbit", "demo", "--ranks", "2", "--steps", "10", "--device", device,
+         "--json", str(report_path), "--plot", str(plot_path)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    single = report["memory"]["single_process"]
+    assert len(report["memory"]["ranks"]) == 2
+    for held in report["memory"]["ranks"]:
+        # Half the codes plus a copy of the (nested) scales; half the 8-bit state.
+        assert 0.5 <= held["weight_bytes"] / single["weight_bytes"] < 0.55, held
+        assert 0.5 <= held["optimizer_state_bytes"] / single["optimizer_state_bytes"] < 0.52, held
+        assert held["trainable_parameters"] * 2 == single["trainable_parameters"]
+    runs = report["training"]
+    assert runs["ranks"]["losses"][-1] < runs["ranks"]["losses"][0] / 2
+    assert report["max_loss_difference"] < 1e-3 * runs["single"]["losses"][0]
+    assert "rank 1" in result.stdout and plot_path.stat().st_size > 0
