@@ -16,11 +16,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._dtensor import is_dtensor, local_tensor
 from .._errors import KbitTypeError, KbitValueError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from .._optim_step import OptimizerKind, layout_of
 from ..functional._codebooks import cached_code
+from . import _sharded as sharded
 from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state, state_layout
 from ._config import (
     HYPERPARAMETERS,
@@ -216,14 +218,28 @@ class Optimizer8bit(torch.optim.Optimizer):
         shapes = [stacked + tuple(p.shape), tuple(p.shape)][: self.kind.num_states]
         state = self.state[p]
         state["step"] = 0
+        op = layout_of(eight_bit, block_wise).op
+        # A DTensor parameter (FSDP2) gets DTensor states, allocated per local shard.
+        mode = sharded.step_mode(p, config, eight_bit, block_wise)
         for which, shape in enumerate(shapes, start=1):
             dtype = torch.uint8 if eight_bit else torch.float32
-            state[f"state{which}"] = self._zeros(shape, dtype, p, layout_of(eight_bit, block_wise).op)
+            if mode is None:
+                state[f"state{which}"] = self._zeros(shape, dtype, p, op)
+            else:
+                state[f"state{which}"] = sharded.new_state(
+                    p, f"state{which}", dtype, self.kind.stacked_state1, mode,
+                    lambda local_shape, local_dtype: self._zeros(local_shape, local_dtype, p, op),
+                )  # fmt: skip
             if not eight_bit:
                 continue
             # First moments (and every single state) are signed; second moments unsigned.
             state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
-            if block_wise:
+            if block_wise and mode is not None:
+                state[f"absmax{which}"] = sharded.new_state(
+                    p, f"absmax{which}", torch.float32, self.kind.stacked_state1, mode,
+                    lambda local_shape, local_dtype: torch.zeros(local_shape, dtype=local_dtype, device=p.device),
+                )  # fmt: skip
+            elif block_wise:
                 nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
                 state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
@@ -261,19 +277,29 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", f"dtype {p.grad.dtype}",
                     f"the parameter's dtype {p.dtype}",
                 )  # fmt: skip
-            if p.grad.numel():
-                extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
+            grad = local_tensor(p.grad)  # of a DTensor, this rank's shard
+            if grad.numel():
+                extremes[grad.device].append(torch.stack(torch.aminmax(grad)).float())
         # NaN fails the comparison, so one test covers NaN, inf and squares that overflow.
-        if all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values()):
+        fine = all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values())
+        params = [p for _, _, _, p in work]
+        # The shards of a DTensor gradient live on several ranks, which decide together: a
+        # bad shard on one rank must not leave the others to step their shards alone.
+        if not sharded.agree_on_bad_grads(params, [not fine])[0]:
             return
+        problems = []
         for gindex, pindex, _, p in work:
-            if not p.grad.numel():
-                continue
-            bad = int((~torch.isfinite(p.grad)).sum())
-            what = f"{bad} NaN/inf value(s) of {p.grad.numel()}"
+            grad = local_tensor(p.grad)
+            bad = int((~torch.isfinite(grad)).sum())
+            what = f"{bad} NaN/inf value(s) of {grad.numel()}"
             if not bad:
-                bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
-                what = f"{bad} value(s) of {p.grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+                bad = int((grad.float().abs() > _MAX_GRAD).sum())
+                what = f"{bad} value(s) of {grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+            if is_dtensor(p.grad):
+                what = f"{what} in this rank's shard" if bad else "NaN/inf or overflowing values in another rank's shard"
+            problems.append((bool(bad), gindex, pindex, what))
+        agreed = sharded.agree_on_bad_grads(params, [bad for bad, *_ in problems])
+        for (_, gindex, pindex, what), bad in zip(problems, agreed, strict=True):
             if bad:
                 raise KbitValueError(
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", what,
@@ -326,12 +352,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             config = self._checked_config(gindex, pindex, group, p)
         state = self.state[p]
         eight_bit, block_wise = self._layout(config, p)
-        if not p.is_contiguous():
+        mode = sharded.step_mode(p, config, eight_bit, block_wise)
+        if mode is None and not p.is_contiguous():
             p.data = p.data.contiguous()  # the kernels update p in place
-        grad = p.grad
         state["step"] += 1
         step = state["step"]
-        if p.numel() == 0:
+        # A DTensor is stepped on its local shard, or gathered whole (kbit.optim._sharded).
+        view = sharded.ShardedStep(p, state, mode, self.kind.stacked_state1) if mode else None
+        param, grad, tensors = (view.param, view.grad, view.state) if view else (p, p.grad, state)
+        if param.numel() == 0:
             return  # nothing to update (as torch.optim: the step still counts); kernels need not take empty tensors
 
         gnorm_scale = 1.0
@@ -357,21 +386,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             gnorm_scale=gnorm_scale, max_unorm=config["max_unorm"],
         )  # fmt: skip
         if not eight_bit:
-            F.apply_32bit(update, grad, p, state["state1"], state.get("state2"), unorm_vec)
+            F.apply_32bit(update, grad, param, tensors["state1"], tensors.get("state2"), unorm_vec)
         elif block_wise:
             F.apply_8bit_blockwise(
-                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
-                state["absmax1"], state.get("absmax2"),
+                update, grad, param, tensors["state1"], tensors.get("state2"), tensors["qmap1"], tensors.get("qmap2"),
+                tensors["absmax1"], tensors.get("absmax2"),
             )  # fmt: skip
         else:
             F.apply_8bit(
-                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
-                state["max1"], state.get("max2"), state["new_max1"], state.get("new_max2"), unorm_vec,
+                update, grad, param, tensors["state1"], tensors.get("state2"), tensors["qmap1"], tensors.get("qmap2"),
+                tensors["max1"], tensors.get("max2"), tensors["new_max1"], tensors.get("new_max2"), unorm_vec,
             )  # fmt: skip
             # The new scales become the current ones; the old buffers receive the next ones.
             for which in (1, 2):
                 if f"max{which}" in state:
                     state[f"max{which}"], state[f"new_max{which}"] = state[f"new_max{which}"], state[f"max{which}"]
+        if view is not None:
+            view.finish()
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
