@@ -162,6 +162,13 @@ def fsdp_4bit_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
         out["forward_equal_after_load"] = torch.equal(model(inputs), expected)
         results[name] = out
 
+    # A 4-bit embedding table shards the same way.
+    torch.manual_seed(0)
+    table = torch.nn.Sequential(kbit.nn.EmbeddingNF4(CONFIG.vocab_size, 64)).to(device)
+    expected = copy.deepcopy(table)(inputs)
+    mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    fully_shard(table, mesh=mesh)
+    results["embedding_equal"] = torch.equal(table(inputs), expected)
     # Codes stored as float32 would be cast by a mixed-precision policy: refused, by name.
     model = shard(qlora_model(device, settings="fp4-nested-float32"), device,
                   mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))  # fmt: skip

@@ -80,6 +80,10 @@ def test_fsdp_state_dicts_keep_the_hub_layout(fsdp_4bit, settings):
         assert found["forward_equal_after_load"], rank
 
 
+def test_fsdp_shards_4bit_embeddings(fsdp_4bit):
+    assert all(results["embedding_equal"] for results in fsdp_4bit)
+
+
 def test_fsdp_refuses_float_storage_cast_by_mixed_precision(fsdp_4bit):
     for results in fsdp_4bit:
         assert results["float_storage_cast_error"].startswith("KbitTypeError")

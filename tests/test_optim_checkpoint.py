@@ -247,3 +247,16 @@ def test_a_per_parameter_override_decides_the_expected_layout():
             O.Adam8bit(model.parameters(), min_8bit_size=1024).load_state_dict(_saved(source))
     finally:
         manager.initialize()
+
+
+def test_state_dict_code_tables_are_copies_of_the_shared_ones():
+    # torch.distributed.checkpoint.load writes a checkpoint into the state dict's tensors in
+    # place: the tables every optimizer shares must not be among them.
+    p = torch.nn.Parameter(torch.randn(4096))
+    optimizer = kbit.optim.Adam8bit([p])
+    p.grad = torch.randn(4096)
+    optimizer.step()
+    saved = optimizer.state_dict()["state"][0]["__bnb_optimizer_quant_state__"]
+    saved["qmap1"].fill_(0.0)
+    assert optimizer.state[p]["qmap1"].abs().max() == 1.0
+    assert optimizer.state[p]["state1"].data_ptr() == saved["state1"].data_ptr()  # states are not copied

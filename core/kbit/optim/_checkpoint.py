@@ -35,9 +35,18 @@ QUANT_STATE_KEYS = frozenset(
 
 
 def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of one parameter's state with the quantization entries nested."""
+    """A copy of one parameter's state with the quantization entries nested.
+
+    The code tables are copies too: every optimizer shares one table per device, and a
+    checkpoint loaded in place into a state dict (``torch.distributed.checkpoint.load``)
+    must not write into it.
+    """
     outer = {key: value for key, value in param_state.items() if key not in QUANT_STATE_KEYS}
-    inner = {key: value for key, value in param_state.items() if key in QUANT_STATE_KEYS}
+    inner = {
+        key: value.clone() if key.startswith("qmap") else value
+        for key, value in param_state.items()
+        if key in QUANT_STATE_KEYS
+    }
     if inner:
         outer[QUANT_STATE_KEY] = inner
     return outer
