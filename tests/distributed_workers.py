@@ -413,7 +413,7 @@ def _step_alone(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: 
     train_alone(model, optimizer, 1, device, slices=2, start=step)
 
 
-def dcp_worker(rank: int, world_size: int, device: str, directory: str, names: list[str]) -> dict[str, Any]:
+def dcp_worker(rank: int, world_size: int, device: str, directory: str, names: tuple[str, ...]) -> dict[str, Any]:
     """:func:`dcp_round_trips` for each optimizer of ``names``."""
     import os
 
