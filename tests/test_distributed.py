@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +242,20 @@ def test_demo_on_two_ranks_halves_memory_and_keeps_the_loss_curve(device, tmp_pa
     assert runs["ranks"]["losses"][-1] < runs["ranks"]["losses"][0] / 2
     assert report["max_loss_difference"] < 1e-3 * runs["single"]["losses"][0]
     assert "rank 1" in result.stdout and plot_path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------- docs
+def test_the_fsdp_example_of_the_docs_runs_under_torchrun(tmp_path):
+    # test_docs only defines the example's functions (it is guarded by __main__); here it
+    # runs as the page says, on 2 CPU processes started by torchrun.
+    page = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    script = tmp_path / "train.py"
+    script.write_text(re.search(r"^```python\n(.*?)^```", page, re.S | re.M).group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
+    env.update(KBIT_DISABLE_PLUGINS=",".join(INSTALLED_PLUGINS), CHECKPOINT=str(tmp_path / "checkpoint"))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks: resumed from" in result.stdout and "as before" in result.stdout
