@@ -507,3 +507,25 @@ def nested_differences(found: Any, expected: Any, path: str = "") -> list[str]:
         ok = isinstance(found, torch.Tensor) and same_bytes(full(found), full(expected))
         return [] if ok else [f"{path}: tensor differs"]
     return [] if found == expected else [f"{path}: {found!r} != {expected!r}"]
+
+
+# ------------------------------------------------------------------------- the launcher
+def rank_and_size(rank: int, world_size: int) -> dict[str, int]:
+    """What run_ranks hands a rank, and what the process group says."""
+    return {"rank": rank, "world_size": world_size, "group_rank": dist.get_rank(), "group_size": dist.get_world_size()}
+
+
+def hang_on_rank_1(rank: int, world_size: int) -> None:
+    """Rank 1 never joins the collective rank 0 waits in."""
+    import time
+
+    if rank == 1:
+        time.sleep(3600)
+    dist.barrier()
+
+
+def fail_on_rank_1(rank: int, world_size: int) -> None:
+    """Rank 1 raises while rank 0 waits for it."""
+    if rank == 1:
+        raise ValueError("rank 1 gives up")
+    dist.barrier()
