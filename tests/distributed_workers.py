@@ -355,7 +355,26 @@ def fsdp_train_worker(rank: int, world_size: int, device: str) -> dict[str, Any]
         train(model, optimizer, 1, device)
         results["layouts"][name] = _state_layouts(optimizer)
     results["misaligned"] = _misaligned_parity("Adam8bit", device)
+    results["nan_on_one_rank"] = _nan_on_one_rank(device)
     return results
+
+
+def _nan_on_one_rank(device: str) -> dict[str, Any]:
+    """A NaN in rank 1's shard of one gradient: every rank refuses the step, none moves."""
+    model = shard(qlora_model(device), device)
+    optimizer = make_optimizer("Adam8bit", trainable(model))
+    train(model, optimizer, 1, device)
+    before = [full(p) for p in trainable(model)]
+    inputs, targets = batch(1, GLOBAL_BATCH, device)
+    loss_of(model, inputs, targets).backward()
+    if dist.get_rank() == 1:
+        trainable(model)[3].grad.to_local().view(-1)[0] = float("nan")
+    error = _error_of(optimizer.step)
+    unchanged = all(torch.equal(full(p), q) for p, q in zip(trainable(model), before, strict=True))
+    optimizer.zero_grad()
+    train(model, optimizer, 1, device, start=2)  # and the next clean step goes through
+    return {"error": error, "unchanged": unchanged,
+            "moved_after": max_difference(trainable(model), before) > 0}  # fmt: skip
 
 
 # -------------------------------------------------------------------------- checkpoints

@@ -194,6 +194,16 @@ def test_fsdp_8bit_blocks_never_straddle_shards(fsdp_train):
         assert found["difference"] == 0.0, found
 
 
+def test_fsdp_nan_in_one_ranks_shard_stops_the_step_on_every_rank(fsdp_train):
+    for rank, results in enumerate(fsdp_train):
+        found = results["nan_on_one_rank"]
+        assert found["error"].startswith("KbitValueError"), found
+        assert "grad of parameter 3 in group 0" in found["error"]
+        expected = "in this rank's shard" if rank == 1 else "in another rank's shard"
+        assert expected in found["error"], found
+        assert found["unchanged"] and found["moved_after"], found
+
+
 # ------------------------------------------------------------------------ checkpoints
 #: Optimizers of the checkpoint round trips: 8-bit and 32-bit, stacked state, gathered state.
 CHECKPOINTED = ["Adam8bit", "Adam", "AdEMAMix8bit", "LAMB8bit"]

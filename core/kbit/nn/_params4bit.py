@@ -418,10 +418,12 @@ class Weight4bitStateDict(QuantizedWeightModule):
                 key, f"holds {found}; this sharded layer stores its codes as {current.dtype} {tuple(current.shape)} "
                 "(load a checkpoint written with the same quant_storage)",
             )  # fmt: skip
-        if not is_dtensor(value):
+        if not is_dtensor(value):  # a full state dict, on every rank: each keeps its own shard
             from torch.distributed.tensor import distribute_tensor
 
-            value = distribute_tensor(value.detach().to(current.device), current.device_mesh, current.placements)
+            value = distribute_tensor(
+                value.detach().to(current.device), current.device_mesh, current.placements, src_data_rank=None
+            )
 
         def load() -> None:
             with torch.no_grad():
