@@ -20,7 +20,14 @@ from .._errors import KbitTypeError, KbitValueError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from ..functional._codebooks import cached_code
-from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state, state_layout
+from ._checkpoint import (
+    STATE_CODES,
+    check_state_layout,
+    checked_param_state,
+    flat_param_state,
+    nest_quant_state,
+    state_layout,
+)
 from ._config import (
     HYPERPARAMETERS,
     check_group_hyperparameters,
@@ -183,10 +190,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         return types.MappingProxyType({name: cached_code(code) for name, code in _QMAP_CODES.items()})
 
-    @staticmethod
-    def _qmap(name: str, device: torch.device) -> torch.Tensor:
-        return cached_code(_QMAP_CODES[name], device)
-
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor, op: str) -> torch.Tensor:
         if self._allocator is not None:
             return self._allocator.zeros(shape, dtype, p, op)
@@ -215,8 +218,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             state[f"state{which}"] = self._zeros(shape, dtype, p, update_op(eight_bit, block_wise))
             if not eight_bit:
                 continue
-            # First moments (and every single state) are signed; second moments unsigned.
-            state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
+            state[f"qmap{which}"] = cached_code(STATE_CODES[which], p.device)
             if block_wise:
                 nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
@@ -238,6 +240,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         extremes: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for gindex, pindex, _, p in work:
+            if p.device.type == "meta":
+                where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
+                raise KbitValueError(
+                    where, name, "a meta tensor", "a parameter with values",
+                    message=f"{where}: {name} is on the meta device, which holds shapes but no values to update; "
+                    "materialize the model first (to_empty() or load_state_dict(..., assign=True))",
+                )  # fmt: skip
             if p.grad.is_sparse:
                 raise KbitTypeError(
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", "a sparse layout",
@@ -264,14 +273,17 @@ class Optimizer8bit(torch.optim.Optimizer):
             if not p.grad.numel():
                 continue
             bad = int((~torch.isfinite(p.grad)).sum())
-            what = f"{bad} NaN/inf value(s) of {p.grad.numel()}"
+            what = "are NaN or infinite"
             if not bad:
                 bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
-                what = f"{bad} value(s) of {p.grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+                what = f"exceed {_MAX_GRAD:.3g} in magnitude, so their squares overflow float32"
             if bad:
+                where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
                 raise KbitValueError(
-                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", what,
-                    "finite gradients; nothing was updated, so skipping this batch and stepping again is safe",
+                    where, f"grad of {name}", f"{bad} of {p.grad.numel()} values {what}", "finite gradients",
+                    message=f"{where}: {name}: {bad} of its {p.grad.numel()} gradient values {what}. Nothing was "
+                    "updated, so it is safe to skip this batch (zero_grad()) and step again; if it keeps "
+                    "happening, lower the learning rate or use loss scaling",
                 )  # fmt: skip
 
     @torch.no_grad()
