@@ -10,6 +10,7 @@ checkpoint checks.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -273,3 +274,181 @@ def test_non_finite_gradient_message_names_the_parameter_and_the_remedy():
     assert "parameter 0 of group 0" in message and "2 of its 5000 gradient values are NaN or infinite" in message
     assert "='" not in message and "is not supported" not in message
     assert "skip" in message
+
+
+# ======================================================== environment and CLI
+# The command line runs in-process here (``kbit.cli.main`` returns the exit code), except
+# where a real pipe is the point.
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from kbit.cli import main  # noqa: E402
+
+
+def _set_env(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """Set a KBIT_* variable; KBIT_DISABLE_PLUGINS keeps the conftest's installed-plugin list."""
+    if name == "KBIT_DISABLE_PLUGINS" and os.environ.get(name):
+        value = f"{os.environ[name]},{value}"
+    monkeypatch.setenv(name, value)
+    kbit.backends.reset()
+
+
+# ------------------------------------------------ 8. environment settings, checked
+@pytest.mark.parametrize("value", ["1", "true", "yes", "numpy;cuda"])
+def test_disable_plugins_refuses_values_that_are_not_backend_names(monkeypatch, value):
+    _set_env(monkeypatch, "KBIT_DISABLE_PLUGINS", value)
+    with pytest.raises(KbitValueError, match="KBIT_DISABLE_PLUGINS.*'all'"):
+        F.quantize_blockwise(torch.randn(100))
+
+
+def test_backend_setting_refuses_values_that_are_not_backend_names(monkeypatch):
+    _set_env(monkeypatch, "KBIT_BACKEND", "1")
+    with pytest.raises(KbitValueError, match="KBIT_BACKEND='1'"):
+        F.quantize_blockwise(torch.randn(100))
+
+
+def test_info_flags_every_invalid_or_unmatched_setting(monkeypatch, capsys):
+    _set_env(monkeypatch, "KBIT_BACKEND", "nonexistent")
+    _set_env(monkeypatch, "KBIT_DISABLE_PLUGINS", "1,nosuchplugin")
+    _set_env(monkeypatch, "KBIT_FALLBACK", "bogus")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.startswith("KBIT_")]
+    assert any("KBIT_BACKEND=nonexistent" in line and "'nonexistent' matches no installed backend" in line
+               for line in flagged)  # fmt: skip
+    assert any("KBIT_DISABLE_PLUGINS" in line and "'1' is a switch, not a backend name" in line for line in flagged)
+    assert any("'nosuchplugin' matches no installed backend" in line for line in flagged)
+    assert any("KBIT_FALLBACK=bogus" in line and "'reference' or 'error'" in line for line in flagged)
+    assert main(["info", "--json"]) == 0
+    problems = json.loads(capsys.readouterr().out)["settings_problems"]
+    assert {p["variable"] for p in problems} == {"KBIT_BACKEND", "KBIT_DISABLE_PLUGINS", "KBIT_FALLBACK"}
+
+
+def test_info_prints_a_valid_setting_without_a_flag(monkeypatch, capsys):
+    _set_env(monkeypatch, "KBIT_FALLBACK", "error")
+    assert main(["info"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("KBIT_FALLBACK")]
+    assert line == "KBIT_FALLBACK=error"
+
+
+@pytest.mark.parametrize("command", [["demo", "--steps", "5"], ["check"], ["conformance", "reference"]])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("KBIT_FALLBACK", "bogus", "KBIT_FALLBACK='bogus'"),
+        ("KBIT_BACKEND", "nonexistent", "nonexistent"),
+        ("KBIT_DISABLE_PLUGINS", "1", "KBIT_DISABLE_PLUGINS"),
+    ],
+)
+def test_commands_refuse_an_invalid_setting_up_front_without_a_traceback(monkeypatch, capsys, command, name, value,
+                                                                         message):  # fmt: skip
+    _set_env(monkeypatch, name, value)
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # refused before any work
+
+
+def test_a_kbit_error_inside_a_command_becomes_a_message_and_exit_code(monkeypatch, capsys):
+    def broken(args):
+        raise kbit.NoBackendError("quantize_4bit", None, "nothing serves it")
+
+    parser = kbit.cli.build_parser()
+    monkeypatch.setattr(kbit.cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["check"].set_defaults(run=broken)
+    assert main(["check"]) == 2
+    assert capsys.readouterr().err.strip() == "kbit check: quantize_4bit: no backend supports this call: nothing serves it"
+
+
+# ------------------------------------------------------ 9. demo output paths first
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_demo_checks_its_output_paths_before_training(monkeypatch, capsys, tmp_path, option):
+    import kbit._demo
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo trained although its output path is unusable")
+
+    monkeypatch.setattr(kbit._demo, "run_demo", must_not_run)
+    missing = tmp_path / "no" / "such" / "dir" / "out.file"
+    assert main(["demo", option, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"kbit demo: {option}" in err and "Traceback" not in err
+    assert main(["demo", option, str(tmp_path)]) == 2  # a directory is not a file either
+    assert "is a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ 10. broken pipes
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--help"], ["check"]])
+def test_output_into_a_closed_pipe_ends_quietly(args):
+    """``kbit info | head -1``: the reader is gone before kbit writes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
+    process = subprocess.Popen([sys.executable, "-m", "kbit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env)  # fmt: skip
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=120) in (0, 1), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+# ------------------------------------------- 11. conformance on an unserved device
+def test_conformance_refuses_a_device_the_backend_does_not_serve(monkeypatch, capsys):
+    import pytest as pytest_module
+
+    monkeypatch.setattr(pytest_module, "main", lambda *a, **k: pytest.fail("the suite ran"))
+    assert main(["conformance", "reference", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'reference' does not serve device type 'cuda' (it declares: cpu)" in err
+    assert main(["conformance", "nosuchbackend"]) == 2
+    assert "no kbit backend named 'nosuchbackend'" in capsys.readouterr().err
+
+
+# --------------------------------------------- 12. a goldens path that is not there
+def test_conformance_refuses_a_goldens_path_that_does_not_exist(monkeypatch, capsys, tmp_path):
+    import pytest as pytest_module
+
+    monkeypatch.setattr(pytest_module, "main", lambda *a, **k: pytest.fail("the suite ran"))
+    missing = tmp_path / "nowhere"
+    assert main(["conformance", "reference", "--goldens", str(missing)]) == 2
+    assert f"golden vectors not found at {missing}" in capsys.readouterr().err
+
+
+# ------------------------------------------------ 13. one info line per backend
+HALF_DONE_PLUGIN = """
+    from kbit.backend import API_VERSION
+    MANIFEST = {"name": "halfdone", "api_version": API_VERSION, "device_types": ["cpu"]}
+"""
+
+
+def test_info_describes_an_invalid_manifest_on_one_line_naming_the_fields(make_plugin, capsys):
+    make_plugin("halfdone", "halfdone", HALF_DONE_PLUGIN)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = kbit.backends.list()
+    table = lines[lines.index(next(line for line in lines if line.startswith("NAME"))) :]
+    assert len(table) == 1 + len(records)  # header + one line per backend
+    (row,) = [line for line in table if line.startswith("halfdone")]
+    assert "invalid" in row and "factory: Field required" in row and "ops: Field required" in row
+
+
+# ------------------------------------------------- 14. check covers declared ops
+def test_check_covers_every_op_the_reference_declares(capsys):
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    checked = {line.split()[1] for line in out.splitlines() if line.startswith("reference ")}
+    assert checked == set(kbit.backends.get("reference").manifest.ops)
+
+
+# ---------------------------------------------- 15. where the reference runs
+def test_info_says_the_reference_is_native_on_cpu_and_the_fallback_elsewhere(monkeypatch, capsys):
+    assert main(["info"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reference ")]
+    assert "cpu (+ fallback on any device)" in row
+    assert main(["info", "--json"]) == 0
+    (reference,) = [b for b in json.loads(capsys.readouterr().out)["backends"] if b["name"] == "reference"]
+    assert reference["device_types"] == ["cpu"] and reference["fallback_for_other_devices"] is True
+    _set_env(monkeypatch, "KBIT_FALLBACK", "error")  # then it serves only what it declares
+    assert main(["info"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reference ")]
+    assert "fallback" not in row

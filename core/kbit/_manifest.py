@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ._opnames import ALL_OPS
 
-__all__ = ["API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS"]
+__all__ = ["API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS", "is_backend_name"]
 
 #: Version of the backend contract (``Backend`` methods and their arguments) this core speaks.
 #: A manifest built for another version is rejected as ``invalid`` instead of failing later.
@@ -35,6 +35,11 @@ CAPABILITY_PARAMS: Mapping[str, str] = {
 }
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def is_backend_name(value: str) -> bool:
+    """Whether ``value`` is spelled like a backend name (lowercase, digits, ``_``)."""
+    return bool(_NAME.match(value))
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
