@@ -183,6 +183,9 @@ class _Int8WeightModule(QuantizedWeightModule):
     ) -> None:
         weight_key, scb_key, format_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"
         incoming = state_dict.get(weight_key)
+        if incoming is None and (scb_key in state_dict or format_key in state_dict):
+            present = scb_key if scb_key in state_dict else format_key
+            raise QuantStateError(weight_key, f"missing, although {present!r} (which describes its codes) is there")
         # Validate and convert first, so a malformed checkpoint leaves the module untouched.
         converted = None
         if incoming is not None:

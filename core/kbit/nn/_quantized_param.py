@@ -127,13 +127,13 @@ class QuantizedWeightModule(torch.nn.Module):
         saved = {name: (tensor, tensor.detach().clone()) for name, tensor in own if tensor is not None and name != "weight"}
         errors = len(error_msgs)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if install is None:
+            return  # the base class has recorded the weight as missing
+        if prefix + "weight" in missing_keys:  # it was there, only not in ``rest``
+            missing_keys.remove(prefix + "weight")
         if len(error_msgs) > errors:
             self._restore(saved)
             return
-        if install is None:
-            return  # the base class has recorded the weight as missing
-        if prefix + "weight" in missing_keys:
-            missing_keys.remove(prefix + "weight")
         install()
 
     def _restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

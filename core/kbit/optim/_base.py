@@ -410,6 +410,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise KbitValueError(where, "param_groups", f"{len(saved_groups)} groups", f"{len(self.param_groups)} like this optimizer")
         id_to_param: dict[Any, tuple[torch.Tensor, str, int, int]] = {}
         for gindex, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            _check_saved_group(where, gindex, saved, group)
             if len(saved["params"]) != len(group["params"]):
                 raise KbitValueError(
                     where, f"param_groups[{gindex}]", f"{len(saved['params'])} parameters",
@@ -423,7 +424,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if saved_id not in id_to_param:
                 raise KbitValueError(where, "state", saved_id, "the index of a parameter in param_groups")
             p, label, gindex, pindex = id_to_param[saved_id]
-            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state, label))
             if loaded:
                 config = self.get_config(gindex, pindex, self.param_groups[gindex])
                 check_state_layout(label, loaded, config, *self._new_layout(config, p))
@@ -451,6 +452,21 @@ class Optimizer8bit(torch.optim.Optimizer):
             if key in loaded:
                 paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
                 loaded[key] = paged.copy_(loaded[key])
+
+
+def _check_saved_group(where: str, gindex: int, saved: Any, group: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint's parameter group without a list of integer ``params`` or
+    without a hyperparameter this optimizer's group has (the next step would need it)."""
+    params = saved.get("params") if isinstance(saved, Mapping) else None
+    if not isinstance(params, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in params):
+        found = type(saved).__name__ if not isinstance(saved, Mapping) else f"params={params!r}"
+        raise KbitValueError(where, f"param_groups[{gindex}]", found, "a dict whose 'params' lists parameter indices")
+    missing = [key for key in HYPERPARAMETERS if key in group and key not in saved]
+    if missing:
+        raise KbitValueError(
+            where, f"param_groups[{gindex}]", f"a group without {missing[0]!r}",
+            f"the hyperparameters this optimizer's groups hold: {[k for k in HYPERPARAMETERS if k in group]}",
+        )  # fmt: skip
 
 
 class _KindOptimizer(Optimizer8bit):

@@ -57,8 +57,10 @@ def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
     return outer
 
 
-def flat_param_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
+def flat_param_state(param_state: Mapping[str, Any], label: str = "state") -> dict[str, Any]:
     """One parameter's state in the flat form, from either the nested or the flat form."""
+    if not isinstance(param_state, Mapping):
+        raise QuantStateError(label, f"expected a dict of state entries, got {type(param_state).__name__}")
     flat = {key: value for key, value in param_state.items() if key != QUANT_STATE_KEY}
     nested = param_state.get(QUANT_STATE_KEY)
     if nested is not None:
@@ -134,8 +136,10 @@ def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state:
     if not state:
         return {}
     step = state.get("step")
-    if isinstance(step, torch.Tensor) and step.numel() == 1:
-        step = int(step.item())
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype != torch.bool:
+        # torch.optim stores the count as a float tensor: whole numbers only (NaN is not one).
+        value = step.item()
+        step = int(value) if isinstance(value, int) or float(value).is_integer() else value
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise QuantStateError(f"{prefix}step", f"expected a non-negative int, got {step!r}")
     rows = 2 if kind.stacked_state1 else 1
