@@ -304,6 +304,10 @@ HYPERPARAMETER_VALUES = {
     "betas": ((math.nan, 0.999), (1.0, 0.999), (0.9, -0.1), "x", (0.9,), None, 0.9),
     "alpha": (math.nan, -1.0, "x"),
 }
+STRUCTURE_CHANGES = (
+    "drop params", "params index", "drop state", "drop param_groups", "state index", "state not a dict",
+    "extra group", "drop group key", "state entry not a dict",
+)  # fmt: skip
 STEP_VALUES = (-1, 1.5, "3", None, torch.tensor([1, 2]), torch.tensor(math.nan), True)
 
 
@@ -332,8 +336,7 @@ def _optimizer_mutation(value_kinds: dict[str, tuple[str, ...]]) -> Callable[[ra
             value = rng.choice(HYPERPARAMETER_VALUES[key])
             group[key] = value
             return f"param_groups[0][{key!r}] = {value!r}", tampered
-        operation = rng.choice(["drop params", "params index", "drop state", "drop param_groups", "state index",
-                                "state not a dict", "extra group", "drop group key", "state entry not a dict"])  # fmt: skip
+        operation = rng.choice(STRUCTURE_CHANGES)
         if operation == "drop params":
             del group["params"]
         elif operation == "params index":

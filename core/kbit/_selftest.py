@@ -57,7 +57,8 @@ def _differs(label: str, got: torch.Tensor, want: torch.Tensor, tolerance: Toler
     g, w = got.double(), want.double()
     bad = ~((g == w) | ((g - w).abs() <= tolerance.atol + tolerance.rtol * w.abs()))
     if bool(bad.any()):
-        return f"{label}: {int(bad.sum())} of {got.numel()} values differ from the definition (max |diff| {float((g - w).abs().max()):.3g})"
+        largest = float((g - w).abs().max())
+        return f"{label}: {int(bad.sum())} of {got.numel()} values differ from the definition (max |diff| {largest:.3g})"
     return None
 
 
@@ -151,7 +152,8 @@ def _check_reference_histogram(reference: Backend, device: torch.device) -> Opti
     want = torch.zeros(16, 8, dtype=torch.float64).index_put_(
         (index1.cpu(), index2.cpu()), source.cpu().double(), accumulate=True
     )
-    return _differs("histogram_scatter_add_2d", histogram, want.float(), conformance_tolerance("histogram_scatter_add_2d"))
+    op = "histogram_scatter_add_2d"
+    return _differs(op, histogram, want.float(), conformance_tolerance(op))
 
 
 # ------------------------------------------------------------------------------- 4-bit
@@ -277,11 +279,11 @@ def _check_reference_int8_mixed(reference: Backend, device: torch.device) -> Opt
     CB, SCB, _ = reference.int8_vectorwise_quant(W, threshold=0.0)
     out, sub_A = reference.int8_mixed_scaled_mm(A, CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=cols, bias=None)
     error = relative_error(out.cpu(), (A @ W.T).cpu())
-    return _first(
-        None if cols.tolist() == [3, 100] else f"int8_vectorwise_quant found outlier columns {cols.tolist()}, not [3, 100]",
-        _differs("int8_mixed_scaled_mm subA", sub_A, A[:, cols]),
-        None if error < INT8_MATMUL_REL_ERR else f"int8_mixed_scaled_mm relative error {error:.4f} >= {INT8_MATMUL_REL_ERR}",
-    )
+    if cols.tolist() != [3, 100]:
+        return f"int8_vectorwise_quant found outlier columns {cols.tolist()}, not [3, 100]"
+    if not error < INT8_MATMUL_REL_ERR:
+        return f"int8_mixed_scaled_mm relative error {error:.4f} >= {INT8_MATMUL_REL_ERR}"
+    return _differs("int8_mixed_scaled_mm subA", sub_A, A[:, cols])
 
 
 # -------------------------------------------------------------------------- optimizers

@@ -68,7 +68,8 @@ def _device_or_problem(name: str, requested: Optional[str]) -> tuple[str, Option
         return (record.device_types[0] if record.device_types else "cpu"), None
     declared = record.device_types
     if declared and requested.partition(":")[0] not in declared:
-        return requested, f"backend {name!r} does not serve device type {requested!r} (it declares: {', '.join(declared)})"
+        listed = ", ".join(declared)
+        return requested, f"backend {name!r} does not serve device type {requested!r} (it declares: {listed})"
     return requested, None
 
 

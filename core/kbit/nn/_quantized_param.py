@@ -123,8 +123,8 @@ class QuantizedWeightModule(torch.nn.Module):
         does not run, so a failed ``load_state_dict`` leaves the module as it was. Missing
         keys are not errors here: torch reports them, and ``strict=False`` loads the rest.
         """
-        own = [*self._parameters.items(), *self._buffers.items()]
-        saved = {name: (tensor, tensor.detach().clone()) for name, tensor in own if tensor is not None and name != "weight"}
+        own = [(name, t) for name, t in [*self._parameters.items(), *self._buffers.items()] if t is not None]
+        saved = {name: (tensor, tensor.detach().clone()) for name, tensor in own if name != "weight"}
         errors = len(error_msgs)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if install is None:

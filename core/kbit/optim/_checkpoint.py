@@ -97,7 +97,8 @@ def _check_quantized(prefix: str, state: Mapping[str, Any], which: int, rows: in
     # Another table would decode every stored code to another value, silently.
     standard = cached_code(STATE_CODES[which])
     if state[key].device.type != "meta" and not torch.equal(state[key].cpu(), standard):
-        raise QuantStateError(f"{prefix}{key}", f"is not the {STATE_CODE_NAMES[which]} (the table state{which} indexes)")
+        what = f"is not the {STATE_CODE_NAMES[which]} (the table state{which} indexes)"
+        raise QuantStateError(f"{prefix}{key}", what)
     nblocks = num_blocks(numel, OPTIMIZER_BLOCKSIZE)
     if f"absmax{which}" in state:
         _require_scales(prefix, state, f"absmax{which}", (rows, nblocks) if rows > 1 else (nblocks,))
