@@ -17,8 +17,8 @@ import torch
 
 from .._errors import QuantStateError
 from .._formats import CODE_TABLE_SIZE, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
+from .._optim_step import OptimizerKind
 from ..functional._codebooks import cached_code
-from ..functional._optim import OptimizerKind
 from ..functional._validate import check_scales, check_stored_values
 
 __all__ = [
