@@ -392,7 +392,7 @@ class Registry:
 
     def _usable_or_raise(self, name: str) -> BackendRecord:
         records = self.records()
-        error = self._settings_error("get")
+        error = self._settings_error("kbit.backends.get")
         if error is not None:
             raise error
         record = records.get(name)

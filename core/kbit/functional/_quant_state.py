@@ -93,7 +93,7 @@ class QuantState:
         self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
         self.blocksize = blocksize
-        self.quant_type = quant_type
+        self._quant_type = quant_type  # not through the setter: nothing to contradict yet
         self.dtype = dtype
         self.offset = offset
         self.state2 = state2
@@ -110,8 +110,7 @@ class QuantState:
 
     @quant_type.setter
     def quant_type(self, value: Optional[str]) -> None:
-        current = getattr(self, "_quant_type", None)
-        code = getattr(self, "code", None)
+        current, code = self._quant_type, self.code
         if value != current and code is not None and code.device.type != "meta":
             table = get_4bit_type(value) if value in QUANT_TYPES_4BIT else None
             if table is None or code.shape != table.shape or not bool((code.cpu() == table).all()):
