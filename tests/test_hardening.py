@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import kbit
 import kbit.functional as F
-from kbit import KbitTypeError, KbitValueError, QuantStateError
+from kbit import KbitValueError, QuantStateError
+from kbit.cli import main
 
 NESTED = "__bnb_optimizer_quant_state__"
 
@@ -272,11 +276,6 @@ def test_non_finite_gradient_message_names_the_parameter_and_the_remedy():
 # ======================================================== environment and CLI
 # The command line runs in-process here (``kbit.cli.main`` returns the exit code), except
 # where a real pipe is the point.
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from kbit.cli import main  # noqa: E402
 
 
 def _set_env(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -371,7 +370,9 @@ def test_demo_checks_its_output_paths_before_training(monkeypatch, capsys, tmp_p
 
 
 # ------------------------------------------------------------ 10. broken pipes
-@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--help"], ["check"]])
+@pytest.mark.parametrize(
+    "args", [["info"], ["info", "--json"], ["--help"], pytest.param(["check"], marks=pytest.mark.slow)], ids=str
+)
 def test_output_into_a_closed_pipe_ends_quietly(args):
     """``kbit info | head -1``: the reader is gone before kbit writes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
