@@ -277,16 +277,20 @@ class Weight4bitStateDict(QuantizedWeightModule):
         # Full keys: QuantState.from_dict strips the prefix itself and names them in errors.
         stats = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        if stats and key not in state_dict:
+            raise QuantStateError(key, f"missing, although its quantization statistics ({sorted(stats)[0]}, ...) are there")
         # Build (and so validate) the new weight before anything else is loaded: a bad
         # checkpoint must leave the module exactly as it was.
         weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if weight is None:
-            return  # the base class has recorded the weight as missing (when strict)
-        if key in missing_keys:
-            missing_keys.remove(key)
-        self.weight = weight
-        self._quant_settings = self._settings()
+
+        def install() -> None:
+            self.weight = weight
+            self._quant_settings = self._settings()
+
+        self._load_rest_then_install(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+            install if weight is not None else None,
+        )  # fmt: skip
 
     def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
         current = self.weight
