@@ -41,10 +41,6 @@ QUANT_STATE_KEYS = frozenset(
 STATE_CODES = {1: "dynamic", 2: "dynamic_unsigned"}
 STATE_CODE_NAMES = {1: "signed dynamic map", 2: "unsigned dynamic map"}
 
-#: States holding sums or averages of squared gradients, by optimizer kind (docs/formats.md
-#: section 5): never negative, and the update divides by their square root.
-SQUARED_STATES = {"adam": (2,), "lamb": (2,), "ademamix": (2,), "rmsprop": (1,), "adagrad": (1,)}
-
 _NORMS = "squared gradient or update norms (finite, >= 0)"
 
 
@@ -118,7 +114,7 @@ def _check_state_values(kind: OptimizerKind, prefix: str, state: Mapping[str, An
     """
     key = f"state{which}"
     values = state[key]
-    squared = which in SQUARED_STATES.get(kind.name, ())
+    squared = which in kind.squared_states  # sums of squares: never negative
     if values.dtype == torch.uint8:
         if not squared or values.device.type == "meta":
             return
