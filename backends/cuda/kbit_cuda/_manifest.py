@@ -1,17 +1,35 @@
-"""Manifest of the CUDA backend.
+"""Manifest of the CUDA backend: exactly the ops and variants its kernels implement.
 
-It declares no ops yet: the kernels arrive op family by op family, and each family is added
-here together with its kernels and their conformance run.
+With ``KBIT_CUDA_EMULATE=1`` the backend also declares the ``cpu`` device type: CPU
+tensors then run the same kernels in the CPU emulator (for the conformance suite and
+tests; slow). Reading that variable is the only work done here.
 """
 
-from kbit.backend import API_VERSION, BackendManifest
+import os
+
+from kbit._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES
+from kbit.backend import API_VERSION, BackendManifest, OpSupport
+
+# The one place the variable's name is spelled for the manifest (kbit_cuda._launch reads
+# the same variable; importing it here would import torch-free code only, but keep the
+# manifest import-light).
+_EMULATE = os.environ.get("KBIT_CUDA_EMULATE", "").strip() == "1"
+
+_blockwise8 = {
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "dequantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+}
 
 MANIFEST = BackendManifest(
     name="cuda",
     api_version=API_VERSION,
     priority=100,
-    device_types=("cuda",),
+    device_types=("cuda", "cpu") if _EMULATE else ("cuda",),
     factory="kbit_cuda.backend:CudaBackend",
-    ops={},
-    description="CuPy RawKernels compiled with NVRTC",
+    ops={**_blockwise8},
+    description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if _EMULATE else ""),
 )

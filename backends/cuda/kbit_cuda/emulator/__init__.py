@@ -51,10 +51,10 @@ _FLAGS = (
     "-fno-fast-math", "-fvisibility=hidden", "-Wno-unknown-pragmas",
 )  # fmt: skip
 
-# An extern "C" kernel: the name before the parameter list, after any __launch_bounds__.
-_KERNEL = re.compile(
-    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\('
-)
+# An extern "C" kernel in the preprocessed source, where cuda_emu.h turned __global__
+# into a marker (KBIT_EMU_SCAN) and __launch_bounds__ into nothing: kernels made by
+# macros are found too.
+_KERNEL = re.compile(r'extern\s+"C"\s+kbit_emu_kernel_marker\s+void\s+(\w+)\s*\(')
 
 
 class EmulatorError(RuntimeError):
@@ -104,20 +104,12 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else compiler
 
 
-def _strip_comments(source: str) -> str:
-    source = re.sub(r"/\*.*?\*/", " ", source, flags=re.S)
-    return re.sub(r"//[^\n]*", " ", source)
-
-
 def _build(source: Path, include_dirs: Sequence[Path], defines: Sequence[str]) -> Path:
     """Compile ``source`` under the emulation header into a cached shared library."""
     problem = compiler_problem()
     if problem:
         raise EmulatorError(problem)
     compiler = os.environ.get("CXX", "g++")
-    names = _KERNEL.findall(_strip_comments(source.read_text()))
-    if not names:
-        raise EmulatorError(f"{source.name}: no extern \"C\" __global__ kernel found")
     # Everything the build reads goes into the key: the header, every file next to the
     # kernel (its includes), the flags and the compiler.
     inputs = sorted({_HEADER, source, *source.parent.glob("*.cu"), *source.parent.glob("*.cuh")})
@@ -133,14 +125,17 @@ def _build(source: Path, include_dirs: Sequence[Path], defines: Sequence[str]) -
     library = cache / f"{source.stem}-{digest.hexdigest()[:20]}.so"
     if library.exists():
         return library
-    wrapper = "\n".join(
-        ['#include "cuda_emu.h"', f'#include "{source}"', *(f"KBIT_EMU_REGISTER({name})" for name in names), ""]
-    )
+    includes = [f"-I{d}" for d in (_HERE, _STUB_INCLUDE, source.parent, *include_dirs)]
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unit = Path(tmp) / "unit.cpp"
-        unit.write_text(wrapper)
+        unit.write_text(f'#include "cuda_emu.h"\n#include "{source}"\n')
+        scan = subprocess.run([compiler, "-E", "-P", "-DKBIT_EMU_SCAN", *flags, *includes, str(unit)],
+                              capture_output=True, text=True)  # fmt: skip
+        names = _KERNEL.findall(scan.stdout) if scan.returncode == 0 else []
+        if scan.returncode or not names:
+            raise EmulatorError(f"{source.name}: no extern \"C\" __global__ kernel found\n{scan.stderr}")
+        unit.write_text(unit.read_text() + "".join(f"KBIT_EMU_REGISTER({name})\n" for name in names))
         output = Path(tmp) / "unit.so"
-        includes = [f"-I{d}" for d in (_HERE, _STUB_INCLUDE, source.parent, *include_dirs)]
         command = [compiler, *flags, *includes, str(unit), "-o", str(output)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:

@@ -46,7 +46,12 @@
 #endif
 
 // ------------------------------------------------------------------------ qualifiers
+// The build scans the preprocessed source for kernels with KBIT_EMU_SCAN defined.
+#ifdef KBIT_EMU_SCAN
+#define __global__ kbit_emu_kernel_marker
+#else
 #define __global__
+#endif
 #define __device__
 #define __host__
 #define __constant__
