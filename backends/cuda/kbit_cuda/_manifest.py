@@ -7,7 +7,13 @@ tests; slow). Reading that variable is the only work done here.
 
 import os
 
-from kbit._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES
+from kbit._formats import (
+    BLOCKSIZES_4BIT,
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPE_NAMES,
+    QUANT_STORAGE_NAMES_4BIT,
+    QUANT_TYPES_4BIT,
+)
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
 
 # The one place the variable's name is spelled for the manifest (kbit_cuda._launch reads
@@ -24,12 +30,20 @@ _blockwise8 = {
     "dequantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
+_quant4_support = OpSupport(
+    dtypes=FLOAT_DTYPE_NAMES,
+    blocksizes=BLOCKSIZES_4BIT,
+    quant_types=QUANT_TYPES_4BIT,
+    quant_storages=QUANT_STORAGE_NAMES_4BIT,
+)
+_quant4 = {op: _quant4_support for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit")}
+
 MANIFEST = BackendManifest(
     name="cuda",
     api_version=API_VERSION,
     priority=100,
     device_types=("cuda", "cpu") if _EMULATE else ("cuda",),
     factory="kbit_cuda.backend:CudaBackend",
-    ops={**_blockwise8},
+    ops={**_blockwise8, **_quant4},
     description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if _EMULATE else ""),
 )
