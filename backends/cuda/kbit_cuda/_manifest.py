@@ -38,12 +38,21 @@ _quant4_support = OpSupport(
 )
 _quant4 = {op: _quant4_support for op in ("quantize_4bit", "dequantize_4bit", "gemv_4bit", "matmul_4bit")}
 
+# int8_linear_matmul and int8_mixed_scaled_mm are integer GEMMs: left to the reference
+# backend's torch._int_mm path (cuBLAS on a GPU), so not declared.
+_int8 = {
+    "int8_vectorwise_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "int8_vectorwise_dequant": OpSupport(dtypes=("float32",)),
+    "int8_mm_dequant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+    "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+}
+
 MANIFEST = BackendManifest(
     name="cuda",
     api_version=API_VERSION,
     priority=100,
     device_types=("cuda", "cpu") if _EMULATE else ("cuda",),
     factory="kbit_cuda.backend:CudaBackend",
-    ops={**_blockwise8, **_quant4},
+    ops={**_blockwise8, **_quant4, **_int8},
     description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if _EMULATE else ""),
 )
