@@ -15,6 +15,7 @@ from kbit._formats import (
     QUANT_TYPES_4BIT,
 )
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
+from kbit.functional._optim import static_8bit_kind_names
 
 # The one place the variable's name is spelled for the manifest (kbit_cuda._launch reads
 # the same variable; importing it here would import torch-free code only, but keep the
@@ -47,12 +48,21 @@ _int8 = {
     "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
+# Every kind kbit defines; whole-tensor 8-bit state only for the kinds it can hold.
+_OPTIMIZER_KINDS = ("adam", "lamb", "ademamix", "lion", "momentum", "lars", "rmsprop", "adagrad")
+_optimizer = {
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_OPTIMIZER_KINDS),
+    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=static_8bit_kind_names()),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_OPTIMIZER_KINDS),
+    "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
+}
+
 MANIFEST = BackendManifest(
     name="cuda",
     api_version=API_VERSION,
     priority=100,
     device_types=("cuda", "cpu") if _EMULATE else ("cuda",),
     factory="kbit_cuda.backend:CudaBackend",
-    ops={**_blockwise8, **_quant4, **_int8},
+    ops={**_blockwise8, **_quant4, **_int8, **_optimizer},
     description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if _EMULATE else ""),
 )

@@ -11,10 +11,11 @@ from kbit.backend import Backend
 from ._blockwise8 import Blockwise8Kernels
 from ._int8 import Int8Kernels
 from ._launch import EMULATE_VARIABLE, emulation_enabled
+from ._optim import OptimizerKernels
 from ._quant4 import Quant4Kernels
 
 
-class CudaBackend(Blockwise8Kernels, Quant4Kernels, Int8Kernels, Backend):
+class CudaBackend(Blockwise8Kernels, Quant4Kernels, Int8Kernels, OptimizerKernels, Backend):
     """CuPy RawKernels for tensors on CUDA devices (and, with ``KBIT_CUDA_EMULATE=1``, the
     same kernels run by the CPU emulator for CPU tensors)."""
 
