@@ -44,14 +44,21 @@ class StepScalars:
     skip_zeros: bool = False
 
     def args(self) -> tuple:
-        """The kernel arguments, bias corrections computed in double then rounded."""
+        """The kernel arguments (``kbit::Step``): every derived scalar is computed here in
+        double precision and rounded once, like the reference backend's Python scalars."""
         correction1 = 1.0 - self.beta1**self.step
         correction2 = math.sqrt(1.0 - self.beta2**self.step)
+        if self.kind == "ademamix":
+            bias1, bias2 = 1.0 / correction1, correction2
+        elif RULES[self.kind] == RULES["adam"]:
+            bias1, bias2 = correction2 / correction1, self.eps * correction2
+        else:
+            bias1 = bias2 = 0.0  # unused
         return (
             i32(RULES[self.kind]), i32(int(self.step == 1)), i32(int(self.kind in DECOUPLED)),
             i32(int(self.skip_zeros)), f32(self.beta1), f32(self.beta2), f32(self.beta3), f32(self.alpha),
-            f32(self.eps), f32(self.weight_decay), f32(self.lr), f32(self.gnorm_scale),
-            f32(correction1 if correction1 != 0.0 else 1.0), f32(correction2 if correction2 != 0.0 else 1.0),
+            f32(self.eps), f32(self.weight_decay), f32(self.lr), f32(self.gnorm_scale), f32(1.0 - self.beta1),
+            f32(1.0 - self.beta2), f32(1.0 - self.beta3), f32(1.0 - self.lr * self.weight_decay), f32(bias1), f32(bias2),
         )  # fmt: skip
 
 

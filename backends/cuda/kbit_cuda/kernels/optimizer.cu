@@ -14,27 +14,39 @@ namespace kbit {
 
 enum Rule { RULE_ADAM = 0, RULE_ADEMAMIX = 1, RULE_LION = 2, RULE_MOMENTUM = 3, RULE_RMSPROP = 4, RULE_ADAGRAD = 5 };
 
-// The scalars of one step, computed on the host (bias corrections in double, then float).
+// The scalars of one step, computed on the host in double precision and rounded once,
+// as the reference backend's Python scalars are: 1 - beta, 1 - lr * wd and the bias
+// corrections would each round differently if formed here from float32 betas.
 struct Step {
     int rule;
     int first_step;       // step == 1 (momentum starts from the gradient)
     int decoupled_decay;  // p *= 1 - lr * wd before the update; else g += wd * p
     int skip_zeros;
     float beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale;
-    float correction1;  // 1 - beta1^step
-    float correction2;  // sqrt(1 - beta2^step)
+    float rest1, rest2, rest3;  // 1 - beta1, 1 - beta2, 1 - beta3
+    float decay;                // 1 - lr * weight_decay
+    float bias1;                // Adam: sqrt(1 - beta2^t) / (1 - beta1^t); AdEMAMix: 1 / (1 - beta1^t)
+    float bias2;                // Adam: eps * sqrt(1 - beta2^t); AdEMAMix: sqrt(1 - beta2^t)
 };
 
 __device__ __forceinline__ Step make_step(int rule, int first_step, int decoupled_decay, int skip_zeros, float beta1,
                                           float beta2, float beta3, float alpha, float eps, float weight_decay,
-                                          float lr, float gnorm_scale, float correction1, float correction2)
+                                          float lr, float gnorm_scale, float rest1, float rest2, float rest3,
+                                          float decay, float bias1, float bias2)
 {
     Step s;
     s.rule = rule; s.first_step = first_step; s.decoupled_decay = decoupled_decay; s.skip_zeros = skip_zeros;
     s.beta1 = beta1; s.beta2 = beta2; s.beta3 = beta3; s.alpha = alpha; s.eps = eps;
     s.weight_decay = weight_decay; s.lr = lr; s.gnorm_scale = gnorm_scale;
-    s.correction1 = correction1; s.correction2 = correction2;
+    s.rest1 = rest1; s.rest2 = rest2; s.rest3 = rest3; s.decay = decay; s.bias1 = bias1; s.bias2 = bias2;
     return s;
+}
+
+// torch.lerp's formula (the reference moves first moments with lerp_).
+__device__ __forceinline__ float lerp(float start, float end, float weight)
+{
+    return weight < 0.5f ? __fadd_rn(start, __fmul_rn(weight, __fsub_rn(end, start)))
+                         : __fsub_rn(end, __fmul_rn(__fsub_rn(end, start), __fsub_rn(1.0f, weight)));
 }
 
 // One element: the states m1 (first moment or the only state), m2 (AdEMAMix's slow
@@ -42,32 +54,29 @@ __device__ __forceinline__ Step make_step(int rule, int first_step, int decouple
 // (p moves by -lr * u). `g` is the working gradient (scaled, L2 decay added).
 __device__ __forceinline__ float update_direction(const Step& s, float g, float& m1, float& m2, float& v)
 {
-    const float one_minus_b1 = __fsub_rn(1.0f, s.beta1), one_minus_b2 = __fsub_rn(1.0f, s.beta2);
     switch (s.rule) {
-        case RULE_ADAM: {
-            m1 = __fadd_rn(__fmul_rn(s.beta1, m1), __fmul_rn(one_minus_b1, g));
-            v = __fadd_rn(__fmul_rn(s.beta2, v), __fmul_rn(one_minus_b2, __fmul_rn(g, g)));
-            const float denominator = __fadd_rn(__fsqrt_rn(v), __fmul_rn(s.eps, s.correction2));
-            return __fmul_rn(__fdiv_rn(s.correction2, s.correction1), __fdiv_rn(m1, denominator));
-        }
+        case RULE_ADAM:
+            m1 = lerp(m1, g, s.rest1);
+            v = __fadd_rn(__fmul_rn(s.beta2, v), __fmul_rn(__fmul_rn(s.rest2, g), g));
+            return __fmul_rn(s.bias1, __fdiv_rn(m1, __fadd_rn(__fsqrt_rn(v), s.bias2)));
         case RULE_ADEMAMIX: {
-            m1 = __fadd_rn(__fmul_rn(s.beta1, m1), __fmul_rn(one_minus_b1, g));
-            m2 = __fadd_rn(__fmul_rn(s.beta3, m2), __fmul_rn(__fsub_rn(1.0f, s.beta3), g));
-            v = __fadd_rn(__fmul_rn(s.beta2, v), __fmul_rn(one_minus_b2, __fmul_rn(g, g)));
-            const float mixed = __fadd_rn(__fmul_rn(m2, s.alpha), __fdiv_rn(m1, s.correction1));
-            return __fdiv_rn(mixed, __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.correction2), s.eps));
+            m1 = lerp(m1, g, s.rest1);
+            m2 = lerp(m2, g, s.rest3);
+            v = __fadd_rn(__fmul_rn(s.beta2, v), __fmul_rn(__fmul_rn(s.rest2, g), g));
+            const float mixed = __fadd_rn(__fmul_rn(m2, s.alpha), __fmul_rn(m1, s.bias1));
+            return __fdiv_rn(mixed, __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bias2), s.eps));
         }
         case RULE_LION: {
             // The sign uses the momentum before this step's update of it.
-            const float blend = __fadd_rn(__fmul_rn(s.beta1, m1), __fmul_rn(one_minus_b1, g));
-            m1 = __fadd_rn(__fmul_rn(s.beta2, m1), __fmul_rn(one_minus_b2, g));
+            const float blend = __fadd_rn(__fmul_rn(m1, s.beta1), __fmul_rn(g, s.rest1));
+            m1 = lerp(m1, g, s.rest2);
             return blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : 0.0f);
         }
         case RULE_MOMENTUM:
-            m1 = s.first_step ? g : __fadd_rn(__fmul_rn(s.beta1, m1), g);
+            m1 = s.first_step ? g : __fadd_rn(__fmul_rn(m1, s.beta1), g);
             return m1;
         case RULE_RMSPROP:
-            m1 = __fadd_rn(__fmul_rn(s.beta1, m1), __fmul_rn(one_minus_b1, __fmul_rn(g, g)));
+            m1 = __fadd_rn(__fmul_rn(m1, s.beta1), __fmul_rn(__fmul_rn(s.rest1, g), g));
             return __fdiv_rn(g, __fadd_rn(__fsqrt_rn(m1), s.eps));
         default:  // RULE_ADAGRAD
             m1 = __fadd_rn(m1, __fmul_rn(g, g));
@@ -85,7 +94,7 @@ __device__ __forceinline__ float working_gradient(const Step& s, float g, float 
 // The new parameter value after the update u (scaled by the trust ratio `clip`).
 __device__ __forceinline__ float apply_update(const Step& s, float p, float u, float clip)
 {
-    if (s.decoupled_decay && s.weight_decay > 0.0f) p = __fmul_rn(p, __fsub_rn(1.0f, __fmul_rn(s.lr, s.weight_decay)));
+    if (s.decoupled_decay && s.weight_decay > 0.0f) p = __fmul_rn(p, s.decay);
     return __fsub_rn(p, __fmul_rn(__fmul_rn(s.lr, u), clip));
 }
 
@@ -362,11 +371,11 @@ __device__ void sum_of_squares(const T* __restrict__ g, long long n, float* __re
 
 #define KBIT_STEP_PARAMS                                                                                     \
     int rule, int first_step, int decoupled_decay, int skip_zeros, float beta1, float beta2, float beta3,    \
-        float alpha, float eps, float weight_decay, float lr, float gnorm_scale, float correction1,          \
-        float correction2
+        float alpha, float eps, float weight_decay, float lr, float gnorm_scale, float rest1, float rest2,    \
+        float rest3, float decay, float bias1, float bias2
 #define KBIT_STEP_ARGS                                                                                       \
     kbit::make_step(rule, first_step, decoupled_decay, skip_zeros, beta1, beta2, beta3, alpha, eps,          \
-                    weight_decay, lr, gnorm_scale, correction1, correction2)
+                    weight_decay, lr, gnorm_scale, rest1, rest2, rest3, decay, bias1, bias2)
 
 #define KBIT_OPTIMIZER_KERNELS(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) optimizer_32bit_##SUFFIX(                              \
