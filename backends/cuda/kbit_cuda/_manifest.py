@@ -17,9 +17,8 @@ from kbit._formats import (
 from kbit.backend import API_VERSION, BackendManifest, OpSupport
 from kbit.functional._optim import static_8bit_kind_names
 
-# The one place the variable's name is spelled for the manifest (kbit_cuda._launch reads
-# the same variable; importing it here would import torch-free code only, but keep the
-# manifest import-light).
+# Read when the registry discovers backends (kbit_cuda._launch.emulation_enabled reads
+# the same variable when kernels run; the manifest stays free of the launch layer's imports).
 _EMULATE = os.environ.get("KBIT_CUDA_EMULATE", "").strip() == "1"
 
 _blockwise8 = {
@@ -57,12 +56,20 @@ _optimizer = {
     "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
-MANIFEST = BackendManifest(
-    name="cuda",
-    api_version=API_VERSION,
-    priority=100,
-    device_types=("cuda", "cpu") if _EMULATE else ("cuda",),
-    factory="kbit_cuda.backend:CudaBackend",
-    ops={**_blockwise8, **_quant4, **_int8, **_optimizer},
-    description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if _EMULATE else ""),
-)
+
+
+def build_manifest(emulate: bool) -> BackendManifest:
+    """The CUDA manifest; with ``emulate`` it also serves the ``cpu`` device type (the
+    kernels run in the CPU emulator), which is what ``KBIT_CUDA_EMULATE=1`` selects."""
+    return BackendManifest(
+        name="cuda",
+        api_version=API_VERSION,
+        priority=100,
+        device_types=("cuda", "cpu") if emulate else ("cuda",),
+        factory="kbit_cuda.backend:CudaBackend",
+        ops={**_blockwise8, **_quant4, **_int8, **_optimizer},
+        description="CuPy RawKernels compiled with NVRTC" + (" (CPU tensors: emulated, KBIT_CUDA_EMULATE=1)" if emulate else ""),
+    )
+
+
+MANIFEST = build_manifest(_EMULATE)

@@ -116,7 +116,7 @@ def step_8bit_tensor(step: StepScalars, g: Tensor, p: Tensor, state1: Tensor, st
         table1 = prepare_table(device, qmap1)
         table2 = prepare_table(device, qmap2) if qmap2 is not None else None
         kernel = device.kernel(FILE, f"optimizer_8bit_tensor_{SUFFIX[p.dtype]}")
-        grid = _grid(device, n)
+        grid = grid_for(n, THREADS, device.max_blocks)  # one element per thread per step
         for phase in (0, 1):
             kernel((grid,), (THREADS,),
                    (*step.args(), i32(phase), g, p, state1, state2, qmap1.contiguous(),

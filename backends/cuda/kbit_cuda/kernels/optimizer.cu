@@ -303,31 +303,25 @@ __device__ void step_8bit_tensor(const Step s, int phase, const T* __restrict__ 
     if (phase == 1 && max_unorm > 0.0f && unorm_vec != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
         unorm_vec[0] = norms[1];
     float top1 = 0.0f, top2 = 0.0f, sum_p = 0.0f, sum_u = 0.0f;
-    const long long stride = 4LL * gridDim.x * blockDim.x;
-    for (long long i = 4LL * ((long long)blockIdx.x * blockDim.x + threadIdx.x); i < n; i += stride) {
-        float gv[4], pv[4];
-        load4(g, i, n, false, 0.0f, gv);
-        load4(p, i, n, false, 0.0f, pv);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const long long e = i + j;
-            if (e >= n) continue;
-            float m1 = __fmul_rn(s_codes[0].values[state1[e]], scale1), m2 = 0.0f;
-            float v = state2 != nullptr ? __fmul_rn(s_codes[1].values[state2[e]], scale2) : 0.0f;
-            const float gw = working_gradient(s, gv[j], pv[j]);
-            const float u = update_direction(s, gw, m1, m2, v);
-            if (phase == 0) {
-                top1 = max_nan(top1, fabsf(m1));
-                top2 = max_nan(top2, fabsf(v));
-                sum_p = __fadd_rn(sum_p, __fmul_rn(pv[j], pv[j]));
-                sum_u = __fadd_rn(sum_u, __fmul_rn(u, u));
-                continue;
-            }
-            pv[j] = apply_update(s, pv[j], u, clip);
-            state1[e] = encode(s_codes[0], m1, next1);
-            if (state2 != nullptr) state2[e] = encode(s_codes[1], v, next2);
+    // One element per thread per step (coalesced 4-byte loads): two passes of the whole
+    // rule keep enough registers busy that four elements at a time spill on sm_90.
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        const float gv = to_float(g[e]);
+        float pv = to_float(p[e]);
+        float m1 = __fmul_rn(s_codes[0].values[state1[e]], scale1), m2 = 0.0f;
+        float v = state2 != nullptr ? __fmul_rn(s_codes[1].values[state2[e]], scale2) : 0.0f;
+        const float u = update_direction(s, working_gradient(s, gv, pv), m1, m2, v);
+        if (phase == 0) {
+            top1 = max_nan(top1, fabsf(m1));
+            top2 = max_nan(top2, fabsf(v));
+            sum_p = __fadd_rn(sum_p, __fmul_rn(pv, pv));
+            sum_u = __fadd_rn(sum_u, __fmul_rn(u, u));
+            continue;
         }
-        if (phase == 1) store4(p, i, n, false, pv);
+        p[e] = from_float<T>(apply_update(s, pv, u, clip));
+        state1[e] = encode(s_codes[0], m1, next1);
+        if (state2 != nullptr) state2[e] = encode(s_codes[1], v, next2);
     }
     if (phase == 0) {
         top1 = group_max_nan(top1, KBIT_WARP);
