@@ -153,8 +153,13 @@ class GpuDevice(Device):
         function = self.module(file).get_function(name)
         cupy = self._cupy
 
+        def as_cupy(tensor: torch.Tensor) -> Any:
+            # Zero-copy through __cuda_array_interface__, which has no bfloat16: the kernel
+            # only needs the address, so such a tensor goes as its int16 view.
+            return cupy.asarray(tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor)
+
         def launch(grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
-            converted = tuple(cupy.asarray(a) if isinstance(a, torch.Tensor) else a for a in args)
+            converted = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
             function(tuple(grid), tuple(block), converted, shared_mem=shared_mem)
 
         return launch
