@@ -201,3 +201,20 @@ def compile_kernel_file(name: str, arch: int, *, ptx: bool = False, extra_option
         return Compiled(binary.raw, log, {} if ptx else _parse_resources(log))
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def _print_resources(archs: Sequence[int]) -> None:
+    """``python -m kbit_cuda._compile [ARCH ...]``: ptxas' resource usage of every kernel."""
+    print(f"{'kernel':40s} {'arch':>5s} {'regs':>5s} {'smem B':>7s} {'stack B':>8s} {'spill B':>8s}")
+    for arch in archs:
+        for name in KERNEL_FILES:
+            for usage in sorted(compile_kernel_file(name, arch).resources.values(), key=lambda u: u.kernel):
+                spill = usage.spill_store_bytes + usage.spill_load_bytes
+                print(f"{usage.kernel:40s} {'sm_' + str(arch):>5s} {usage.registers:5d} {usage.shared_bytes:7d} "
+                      f"{usage.stack_bytes:8d} {spill:8d}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    _print_resources([int(a) for a in sys.argv[1:]] or [80, 90])
