@@ -15,7 +15,7 @@ from .._opnames import OP_FAMILIES
 from .._version import __version__
 from ._table import render_table
 
-_ENV_VARS = ("KBIT_BACKEND", "KBIT_DISABLE_PLUGINS", "KBIT_FALLBACK")
+_ENV_VARS = ("KBIT_BACKEND", "KBIT_DISABLE_PLUGINS", "KBIT_FALLBACK", "KBIT_CUDA_EMULATE")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
