@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from kbit_reference._optim import clip_by_history
+
 from ._blockwise8 import SUFFIX, THREADS, prepare_table
 from ._launch import Device, device_for, f32, grid_for, i32, i64
 
@@ -223,14 +225,4 @@ class OptimizerKernels:
     def percentile_clipping(
         self, grad: Tensor, gnorm_vec: Tensor, *, step: int, percentile: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        norm_sq = gradient_norm_squared(grad)
-        # The history bookkeeping is a handful of tiny tensor ops, as in the reference.
-        slot = step % gnorm_vec.numel()
-        if step == 1:
-            gnorm_vec.copy_(norm_sq.expand_as(gnorm_vec))  # no history yet: every slot
-        else:
-            gnorm_vec[slot] = norm_sq
-        current = gnorm_vec[slot].sqrt()
-        clip = torch.sort(gnorm_vec).values[percentile].sqrt()
-        scale = torch.where(current > clip, clip / current, torch.ones_like(current))
-        return current, clip, scale
+        return clip_by_history(gradient_norm_squared(grad), gnorm_vec, step=step, percentile=percentile)
