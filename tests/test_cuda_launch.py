@@ -62,14 +62,16 @@ def test_gpu_device_compiles_for_its_architecture_and_launches_on_torchs_stream(
     fake_gpu.arch = arch
     device = _launch.GpuDevice(0)
     assert device.max_blocks == 132 * 8
-    x = torch.randn(8).to(torch.bfloat16)
+    x = torch.randn(8).to(torch.bfloat16).requires_grad_()  # a parameter, say
     with device.launching():
         device.kernel("int8.cu", "int8_dequantize_rows")((2,), (256,), (x, None, np.int64(8)))
     assert fake_gpu.modules[0].endswith(suffix)  # a GPU newer than NVRTC knows gets PTX
     assert fake_gpu.streams == [(0xBEEF, 0)]
     name, grid, block, args = fake_gpu.launches[0]
     assert (name, grid, block) == ("int8_dequantize_rows", (2,), (256,))
-    # bfloat16 has no __cuda_array_interface__ type: it travels as its int16 view, same address.
-    assert args[0] == ("cupy array", torch.int16, x.data_ptr()) and args[1] is None
+    # bfloat16 has no __cuda_array_interface__ type, and a tensor requiring grad none at
+    # all: they travel detached, as the int16 view, at the same address.
+    assert args[0] == ("cupy array", torch.int16, x.data_ptr())
+    assert args[1] == np.uint64(0) and args[1].dtype == np.uint64  # None: a null pointer
     device.kernel("int8.cu", "int8_dequantize_rows")
     assert len(fake_gpu.modules) == 1  # compiled once per device and file

@@ -38,7 +38,6 @@ __all__ = [
     "GpuDevice",
     "EmulatedDevice",
     "device_for",
-    "emulated_device",
     "emulation_enabled",
     "EMULATE_VARIABLE",
     "grid_for",
@@ -153,14 +152,19 @@ class GpuDevice(Device):
         function = self.module(file).get_function(name)
         cupy = self._cupy
 
-        def as_cupy(tensor: torch.Tensor) -> Any:
-            # Zero-copy through __cuda_array_interface__, which has no bfloat16: the kernel
-            # only needs the address, so such a tensor goes as its int16 view.
+        def as_argument(value: Any) -> Any:
+            if value is None:
+                return np.uint64(0)  # a null pointer, passed by value
+            if not isinstance(value, torch.Tensor):
+                return value
+            # Zero-copy through __cuda_array_interface__, which refuses tensors that
+            # require grad (an optimizer's parameters: detach shares the memory) and has
+            # no bfloat16 (the kernel only needs the address: the int16 view has it).
+            tensor = value.detach()
             return cupy.asarray(tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor)
 
         def launch(grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
-            converted = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
-            function(tuple(grid), tuple(block), converted, shared_mem=shared_mem)
+            function(tuple(grid), tuple(block), tuple(as_argument(a) for a in args), shared_mem=shared_mem)
 
         return launch
 
@@ -188,12 +192,6 @@ def device_for(tensor: torch.Tensor) -> Device:
         if device is None:
             device = _devices[key] = EmulatedDevice() if key == "emulator" else GpuDevice(key[1])
         return device
-
-
-def emulated_device() -> Optional[EmulatedDevice]:
-    """The emulator device if one was created (tests change its settings), else None."""
-    device = _devices.get("emulator")
-    return device if isinstance(device, EmulatedDevice) else None
 
 
 def i64(value: int) -> np.int64:
