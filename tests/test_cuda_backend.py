@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kbit
+from kbit.backend import OPTIMIZER_KINDS, OptimizerStep
 from kbit.functional._codebooks import create_dynamic_map, create_linear_map
 from kbit_cuda import _launch
 from kbit_cuda._manifest import MANIFEST, build_manifest
@@ -42,10 +43,11 @@ def test_the_emulated_manifest_serves_cpu_and_declares_the_same_ops():
     assert dict(emulated.ops) == dict(MANIFEST.ops)
 
 
-def test_every_declared_optimizer_kind_has_a_kernel_rule():
+def test_every_optimizer_kind_has_a_kernel_rule():
+    """The manifest declares every kind of the table: each needs its rule in the kernels."""
+    assert set(RULES) == set(OPTIMIZER_KINDS)
     for op in ("optimizer_update_32bit", "optimizer_update_8bit", "optimizer_update_8bit_blockwise"):
         assert set(MANIFEST.ops[op].optimizers) <= set(RULES), op
-    assert set(MANIFEST.ops["optimizer_update_32bit"].optimizers) == set(RULES)
 
 
 def test_kbit_info_with_emulation_lists_cuda_for_cpu():
@@ -143,11 +145,9 @@ def test_int8_and_optimizer_kernels_under_every_schedule(backend):
     for name, impl in (("cuda", backend), ("reference", REFERENCE)):
         p_i, s1 = p.clone(), torch.zeros(600, dtype=torch.uint8)
         s2, a1, a2 = torch.zeros(600, dtype=torch.uint8), torch.zeros(3), torch.zeros(3)
-        impl.optimizer_update_8bit_blockwise(
-            "adam", g, p_i, s1, s2, beta1=0.9, beta2=0.99, beta3=0.0, alpha=0.0, eps=1e-8, step=1, lr=1e-2,
-            qmap1=create_dynamic_map(), qmap2=create_dynamic_map(signed=False), absmax1=a1, absmax2=a2,
-            weight_decay=0.0, gnorm_scale=1.0, skip_zeros=False,
-        )  # fmt: skip
+        step = OptimizerStep(OPTIMIZER_KINDS["adam"], 1, 1e-2, beta1=0.9, beta2=0.99, eps=1e-8)
+        impl.optimizer_update_8bit_blockwise(step, g, p_i, s1, s2, qmap1=create_dynamic_map(),
+                                             qmap2=create_dynamic_map(signed=False), absmax1=a1, absmax2=a2)  # fmt: skip
         states[name] = (p_i, s1, s2, a1, a2)
     (p_got, *codes_got, a1_got, a2_got), (p_want, *codes_want, a1_want, a2_want) = states["cuda"], states["reference"]
     assert torch.allclose(p_got, p_want, rtol=1e-5, atol=1e-7)
@@ -158,7 +158,8 @@ def test_int8_and_optimizer_kernels_under_every_schedule(backend):
 
 # --------------------------------------------------------------------- stochastic rounding
 def stochastic_oracle(A: torch.Tensor, code: torch.Tensor, blocksize: int, rand: torch.Tensor) -> torch.Tensor:
-    """Contract v2's rule, written out: between lo <= x <= hi take hi when r < (x - lo) / (hi - lo)."""
+    """The rule (docs/formats.md section 2) written out independently of both backends:
+    between lo <= x <= hi take hi when r < (x - lo) / (hi - lo)."""
     flat = A.reshape(-1).float()
     absmax = REFERENCE.quantize_blockwise(A, code=code, blocksize=blocksize)[1]
     inverse = torch.where(absmax == 0, torch.zeros_like(absmax), 1 / absmax).repeat_interleave(blocksize)[: flat.numel()]
@@ -181,6 +182,7 @@ def test_stochastic_rounding_follows_the_rule(blocksize, rand_size):
     codes, absmax = CudaBackend().quantize_blockwise(A, code=code, blocksize=blocksize, rand=rand)
     assert torch.equal(absmax, REFERENCE.quantize_blockwise(A, code=code, blocksize=blocksize)[1])
     assert torch.equal(codes, stochastic_oracle(A, code, blocksize, rand))
+    assert torch.equal(codes, REFERENCE.quantize_blockwise(A, code=code, blocksize=blocksize, rand=rand)[0])
 
 
 def test_stochastic_rounding_is_unbiased():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kbit.backend import OPTIMIZER_KINDS, OptimizerStep
 from kbit.functional._codebooks import create_dynamic_map
 from kbit_cuda.backend import CudaBackend
 
@@ -73,10 +74,10 @@ def test_optimizer_step_gpu_equals_emulator(backend):
     def step(p_, g_):
         s1, s2 = torch.zeros_like(p_, dtype=torch.uint8), torch.zeros_like(p_, dtype=torch.uint8)
         a1, a2 = torch.zeros(20, device=p_.device), torch.zeros(20, device=p_.device)
+        step = OptimizerStep(OPTIMIZER_KINDS["adam"], 1, 1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
         backend.optimizer_update_8bit_blockwise(
-            "adam", g_, p_, s1, s2, beta1=0.9, beta2=0.999, beta3=0.0, alpha=0.0, eps=1e-8, step=1, lr=1e-3,
-            qmap1=create_dynamic_map().to(p_.device), qmap2=create_dynamic_map(signed=False).to(p_.device),
-            absmax1=a1, absmax2=a2, weight_decay=0.0, gnorm_scale=1.0, skip_zeros=False,
+            step, g_, p_, s1, s2, qmap1=create_dynamic_map().to(p_.device),
+            qmap2=create_dynamic_map(signed=False).to(p_.device), absmax1=a1, absmax2=a2,
         )  # fmt: skip
         return p_, s1, s2, a1, a2
 

@@ -14,15 +14,16 @@ from kbit._formats import (
     QUANT_STORAGE_NAMES_4BIT,
     QUANT_TYPES_4BIT,
 )
-from kbit.backend import API_VERSION, BackendManifest, OpSupport
-from kbit.functional._optim import static_8bit_kind_names
+from kbit._manifest import ROUNDINGS
+from kbit.backend import API_VERSION, OPTIMIZER_KINDS, BackendManifest, OpSupport
 
 # Read when the registry discovers backends (kbit_cuda._launch.emulation_enabled reads
 # the same variable when kernels run; the manifest stays free of the launch layer's imports).
 _EMULATE = os.environ.get("KBIT_CUDA_EMULATE", "").strip() == "1"
 
 _blockwise8 = {
-    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    # Nearest and stochastic rounding (contract v2's rand=).
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT, roundings=ROUNDINGS),
     "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
     "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
@@ -47,12 +48,14 @@ _int8 = {
     "int8_double_quant": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
-# Every kind kbit defines; whole-tensor 8-bit state only for the kinds it can hold.
-_OPTIMIZER_KINDS = ("adam", "lamb", "ademamix", "lion", "momentum", "lars", "rmsprop", "adagrad")
+# Every kind of the table (kbit_cuda._optim.RULES gives each its kernel rule; a test keeps
+# the two in step); whole-tensor 8-bit state only for the kinds it can hold.
+_ALL_KINDS = tuple(OPTIMIZER_KINDS)
+_STATIC_8BIT_KINDS = tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
 _optimizer = {
-    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_OPTIMIZER_KINDS),
-    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=static_8bit_kind_names()),
-    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_OPTIMIZER_KINDS),
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_ALL_KINDS),
+    "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_STATIC_8BIT_KINDS),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=_ALL_KINDS),
     "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 
