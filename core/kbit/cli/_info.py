@@ -17,6 +17,12 @@ from ..backends._registry import REGISTRY, SETTINGS, BackendRecord
 from .._version import __version__
 from ._table import render_table
 
+def _environment() -> list[str]:
+    """The registry's settings, then any other ``KBIT_*`` variable that is set (a backend's
+    own switch, such as ``KBIT_CUDA_EMULATE``): a bug report shows the whole configuration."""
+    return list(SETTINGS) + sorted(name for name in os.environ if name.startswith("KBIT_") and name not in SETTINGS)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="list discovered backends with state, devices, ops and errors")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "kbit": __version__,
             "torch": torch.__version__,
-            "environment": {name: os.environ.get(name) for name in SETTINGS},
+            "environment": {name: os.environ.get(name) for name in _environment()},
             "settings_problems": [dataclasses.asdict(problem) for problem in problems],
             "backends": [
                 {
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     print(f"kbit {__version__}  torch {torch.__version__}  python {platform.python_version()}")
-    for name in SETTINGS:
+    for name in _environment():
         flags = "; ".join(problem.problem for problem in problems if problem.variable == name)
         if os.environ.get(name) or flags:
             print(f"{name}={os.environ.get(name, '')}" + (f"  <- {flags}" if flags else ""))
