@@ -435,8 +435,11 @@ def _step_alone(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: 
 def dcp_worker(rank: int, world_size: int, device: str, directory: str, names: tuple[str, ...]) -> dict[str, Any]:
     """:func:`dcp_round_trips` for each optimizer of ``names``."""
     import os
+    import warnings
 
-    return {name: dcp_round_trips(rank, device, os.path.join(directory, name), name) for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbit.KbitPagedMemoryWarning)
+        return {name: dcp_round_trips(rank, device, os.path.join(directory, name), name) for name in names}
 
 
 def dcp_round_trips(rank: int, device: str, directory: str, name: str) -> dict[str, Any]:

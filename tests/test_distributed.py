@@ -198,15 +198,15 @@ def test_fsdp_nan_in_one_ranks_shard_stops_the_step_on_every_rank(fsdp_train):
     for rank, results in enumerate(fsdp_train):
         found = results["nan_on_one_rank"]
         assert found["error"].startswith("KbitValueError"), found
-        assert "grad of parameter 3 in group 0" in found["error"]
+        assert "parameter 3 of group 0" in found["error"]
         expected = "in this rank's shard" if rank == 1 else "in another rank's shard"
         assert expected in found["error"], found
         assert found["unchanged"] and found["moved_after"], found
 
 
 # ------------------------------------------------------------------------ checkpoints
-#: Optimizers of the checkpoint round trips: 8-bit and 32-bit, stacked state, gathered state.
-CHECKPOINTED = ["Adam8bit", "Adam", "AdEMAMix8bit", "LAMB8bit"]
+#: Optimizers of the checkpoint round trips: 8-bit and 32-bit, paged stacked state, gathered state.
+CHECKPOINTED = ["Adam8bit", "Adam", "PagedAdEMAMix8bit", "LAMB8bit"]
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: :data:`FLOAT_DTYPES` as manifest names.
 FLOAT_DTYPE_NAMES = tuple(dtype_name(dtype) for dtype in FLOAT_DTYPES)
 
+#: Entries of an 8-bit code table: one value per byte.
+CODE_TABLE_SIZE = 256
 #: Blocksizes of 8-bit blockwise quantization.
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
 #: Blocksizes of 4-bit quantization (32 is 4-bit only).

@@ -45,10 +45,19 @@ __all__ = [
     "histogram_scatter_add_2d",
 ]
 
-def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _code_for(
+    op: str, code: Optional[torch.Tensor], device: torch.device, *, given: bool = True, for_search: bool = False
+) -> torch.Tensor:
+    """The table to use: the signed dynamic map by default, else ``code``, checked.
+
+    A table the caller passed in (``given``) has its values inspected too (finite, and
+    sorted when it is searched); the table of an existing state only its shape, since
+    kbit built it or its checkpoint reader checked it, and a per-call read would cost a
+    device synchronisation.
+    """
     if code is None:
         return cached_code("dynamic", device)
-    return check_code(op, code).to(device)
+    return check_code(op, code, inspect_values=given, for_search=for_search).to(device)
 
 
 #: Shortest ``rand`` buffer that may be read cyclically (``docs/formats.md`` section 2).
@@ -117,7 +126,7 @@ def quantize_blockwise(
     op = "quantize_blockwise"
     check_dtype(op, "A", A, FLOAT_DTYPES)
     check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
-    code = _code_for(op, code, A.device)
+    code = _code_for(op, code, A.device, for_search=True)
     check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
     check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     rand = _check_rand(op, rand, A, code)
@@ -179,6 +188,7 @@ def dequantize_blockwise(
     """
     op = "dequantize_blockwise"
     check_codes(op, "A", A, (torch.uint8,))
+    given = quant_state is None
     if quant_state is None:
         if absmax is None:
             raise KbitValueError(op, "quant_state", None, "pass quant_state, or absmax for a plain state")
@@ -193,7 +203,7 @@ def dequantize_blockwise(
     )
     dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
-    table = _code_for(op, quant_state.code, A.device)
+    table = _code_for(op, quant_state.code, A.device, given=given)
     result = call_with_backend(
         backend, ops.dequantize_blockwise, A.contiguous(), scales.to(A.device), table, quant_state.blocksize, dtype
     )
@@ -209,7 +219,7 @@ def quantize(
     """
     op = "quantize"
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    code = _code_for(op, code, A.device)
+    code = _code_for(op, code, A.device, for_search=True)
     codes, absmax = call_with_backend(backend, ops.quantize, A.contiguous(), code)
     return store_into(op, "out", codes, out), (absmax, code)
 
@@ -226,6 +236,7 @@ def dequantize(
     """Inverse of :func:`quantize`; returns float32 (or ``out``'s dtype)."""
     op = "dequantize"
     check_codes(op, "A", A, (torch.uint8,))
+    given = quant_state is None
     if quant_state is not None:
         absmax, code = quant_state
     if absmax is None:
@@ -234,7 +245,7 @@ def dequantize(
     check_payload_numel(op, "absmax", absmax, 1, "whole-tensor quantization")
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
-    table = _code_for(op, code, A.device)
+    table = _code_for(op, code, A.device, given=given)
     result = call_with_backend(
         backend, ops.dequantize, A.contiguous(), absmax.to(A.device, torch.float32).reshape(1), table, dtype
     )
@@ -251,7 +262,7 @@ def quantize_no_absmax(
     """
     op = "quantize_no_absmax"
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    table = check_code(op, code).to(A.device)
+    table = check_code(op, code, inspect_values=True, for_search=True).to(A.device)
     result = call_with_backend(backend, ops.quantize_no_absmax, A.contiguous(), table)
     return store_into(op, "out", result, out)
 
@@ -262,7 +273,7 @@ def dequantize_no_absmax(
     """Look codes up in ``code``; float32 (or ``out``'s dtype)."""
     op = "dequantize_no_absmax"
     check_dtype(op, "A", A, (torch.uint8,))
-    table = check_code(op, code).to(A.device)
+    table = check_code(op, code, inspect_values=True).to(A.device)
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     result = call_with_backend(backend, ops.dequantize_no_absmax, A.contiguous(), table, dtype)

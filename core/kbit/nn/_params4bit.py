@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -374,28 +374,29 @@ class Weight4bitStateDict(QuantizedWeightModule):
         # Full keys: QuantState.from_dict strips the prefix itself and names them in errors.
         stats = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        if stats and key not in state_dict:
+            raise QuantStateError(key, f"missing, although its quantization statistics ({sorted(stats)[0]}, ...) are there")
         if self._distributed_state is not None and not isinstance(self.weight, Params4bit):
             # A sharded weight is loaded in place: FSDP keeps its own reference to it.
-            loaded = self._distributed_load(key, state_dict[key], stats) if key in state_dict else None
-            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-            if loaded is not None:
-                if key in missing_keys:
-                    missing_keys.remove(key)
-                loaded()
+            install = self._distributed_load(key, state_dict[key], stats) if key in state_dict else None
+            self._load_rest_then_install(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+                                         install)  # fmt: skip
             return
         # Build (and so validate) the new weight before anything else is loaded: a bad
         # checkpoint must leave the module exactly as it was.
         weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if weight is None:
-            return  # the base class has recorded the weight as missing (when strict)
-        if key in missing_keys:
-            missing_keys.remove(key)
-        self.weight = weight
-        self._quant_settings = self._settings()
 
-    def _distributed_load(self, key: str, value: Any, stats: dict[str, Any]):
-        """Validate a checkpoint entry for the FSDP-sharded weight; return the function that loads it.
+        def install() -> None:
+            self.weight = weight
+            self._quant_settings = self._settings()
+
+        self._load_rest_then_install(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+            install if weight is not None else None,
+        )  # fmt: skip
+
+    def _distributed_load(self, key: str, value: Any, stats: dict[str, Any]) -> Callable[[], None]:
+        """Validate a checkpoint entry for the FSDP-sharded weight; return the function that installs it.
 
         The packed codes are copied into the sharded DTensor (a full tensor is sharded like
         it first) and the checkpoint's quant state replaces the kept one. Only packed

@@ -19,7 +19,7 @@ on the weight's device.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -103,3 +103,43 @@ class QuantizedWeightModule(torch.nn.Module):
 
     def _after_weight_change(self) -> None:
         """Hook for subclasses that mirror the weight elsewhere."""
+
+    def _load_rest_then_install(
+        self,
+        rest: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+        install: Optional[Callable[[], None]],
+    ) -> None:
+        """Let torch load every entry but the weight (``rest``), then run ``install``.
+
+        ``install`` puts the new, already validated weight in place (None: the checkpoint
+        has no weight). All or nothing: when torch reports an error for this module's
+        entries (a bias of the wrong shape), whatever it copied is restored and ``install``
+        does not run, so a failed ``load_state_dict`` leaves the module as it was. Missing
+        keys are not errors here: torch reports them, and ``strict=False`` loads the rest.
+        """
+        own = [(name, t) for name, t in [*self._parameters.items(), *self._buffers.items()] if t is not None]
+        saved = {name: (tensor, tensor.detach().clone()) for name, tensor in own if name != "weight"}
+        errors = len(error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if install is None:
+            return  # the base class has recorded the weight as missing
+        if prefix + "weight" in missing_keys:  # it was there, only not in ``rest``
+            missing_keys.remove(prefix + "weight")
+        if len(error_msgs) > errors:
+            self._restore(saved)
+            return
+        install()
+
+    def _restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back the tensors (objects and values) :meth:`_load_rest_then_install` saved."""
+        for name, (tensor, values) in saved.items():
+            table = self._parameters if name in self._parameters else self._buffers
+            table[name] = tensor  # torch may have assigned a new object (assign=True)
+            with torch.no_grad():
+                tensor.copy_(values)

@@ -34,7 +34,9 @@ import torch
 from .._dtensor import is_dtensor
 from .._formats import OPTIMIZER_BLOCKSIZE, num_blocks
 
-__all__ = ["LOCAL", "GATHERED", "step_mode", "new_state", "ShardedStep", "agree_on_bad_grads", "DTENSOR_STATE_KEYS"]
+__all__ = [
+    "LOCAL", "GATHERED", "DTENSOR_STATE_KEYS", "step_mode", "new_state", "with_local", "ShardedStep", "agree_on_bad_grads",
+]  # fmt: skip
 
 LOCAL = "local"
 GATHERED = "gathered"
@@ -127,6 +129,16 @@ def new_state(p: Any, key: str, dtype: torch.dtype, stacked: bool, mode: str,
     placements = _state_placements(p, key, stacked, mode)
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def with_local(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` in ``value``'s place: ``value``'s DTensor wrapping ``local`` instead, or ``local``."""
+    if not is_dtensor(value):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())  # fmt: skip
 
 
 def _placed(value: torch.Tensor, mesh: Any, placements: tuple) -> Any:
