@@ -14,14 +14,31 @@ import datetime
 import os
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["run_ranks", "RanksTimeoutError", "backend_for_device"]
+__all__ = ["run_ranks", "RanksError", "RanksTimeoutError", "backend_for_device"]
 
 #: Process-group backend by device type.
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+class RanksError(RuntimeError):
+    """A process of :func:`run_ranks` raised; the others were ended.
+
+    Attributes:
+        rank: the rank that failed first (the others usually fail because it left).
+        details: its traceback.
+    """
+
+    def __init__(self, rank: int, details: str, others: list[int]) -> None:
+        self.rank = rank
+        self.details = details
+        then = f" (then ranks {others}, which lost it)" if others else ""
+        last = details.strip().splitlines()[-1] if details.strip() else "no message"
+        super().__init__(f"rank {rank} failed{then}: {last}\n\n{details}")
 
 
 class RanksTimeoutError(TimeoutError):
@@ -54,6 +71,12 @@ def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, args: Sequenc
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
         dist.barrier()  # no process leaves while another may still talk to it
+    except BaseException:
+        # Written before this process exits, so before its peers notice it left and fail in
+        # turn: the earliest report names the cause.
+        with open(os.path.join(workdir, f"rank{rank}.error"), "w") as report:
+            report.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -76,8 +99,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
         The results of ranks ``0 .. world_size - 1``, in order.
 
     Raises:
-        torch.multiprocessing.ProcessRaisedException: a process raised (its traceback is
-            in the message); the others are ended.
+        RanksError: a process raised; the error names the rank that failed first and
+            carries its traceback. The others are ended.
         RanksTimeoutError: the run took longer than ``timeout``.
     """
     import torch.multiprocessing as mp
@@ -97,9 +120,33 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                         f"run_ranks: {fn.__module__}.{fn.__qualname__} on {world_size} ranks did not finish in "
                         f"{timeout:.0f} s (ranks still running: {alive}); they were ended"
                     )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            failed = _first_failure(workdir, world_size)
+            if failed is None:
+                raise  # killed without a Python error (a signal, out of memory)
+            raise failed from exc
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
                     process.join(5)
         return [torch.load(os.path.join(workdir, f"rank{rank}.pt"), weights_only=True) for rank in range(world_size)]
+
+
+def _first_failure(workdir: str, world_size: int) -> RanksError | None:
+    """The error the first failing rank reported (the others' came after), or None."""
+    reports = []
+    for rank in range(world_size):
+        path = os.path.join(workdir, f"rank{rank}.error")
+        if os.path.exists(path):
+            with open(path) as report:
+                when, _, details = report.read().partition("\n")
+            try:
+                reports.append((float(when), rank, details))
+            except ValueError:
+                continue  # still being written by a rank that failed later
+    if not reports:
+        return None
+    reports.sort()
+    _, rank, details = reports[0]
+    return RanksError(rank, details, [other for _, other, _ in reports[1:]])

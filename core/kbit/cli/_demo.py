@@ -232,18 +232,18 @@ def _ranks_problem(ranks: int, device: str, size: str) -> str | None:
 
 def _run_ranks(config, ranks: int, stream) -> dict | None:
     """The multi-process run and its printed report; None (after saying why) if a process failed."""
-    from torch.multiprocessing import ProcessRaisedException
+    from torch.multiprocessing import ProcessExitedException
 
     from .._demo._ranks import run_ranks_demo
-    from .._spawn import RanksTimeoutError
+    from .._spawn import RanksError, RanksTimeoutError
     from ._demo_ranks import render_ranks_report
 
     try:
         with _cpu_threads(config.size, config.device):  # for the single-process run; each rank uses one thread
             report = run_ranks_demo(config, ranks, stream=stream)
-    except (ProcessRaisedException, RanksTimeoutError) as exc:
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        print(f"kbit demo: the {ranks}-process run failed: {last}", file=sys.stderr)
+    except (RanksError, RanksTimeoutError, ProcessExitedException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"kbit demo: the {ranks}-process run failed: {first}", file=sys.stderr)
         return None
     print(render_ranks_report(report), file=stream)
     return report
