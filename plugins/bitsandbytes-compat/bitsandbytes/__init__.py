@@ -35,7 +35,6 @@ for _name, _module in {
     "utils": utils,
     "cextension": cextension,
     "autograd": autograd,
-    "autograd._functions": autograd,
 }.items():
     sys.modules.setdefault(f"{__name__}.{_name}", _module)
 

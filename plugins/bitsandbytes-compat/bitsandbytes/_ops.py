@@ -11,7 +11,8 @@ that validates the arguments and dispatches to kbit's backends. Fake implementat
 kbit differs from bitsandbytes in two places here, both deliberate (docs/ecosystem.md):
 packed 4-bit data whose byte count is not a multiple of the storage element size gets one
 zero-padded element more instead of losing bytes, and ``optimizer_update_32bit`` ignores
-``param_norm``, computing the norm itself when ``max_unorm > 0``.
+``param_norm``, computing the norm itself when ``max_unorm > 0``. As in bitsandbytes, the
+optimizer ops ignore hyperparameters the optimizer kind does not read.
 """
 
 from __future__ import annotations
@@ -346,16 +347,47 @@ def _(A, threshold: float = 0.0):
 
 
 # -- optimizers -----------------------------------------------------------------------------
+_HYPERPARAMETERS = ("beta1", "beta2", "beta3", "alpha", "eps")
+
+
+def _read_by(optimizer_name: str) -> frozenset[str]:
+    """The hyperparameters kind ``optimizer_name`` reads (all of them for an unknown name,
+    which kbit then refuses by name)."""
+    from kbit.functional._optim import OPTIMIZER_KINDS
+
+    kind = OPTIMIZER_KINDS.get(optimizer_name)
+    if kind is None:
+        return frozenset(_HYPERPARAMETERS)
+    if hasattr(kind, "reads"):  # the kind table of backend contract v2
+        return frozenset(kind.reads)
+    uses = {
+        "beta1": kind.uses_beta1,
+        "beta2": kind.uses_beta2,
+        "beta3": kind.uses_beta3_alpha,
+        "alpha": kind.uses_beta3_alpha,
+        "eps": kind.uses_eps,
+    }
+    return frozenset(name for name, used in uses.items() if used)
+
+
+def _ignoring_unused(optimizer_name: str, **values: float) -> dict[str, float]:
+    # bitsandbytes' kernels ignore hyperparameters a kind does not read (SGD passes eps);
+    # kbit refuses non-zero ones, so they are zeroed at this boundary.
+    reads = _read_by(optimizer_name)
+    return {name: value if name in reads else 0.0 for name, value in values.items()}
+
+
 
 
 @_kernel("optimizer_update_32bit")
 def _(optimizer_name: str, g, p, state1, state2, unorm_vec, max_unorm: float, param_norm: float, beta1: float,
       beta2: float, beta3: float, alpha: float, eps: float, weight_decay: float, step: int, lr: float,
       gnorm_scale: float, skip_zeros: bool = False) -> None:  # fmt: skip
+    h = _ignoring_unused(optimizer_name, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps)
     F.optimizer_update_32bit(
-        optimizer_name, g, p, state1, beta1, eps, step, lr, state2=state2, beta2=beta2, beta3=beta3, alpha=alpha,
-        weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vec=unorm_vec, max_unorm=max_unorm,
-        skip_zeros=skip_zeros,
+        optimizer_name, g, p, state1, h["beta1"], h["eps"], step, lr, state2=state2, beta2=h["beta2"],
+        beta3=h["beta3"], alpha=h["alpha"], weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vec=unorm_vec,
+        max_unorm=max_unorm, skip_zeros=skip_zeros,
     )  # fmt: skip
 
 
@@ -363,9 +395,10 @@ def _(optimizer_name: str, g, p, state1, state2, unorm_vec, max_unorm: float, pa
 def _(optimizer_name: str, g, p, state1, state2, beta1: float, beta2: float, beta3: float, alpha: float, eps: float,
       step: int, lr: float, qmap1, qmap2, absmax1, absmax2, weight_decay: float, gnorm_scale: float,
       skip_zeros: bool = False) -> None:  # fmt: skip
+    h = _ignoring_unused(optimizer_name, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps)
     F.optimizer_update_8bit_blockwise(
-        optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1,
-        absmax2, weight_decay=weight_decay, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros,
+        optimizer_name, g, p, state1, state2, h["beta1"], h["beta2"], h["beta3"], h["alpha"], h["eps"], step, lr,
+        qmap1, qmap2, absmax1, absmax2, weight_decay=weight_decay, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros,
     )  # fmt: skip
 
 

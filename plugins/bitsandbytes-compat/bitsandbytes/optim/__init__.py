@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 
 import kbit.optim as _kbit_optim
-from kbit.optim import GlobalOptimManager, Optimizer1State, Optimizer2State, Optimizer8bit
-
 from . import optimizer  # noqa: F401 - the bitsandbytes.optim.optimizer import path
 
 _SHARED = {"GlobalOptimManager", "Optimizer8bit", "Optimizer1State", "Optimizer2State"}
@@ -27,11 +25,10 @@ def _bitsandbytes_named(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__module__": __name__, "__qualname__": cls.__name__, "__doc__": doc})
 
 
-__all__ = sorted(_SHARED)
-for _name in _kbit_optim.__all__:
+__all__ = list(_kbit_optim.__all__)
+for _name in __all__:
     _value = getattr(_kbit_optim, _name)
-    if _name in _SHARED or not (isinstance(_value, type) and issubclass(_value, torch.optim.Optimizer)):
-        continue
-    globals()[_name] = _bitsandbytes_named(_value)
-    __all__.append(_name)
-del _name, _value
+    is_optimizer = isinstance(_value, type) and issubclass(_value, torch.optim.Optimizer)
+    # Everything else (the bases, the manager, the paging warning) is kbit's object itself.
+    globals()[_name] = _bitsandbytes_named(_value) if is_optimizer and _name not in _SHARED else _value
+del _name, _value, is_optimizer
