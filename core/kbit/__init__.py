@@ -13,6 +13,7 @@ from . import autograd, backends, cextension, functional, nn, optim, utils
 from ._errors import (
     BackendError,
     BackendNotFoundError,
+    BackendResultError,
     BackendUnavailableError,
     KbitError,
     KbitFallbackWarning,
@@ -46,6 +47,7 @@ __all__ = [
     "MatmulLtState",
     "BackendError",
     "BackendNotFoundError",
+    "BackendResultError",
     "BackendUnavailableError",
     "KbitError",
     "KbitFallbackWarning",

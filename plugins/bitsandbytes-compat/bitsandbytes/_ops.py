@@ -23,6 +23,7 @@ import torch
 
 import kbit
 import kbit.functional as F
+from kbit.backend import OPTIMIZER_KINDS
 from kbit._ops import int8 as _kbit_int8
 from kbit._ops.quant4 import packed_rows
 from kbit.functional import QuantState
@@ -347,36 +348,14 @@ def _(A, threshold: float = 0.0):
 
 
 # -- optimizers -----------------------------------------------------------------------------
-_HYPERPARAMETERS = ("beta1", "beta2", "beta3", "alpha", "eps")
-
-
-def _read_by(optimizer_name: str) -> frozenset[str]:
-    """The hyperparameters kind ``optimizer_name`` reads (all of them for an unknown name,
-    which kbit then refuses by name)."""
-    from kbit.functional._optim import OPTIMIZER_KINDS
-
-    kind = OPTIMIZER_KINDS.get(optimizer_name)
-    if kind is None:
-        return frozenset(_HYPERPARAMETERS)
-    if hasattr(kind, "reads"):  # the kind table of backend contract v2
-        return frozenset(kind.reads)
-    uses = {
-        "beta1": kind.uses_beta1,
-        "beta2": kind.uses_beta2,
-        "beta3": kind.uses_beta3_alpha,
-        "alpha": kind.uses_beta3_alpha,
-        "eps": kind.uses_eps,
-    }
-    return frozenset(name for name, used in uses.items() if used)
 
 
 def _ignoring_unused(optimizer_name: str, **values: float) -> dict[str, float]:
     # bitsandbytes' kernels ignore hyperparameters a kind does not read (SGD passes eps);
-    # kbit refuses non-zero ones, so they are zeroed at this boundary.
-    reads = _read_by(optimizer_name)
-    return {name: value if name in reads else 0.0 for name, value in values.items()}
-
-
+    # kbit refuses non-zero ones, so they are zeroed at this boundary. An unknown kind
+    # keeps every value, for kbit to refuse it by name.
+    kind = OPTIMIZER_KINDS.get(optimizer_name)
+    return {name: value if kind is None or kind.reads_param(name) else 0.0 for name, value in values.items()}
 
 
 @_kernel("optimizer_update_32bit")
