@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -93,6 +93,7 @@ class Quant4Kernels:
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
         N, K = int(shape[0]), int(shape[1])
         out = torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
@@ -110,7 +111,9 @@ class Quant4Kernels:
                 (grid,), (THREADS,),
                 (x, packed, table, absmax.contiguous(), out, i32(N), i32(K), i32(blocksize), i32(int(fast))),
             )  # fmt: skip
-        return out
+        # The bias is added to the rounded product (in A's dtype): inside the op, so eager and
+        # compiled calls agree; the kernel itself has no bias operand yet.
+        return out if bias is None else out.add_(bias)
 
     def matmul_4bit(
         self,
@@ -121,11 +124,14 @@ class Quant4Kernels:
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
         # Several rows: dequantize once with the kernel, then the vendor GEMM (cuBLAS).
         if math.prod(A.shape[:-1]) == 1:
-            return self.gemv_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+            return self.gemv_4bit(
+                A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type, bias=bias
+            )
         weight = self.dequantize_4bit(
             B, absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=A.dtype
         )
-        return torch.nn.functional.linear(A, weight)
+        return torch.nn.functional.linear(A, weight, bias)

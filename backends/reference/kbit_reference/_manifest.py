@@ -6,7 +6,7 @@ type and storage the public API accepts, so it can serve as the oracle for all o
 
 from kbit._formats import (
     BLOCKSIZES_4BIT,
-    BLOCKSIZES_8BIT,
+    BLOCKSIZES_8BIT_ALL,
     FLOAT_DTYPE_NAMES,
     QUANT_STORAGE_NAMES_4BIT,
     QUANT_TYPES_4BIT,
@@ -15,8 +15,8 @@ from kbit._manifest import ROUNDINGS
 from kbit.backend import API_VERSION, OPTIMIZER_KINDS, BackendManifest, OpSupport
 
 _blockwise8 = {
-    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT, roundings=ROUNDINGS),
-    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT_ALL, roundings=ROUNDINGS),
+    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT_ALL),
     "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),

@@ -21,7 +21,7 @@ import torch
 from .._errors import KbitValueError, QuantStateError
 from .._formats import (
     BLOCKSIZES_4BIT,
-    BLOCKSIZES_8BIT,
+    BLOCKSIZES_8BIT_ALL,
     CODE_TABLE_SIZE,
     FLOAT_DTYPES,
     QUANT_TYPES_4BIT,
@@ -180,7 +180,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: Mapping[str, Any], device: Optional[torch.device | str] = None) -> "QuantState":
-        """Rebuild a 4-bit state from :meth:`as_dict` output, packed or not.
+        """Rebuild a state from :meth:`as_dict` output: 4-bit packed or not, 8-bit unpacked.
 
         Keys may carry any prefix (everything up to the last ``.`` is ignored, and the
         JSON tensor is found by its ``quant_state.bitsandbytes__<type>`` ending), so a
@@ -329,25 +329,38 @@ class _StateReader:
             )
         return value
 
+    def _code(self, quant_type: Optional[str]) -> torch.Tensor:
+        """The ``quant_map``: a 4-bit type's own table, or any sorted 256-entry 8-bit table."""
+        if quant_type is None:
+            code = self.tensor("quant_map", torch.float32, CODE_TABLE_SIZE)
+            if code.device.type != "meta" and not bool((code[1:] >= code[:-1]).all()):
+                raise self.fail("quant_map", "an 8-bit code table must be sorted ascending")
+            return code
+        return self.table("quant_map", 16, get_4bit_type(quant_type), f"the {quant_type} table")
+
     def read(self) -> QuantState:
         state = self._validated()
         return state.to(self.device) if self.device is not None else state
 
     def _validated(self) -> QuantState:
         quant_type = self.get("quant_type")
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise self.fail("quant_type", f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)})")
-        blocksize = self.integer("blocksize", BLOCKSIZES_4BIT)
+        if quant_type is not None and quant_type not in QUANT_TYPES_4BIT:
+            raise self.fail(
+                "quant_type",
+                f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)}, or None for 8-bit)",
+            )
+        # quant_type None: an 8-bit blockwise state (its unpacked as_dict form).
+        blocksize = self.integer("blocksize", BLOCKSIZES_4BIT if quant_type else BLOCKSIZES_8BIT_ALL)
         dtype = self.dtype("dtype")
         shape = self.shape()
         blocks = num_blocks(shape.numel(), blocksize)
         per_block = f" (one per block of {blocksize} in shape {list(shape)})"
-        code = self.table("quant_map", 16, get_4bit_type(quant_type), f"the {quant_type} table")
+        code = self._code(quant_type)
         if not any(name.startswith("nested_") for name in self.fields):
             absmax = self.scales("absmax", blocks, per_block)
             return QuantState(absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
         codes = self.tensor("absmax", torch.uint8, blocks, per_block)
-        nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT)
+        nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT_ALL)
         nested_dtype = self.dtype("nested_dtype")
         offset = self.get("nested_offset")
         # Finite in float32, where it is stored: 1e308 would become inf and poison every scale.

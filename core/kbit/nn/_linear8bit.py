@@ -55,7 +55,11 @@ class Int8Params(QuantizedParameter):
     never casts its codes: a requested dtype only applies to float weights.
 
     Constructing with ``CB`` (int8 codes) makes those codes the data, whatever ``data`` is.
+    Other keyword arguments become attributes, kept through copies and moves (tooling
+    rebuilds weights as ``Int8Params(data, **weight.__dict__)``).
     """
+
+    _OWN_ATTRIBUTES = ("has_fp16_weights", "SCB")
 
     def __new__(
         cls,
@@ -64,6 +68,7 @@ class Int8Params(QuantizedParameter):
         has_fp16_weights: bool = False,
         CB: Optional[torch.Tensor] = None,
         SCB: Optional[torch.Tensor] = None,
+        **kwargs: Any,
     ) -> "Int8Params":
         if CB is not None:
             data = _checked_codes(CB)
@@ -73,6 +78,7 @@ class Int8Params(QuantizedParameter):
         param = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
         param.SCB = SCB
         param.has_fp16_weights = has_fp16_weights
+        param._keep_attributes("Int8Params", kwargs)
         return param
 
     def _quantize(self, device: torch.device) -> "Int8Params":
@@ -125,9 +131,6 @@ class Int8Params(QuantizedParameter):
     def cuda(self, device: Optional[Any] = None, non_blocking: bool = False) -> "Int8Params":  # type: ignore[override]
         """Same as ``.to("cuda")`` (quantizes a frozen float weight)."""
         return self.to("cuda" if device is None else device, non_blocking=non_blocking)
-
-    def _attributes(self) -> dict[str, Any]:
-        return {"has_fp16_weights": self.has_fp16_weights, "SCB": self.SCB}
 
     def _follow_data_device(self) -> None:
         self.SCB = follow_device(self.SCB, self.device)
@@ -186,6 +189,14 @@ class _Int8WeightModule(QuantizedWeightModule):
         if incoming is None and (scb_key in state_dict or format_key in state_dict):
             present = scb_key if scb_key in state_dict else format_key
             raise QuantStateError(weight_key, f"missing, although {present!r} (which describes its codes) is there")
+        if scb_key in state_dict and not isinstance(self.weight, Int8Params):
+            # Tied weights (or other tooling) replaced the Int8Params by a plain parameter,
+            # which has nowhere to keep int8 codes and their scales.
+            raise QuantStateError(
+                scb_key,
+                f"holds int8 scales, but this module's weight is a plain {type(self.weight).__name__}, not an "
+                "Int8Params (was it tied to another module's weight?); it cannot hold int8 codes",
+            )
         # Validate and convert first, so a malformed checkpoint leaves the module untouched.
         converted = None
         if incoming is not None:

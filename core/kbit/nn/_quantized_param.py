@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._errors import KbitTypeError
+
 __all__ = ["QuantizedParameter", "QuantizedWeightModule", "follow_device"]
 
 
@@ -43,13 +45,36 @@ def _rebuild(cls: type, data: torch.Tensor, requires_grad: bool, attributes: dic
 class QuantizedParameter(torch.nn.Parameter):
     """Base of parameters whose quantization state lives in attributes beside the data.
 
-    Subclasses list the constructor keywords that rebuild that state in
-    :meth:`_attributes` and move it in :meth:`_follow_data_device`.
+    Subclasses name the constructor keywords that rebuild that state in
+    ``_OWN_ATTRIBUTES`` and move it in :meth:`_follow_data_device`.
+
+    Other keyword arguments of the constructor become attributes too, and every attribute
+    in ``__dict__`` travels with the parameter through copies, ``detach``, moves and
+    pickling: transformers and peft rebuild weights as ``type(p)(data, **p.__dict__)``, so
+    whatever other tooling (DeepSpeed, FSDP, accelerate) set on a weight must be accepted
+    back and kept.
     """
+
+    #: Constructor keywords holding this parameter's quantization state.
+    _OWN_ATTRIBUTES: tuple[str, ...] = ()
+
+    def _keep_attributes(self, op: str, extra: dict[str, Any]) -> None:
+        """Set the constructor's extra keyword arguments as attributes."""
+        for name, value in extra.items():
+            try:
+                setattr(self, name, value)
+            except AttributeError as exc:  # a read-only view of the quantization state
+                raise KbitTypeError(op, name, "a keyword argument", f"no {name!r} ({exc})") from None
 
     def _attributes(self) -> dict[str, Any]:
         """Keyword arguments that, with data and requires_grad, rebuild this parameter."""
-        raise NotImplementedError
+        own = {name: getattr(self, name) for name in self._OWN_ATTRIBUTES}
+        if torch.compiler.is_compiling():
+            # Dynamo cannot read a tensor subclass's __dict__; inside a compiled region
+            # copies are transient (``B.detach()`` to quantize), so they need no extras.
+            return own
+        extra = {name: value for name, value in self.__dict__.items() if name not in self._OWN_ATTRIBUTES}
+        return {**own, **extra}
 
     def _follow_data_device(self) -> None:
         """Put the side information on the data's device (after ``.data`` was swapped)."""
@@ -69,7 +94,12 @@ class QuantizedParameter(torch.nn.Parameter):
     def __deepcopy__(self, memo: dict) -> "QuantizedParameter":
         if id(self) in memo:
             return memo[id(self)]
-        attributes = {name: copy.deepcopy(value, memo) for name, value in self._attributes().items()}
+        # A back reference to a module is not copied: it is the copy of that module when the
+        # module itself is being deep-copied (already in ``memo``), else the same module.
+        attributes = {
+            name: memo.get(id(value), value) if isinstance(value, torch.nn.Module) else copy.deepcopy(value, memo)
+            for name, value in self._attributes().items()
+        }
         result = type(self)(self.data.clone(memory_format=torch.preserve_format), self.requires_grad, **attributes)
         memo[id(self)] = result
         return result
