@@ -18,6 +18,17 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--device cuda`` runs the multi-process tests on GPUs with nccl (default: CPU, gloo)."""
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="device of the multi-process (torch.distributed) tests: cpu with gloo, or cuda with nccl "
+        "(one GPU per rank; skipped when there are fewer GPUs than ranks)",
+    )
+
+
 @pytest.fixture(scope="session")
 def goldens(request: pytest.FixtureRequest) -> dict:
     """The interoperability vectors of ../shared/spec/goldens (skips, saying why, when absent;

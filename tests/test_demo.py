@@ -164,6 +164,13 @@ def test_unusable_device_is_a_clear_error(capsys):
         assert "--device 'cuda' cannot be used here" in capsys.readouterr().err
 
 
+def test_ranks_that_cannot_split_the_batch_are_a_clear_error(capsys):
+    # The run on several processes itself is in tests/test_distributed.py.
+    for ranks in ("0", "3"):
+        assert main(["demo", "--steps", "5", "--device", "cpu", "--ranks", ranks]) == 2
+        assert f"--ranks {ranks}: must be a divisor of the batch of 16" in capsys.readouterr().err
+
+
 def test_the_optimizer_benchmark_counts_state_bytes_with_the_demo_helper():
     import importlib.util
     from pathlib import Path

@@ -247,3 +247,37 @@ def test_a_per_parameter_override_decides_the_expected_layout():
             O.Adam8bit(model.parameters(), min_8bit_size=1024).load_state_dict(_saved(source))
     finally:
         manager.initialize()
+
+
+def test_state_dict_code_tables_are_copies_of_the_shared_ones():
+    # torch.distributed.checkpoint.load writes a checkpoint into the state dict's tensors in
+    # place: the tables every optimizer shares must not be among them.
+    p = torch.nn.Parameter(torch.randn(4096))
+    optimizer = kbit.optim.Adam8bit([p])
+    p.grad = torch.randn(4096)
+    optimizer.step()
+    saved = optimizer.state_dict()["state"][0]["__bnb_optimizer_quant_state__"]
+    saved["qmap1"].fill_(0.0)
+    assert optimizer.state[p]["qmap1"].abs().max() == 1.0
+    assert optimizer.state[p]["state1"].data_ptr() == saved["state1"].data_ptr()  # states are not copied
+
+
+def test_parameter_names_in_place_of_indices_load_by_position():
+    # torch.distributed.checkpoint.state_dict hands load_state_dict states keyed by parameter
+    # name (FQN), relying on loading by position as torch.optim does.
+    model = torch.nn.Linear(64, 64)
+    optimizer = kbit.optim.Adam8bit(model.parameters(), min_8bit_size=0)
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    names = {0: "weight", 1: "bias"}
+    by_name = {
+        "state": {names[index]: state for index, state in saved["state"].items()},
+        "param_groups": [dict(group, params=[names[i] for i in group["params"]]) for group in saved["param_groups"]],
+    }
+    fresh = kbit.optim.Adam8bit(model.parameters(), min_8bit_size=0)
+    fresh.load_state_dict(by_name)
+    assert torch.equal(fresh.state[model.weight]["state1"], optimizer.state[model.weight]["state1"])
+    by_name["param_groups"][0]["params"] = [1.5, 2.5]
+    with pytest.raises(KbitValueError, match="parameter indices or names"):
+        fresh.load_state_dict(by_name)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from .._dtensor import local_tensor
 from .._errors import KbitWarning
 from ._accounting import optimizer_state_bytes, storage_bytes
 from ._data import PermutationTask
@@ -77,7 +78,9 @@ def _train(
     batch_size: int,
     label: str,
     stream: Optional[TextIO],
+    part: slice = slice(None),
 ) -> RunResult:
+    """Train ``config.steps`` steps; ``part`` is this process's slice of every batch (all of it alone)."""
     task = PermutationTask(model_config.vocab_size, model_config.seq_len, seed=config.seed + 1)
     device = torch.device(config.device)
     progress = Progress(label, config.steps, stream)
@@ -85,6 +88,7 @@ def _train(
     started = time.perf_counter()
     for step in range(1, config.steps + 1):
         inputs, targets = task.batch(batch_size, device)
+        inputs, targets = inputs[part], targets[part]
         logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +98,7 @@ def _train(
         progress.update(step, losses[-1])
     seconds = time.perf_counter() - started
     return RunResult(
-        type(optimizer).__name__, losses, seconds, config.steps * batch_size * model_config.seq_len,
+        type(optimizer).__name__, losses, seconds, config.steps * len(range(batch_size)[part]) * model_config.seq_len,
         optimizer_state_bytes(optimizer),
     )
 
@@ -105,8 +109,9 @@ def _base_weight_bytes(model: nn.Module) -> dict:
     held = []
     for module in model.modules():
         if isinstance(module, LoRA):
-            weight = module.base.weight
-            state = weight.quant_state
+            # Under FSDP the weight is a DTensor: count this process's shard of the codes.
+            weight = local_tensor(module.base.weight)
+            state = module.base.quant_state
             numel += state.shape.numel()
             held += [weight.data, state.absmax, state.code]
             if state.nested:

@@ -10,6 +10,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .._dtensor import local_tensor
+
 
 def tensors_in(value: object) -> Iterator[torch.Tensor]:
     """Every tensor inside nested dicts, lists, tuples and objects with ``__dict__``."""
@@ -26,10 +28,10 @@ def tensors_in(value: object) -> Iterator[torch.Tensor]:
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Total bytes of the distinct storages behind ``tensors``."""
+    """Total bytes of the distinct storages behind ``tensors`` (of a DTensor, its local shard)."""
     seen: dict[tuple[str, int], int] = {}
     for tensor in tensors:
-        storage = tensor.untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()  # a DTensor: this process's shard
         seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 

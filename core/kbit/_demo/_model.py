@@ -111,12 +111,13 @@ def linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def to_qlora(model: TinyLM, device: torch.device, rank: int) -> TinyLM:
-    """Freeze ``model``, turn every block linear into NF4 ``Linear4bit`` + :class:`LoRA`.
+def to_qlora(model: TinyLM, device: torch.device, rank: int, *, quant_type: str = "nf4",
+             compress_statistics: bool = True, quant_storage: torch.dtype = torch.uint8) -> TinyLM:  # fmt: skip
+    """Freeze ``model``, turn every block linear into 4-bit ``Linear4bit`` + :class:`LoRA`.
 
     Embeddings, norms and the head stay frozen in float32, as QLoRA keeps them in 16-bit.
-    The float weights are copied into ``Linear4bit`` and quantized when it moves to
-    ``device``.
+    The float weights are copied into ``Linear4bit`` (NF4 with nested statistics unless
+    the keywords say otherwise) and quantized when it moves to ``device``.
     """
     from ..nn import Linear4bit
 
@@ -128,8 +129,9 @@ def to_qlora(model: TinyLM, device: torch.device, rank: int) -> TinyLM:
             linear.out_features,
             bias=linear.bias is not None,
             compute_dtype=torch.float32,
-            compress_statistics=True,
-            quant_type="nf4",
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
         )
         quantized.load_state_dict(linear.state_dict())
         quantized.requires_grad_(False)

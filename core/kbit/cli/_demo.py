@@ -26,6 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of both loss curves (needs matplotlib)")
     parser.add_argument("--json", metavar="PATH", help="write the report's numbers as JSON ('-' for stdout)")
+    parser.add_argument(
+        "--ranks", type=int, default=1, metavar="N",
+        help="shard the model over N processes with FSDP2 (gloo on cpu, nccl on cuda) and compare with one process",
+    )  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -103,11 +107,13 @@ def write_plot(report: dict, path: str) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
-    styles = {"kbit": ("-", "8-bit state"), "baseline": ("--", "32-bit state")}
+    styles = {"kbit": ("-", "8-bit state"), "baseline": ("--", "32-bit state"), "ranks": ("-", "8-bit state"),
+              "single": ("--", "8-bit state")}  # fmt: skip
     for key, run in report["training"].items():
         line, state = styles[key]
         steps = range(1, len(run["losses"]) + 1)
-        axes.plot(steps, run["losses"], line, linewidth=2 if key == "kbit" else 1.5, label=f"{run['optimizer']} ({state})")
+        axes.plot(steps, run["losses"], line, linewidth=2 if key in ("kbit", "ranks") else 1.5,
+                  label=f"{run['optimizer']} ({state})")  # fmt: skip
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
     axes.set_yscale("log")
@@ -183,12 +189,21 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"kbit demo: --device {device!r} cannot be used here: {problem}", file=sys.stderr)
         return 2
+    ranks_problem = _ranks_problem(args.ranks, device, args.size)
+    if ranks_problem:
+        print(f"kbit demo: --ranks {args.ranks}: {ranks_problem}", file=sys.stderr)
+        return 2
     config = DemoConfig(steps=args.steps, size=args.size, device=device, seed=args.seed)
     # With --json - the numbers own stdout; progress and the report go to stderr.
     stream = sys.stderr if args.json == "-" else sys.stdout
-    with _cpu_threads(config.size, device):
-        report = run_demo(config, stream=stream)
-    print(render_report(report), file=stream)
+    if args.ranks > 1:
+        report = _run_ranks(config, args.ranks, stream)
+        if report is None:
+            return 1
+    else:
+        with _cpu_threads(config.size, device):
+            report = run_demo(config, stream=stream)
+        print(render_report(report), file=stream)
     if args.plot:
         write_plot(report, args.plot)
         print(f"loss curves written to {args.plot}", file=stream)
@@ -199,3 +214,36 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, handle, indent=2)
         print(f"numbers written to {args.json}", file=stream)
     return 0
+
+
+def _ranks_problem(ranks: int, device: str, size: str) -> str | None:
+    """Why ``--ranks`` cannot be used as given, or None."""
+    from .._demo import SIZES
+
+    batch = SIZES[size][1]
+    if ranks < 1 or batch % ranks:
+        return f"must be a divisor of the batch of {batch} sequences (1, 2, 4, ...)"
+    if ranks > 1 and torch.device(device).type == "cuda" and torch.cuda.device_count() < ranks:
+        return f"needs one GPU per rank; this machine has {torch.cuda.device_count()}"
+    if ranks > 1 and torch.device(device).type not in ("cpu", "cuda"):
+        return f"runs on cpu (gloo) or cuda (nccl), not {device!r}"
+    return None
+
+
+def _run_ranks(config, ranks: int, stream) -> dict | None:
+    """The multi-process run and its printed report; None (after saying why) if a process failed."""
+    from torch.multiprocessing import ProcessExitedException
+
+    from .._demo._ranks import run_ranks_demo
+    from .._spawn import RanksError, RanksTimeoutError
+    from ._demo_ranks import render_ranks_report
+
+    try:
+        with _cpu_threads(config.size, config.device):  # for the single-process run; each rank uses one thread
+            report = run_ranks_demo(config, ranks, stream=stream)
+    except (RanksError, RanksTimeoutError, ProcessExitedException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"kbit demo: the {ranks}-process run failed: {first}", file=sys.stderr)
+        return None
+    print(render_ranks_report(report), file=stream)
+    return report

@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .._dtensor import local_tensor
 from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from .._formats import CODE_TABLE_SIZE, FLOAT_DTYPES, dtype_name
 
@@ -157,7 +158,9 @@ def check_code(op: str, code: object, *, inspect_values: bool = False, for_searc
 
 def stored_values_problem(values: torch.Tensor, *, nonnegative: bool) -> Optional[str]:
     """What makes stored float ``values`` impossible (NaN/inf, or negative ones when
-    ``nonnegative``), or None. One reduction, one synchronisation when nothing is wrong."""
+    ``nonnegative``), or None. One reduction, one synchronisation when nothing is wrong.
+    Of a DTensor (a sharded checkpoint entry), each rank checks its own shard."""
+    values = local_tensor(values)
     if values.device.type == "meta" or values.numel() == 0:
         return None
     finite = torch.isfinite(values)

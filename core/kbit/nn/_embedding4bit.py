@@ -52,8 +52,7 @@ class Embedding4bit(Weight4bitStateDict, torch.nn.Embedding):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """The rows of ``input`` (integer indices of any shape), shape ``(*input.shape, dim)``."""
-        weight = self._quantized_weight()
-        state = weight.quant_state
+        weight, state = self._packed_weight()
         if self.embedding_dim % state.blocksize:
             return torch.nn.functional.embedding(input, dequantize_4bit(weight, state))
         return self._lookup_rows(input, weight, state)

@@ -84,10 +84,10 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
         check_dtype("Linear4bit", "x", x, FLOAT_DTYPES)
-        weight = self._quantized_weight()
+        weight, state = self._packed_weight()
         compute_dtype = self._compute_dtype_for(x)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
-        out = matmul_4bit(x.to(compute_dtype), weight, weight.quant_state, bias=bias)
+        out = matmul_4bit(x.to(compute_dtype), weight, state, bias=bias)
         # The first input that worked settles the compute dtype.
         self.compute_dtype, self.compute_type_is_set = compute_dtype, True
         return out.to(x.dtype)

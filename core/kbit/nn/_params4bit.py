@@ -11,11 +11,13 @@ state along and dtype conversions leave the bytes alone (casting them would dest
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any, Callable, Optional
 
 import torch
 
-from .._errors import KbitValueError, QuantStateError
+from .._dtensor import is_dtensor
+from .._errors import KbitTypeError, KbitValueError, QuantStateError
 from .._formats import BLOCKSIZES_4BIT, QUANT_STORAGES_4BIT, QUANT_TYPES_4BIT
 from ..functional._quant4 import packed_size_problem, quantize_4bit
 from ..functional._quant_state import QuantState
@@ -299,7 +301,46 @@ class Weight4bitStateDict(QuantizedWeightModule):
     quant type and blocksize) and also a plain float ``weight``, which is quantized on
     load with the module's settings. A mix-in placed before the ``torch.nn`` base class;
     the module says which float shape its weight has via :meth:`_weight_shape`.
+
+    Under FSDP2 (``fully_shard``) the weight stops being a :class:`Params4bit`: FSDP
+    replaces it by a DTensor of the packed codes (each rank holding a slice of the bytes)
+    and, around forward and backward, by the gathered plain tensor of all of them. The
+    module keeps the quant state (replicated on every rank) from the moment FSDP first
+    replaces the quantized weight, and uses it with whatever packed tensor FSDP provides;
+    ``docs/distributed.md`` explains the design.
     """
+
+    #: The quant state of a weight that FSDP replaced by plain packed codes; None while the
+    #: weight is a Params4bit (whose own state is then the truth).
+    _distributed_state: Optional[QuantState] = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            self._note_new_weight(value)
+        super().__setattr__(name, value)
+
+    def _note_new_weight(self, value: Any) -> None:
+        """Keep the quant state when FSDP swaps the quantized weight for a DTensor of its codes.
+
+        FSDP2 installs its sharded parameter with ``setattr`` (this class overrides
+        ``__setattr__``, which makes FSDP take its ``setattr`` path); that is the last moment
+        the :class:`Params4bit` and its state are reachable.
+        """
+        if isinstance(value, Params4bit):
+            self._distributed_state = None
+            return
+        parameters = self.__dict__.get("_parameters") or {}
+        current = parameters.get("weight")
+        if not is_dtensor(value) or not isinstance(current, Params4bit):
+            return
+        if not current.bnb_quantized or current.quant_state is None:
+            raise KbitValueError(
+                type(self).__name__, "weight", "a float weight handed to FSDP",
+                "quantize 4-bit layers before fully_shard: move the model to its device first "
+                "(model.to(device) quantizes them), or load a quantized checkpoint",
+            )  # fmt: skip
+        self._quant_settings = {key: getattr(current, key) for key in _SETTINGS}
+        self._distributed_state = _state_on(current.quant_state, current.device)
 
     def _weight_shape(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -315,6 +356,33 @@ class Weight4bitStateDict(QuantizedWeightModule):
         if isinstance(weight, Params4bit):
             return {name: getattr(weight, name) for name in _SETTINGS}
         return self._quant_settings
+
+    def _packed_weight(self) -> tuple[torch.Tensor, QuantState]:
+        """The packed codes and their quant state, as a forward uses them.
+
+        Normally the :class:`Params4bit` weight (quantized where it lives if it never was)
+        and its state. Under FSDP2, the plain tensor of gathered codes FSDP installs around
+        forward and backward, and the state kept when FSDP first sharded the weight.
+        """
+        state = self._distributed_state
+        weight = self.weight
+        if state is None or isinstance(weight, Params4bit):
+            weight = self._quantized_weight()
+            return weight, weight.quant_state
+        owner = type(self).__name__
+        if is_dtensor(weight):
+            raise KbitValueError(
+                owner, "weight", "a sharded DTensor",
+                "the gathered weight: call the model through its fully_shard-ed root, which gathers it first",
+            )  # fmt: skip
+        storage = self._settings()["quant_storage"]
+        if weight.dtype != storage:
+            raise KbitTypeError(
+                owner, "weight", f"dtype {weight.dtype}",
+                f"the packed codes' storage dtype {storage} (FSDP's MixedPrecisionPolicy casts float-stored "
+                "codes to param_dtype, which destroys them; keep quant_storage=torch.uint8 under FSDP2)",
+            )  # fmt: skip
+        return weight, state
 
     def _quantized_weight(self) -> Params4bit:
         """The weight, quantized where it lives if it never was.
@@ -337,19 +405,48 @@ class Weight4bitStateDict(QuantizedWeightModule):
     @property
     def quant_state(self) -> Optional[QuantState]:
         """The weight's :class:`~kbit.functional.QuantState` (None before quantization)."""
-        return getattr(self.weight, "quant_state", None)
+        weight = self.weight
+        if self._distributed_state is not None and not isinstance(weight, Params4bit):
+            return self._distributed_state
+        return getattr(weight, "quant_state", None)
 
     @quant_state.setter
     def quant_state(self, state: Optional[QuantState]) -> None:
-        self.weight.quant_state = state
+        if self._distributed_state is not None and not isinstance(self.weight, Params4bit):
+            self._distributed_state = state
+        else:
+            self.weight.quant_state = state
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """Where ``torch.distributed.checkpoint.state_dict`` finds the ``weight.*`` keys.
+
+        ``get_model_state_dict`` and ``set_model_state_dict`` check every state-dict key by
+        following it attribute by attribute from the model. The quant-state keys
+        (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...) are not
+        attributes of a weight (least of all of FSDP's DTensor), so this hook of theirs
+        sends the walk through :attr:`_state_dict_paths` instead.
+        """
+        return {"weight": "_state_dict_paths"}
+
+    @property
+    def _state_dict_paths(self) -> types.SimpleNamespace:
+        """An object on which ``weight`` and ``weight.<key>`` exist for each state-dict key of the weight."""
+        weight = types.SimpleNamespace()
+        state = self.quant_state
+        for key in state.as_dict(packed=True) if state is not None else ():
+            node = weight
+            for part in key.split("."):
+                node = node.__dict__.setdefault(part, types.SimpleNamespace())
+        return types.SimpleNamespace(weight=weight)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
         if not keep_vars:
             destination[prefix + "weight"] = weight.data  # a plain tensor, loadable with weights_only
-        if getattr(weight, "bnb_quantized", False) and weight.quant_state is not None:
-            for key, value in weight.quant_state.as_dict(packed=True).items():
+        state = self.quant_state
+        if state is not None and (self._distributed_state is not None or getattr(weight, "bnb_quantized", False)):
+            for key, value in state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
@@ -361,6 +458,12 @@ class Weight4bitStateDict(QuantizedWeightModule):
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
         if stats and key not in state_dict:
             raise QuantStateError(key, f"missing, although its quantization statistics ({sorted(stats)[0]}, ...) are there")
+        if self._distributed_state is not None and not isinstance(self.weight, Params4bit):
+            # A sharded weight is loaded in place: FSDP keeps its own reference to it.
+            install = self._distributed_load(key, state_dict[key], stats) if key in state_dict else None
+            self._load_rest_then_install(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+                                         install)  # fmt: skip
+            return
         # Build (and so validate) the new weight before anything else is loaded: a bad
         # checkpoint must leave the module exactly as it was.
         weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
@@ -373,6 +476,48 @@ class Weight4bitStateDict(QuantizedWeightModule):
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
             install if weight is not None else None,
         )  # fmt: skip
+
+    def _distributed_load(self, key: str, value: Any, stats: dict[str, Any]) -> Callable[[], None]:
+        """Validate a checkpoint entry for the FSDP-sharded weight; return the function that installs it.
+
+        The packed codes are copied into the sharded DTensor (a full tensor is sharded like
+        it first) and the checkpoint's quant state replaces the kept one. Only packed
+        checkpoints load here: quantizing a float weight needs the whole of it on one rank.
+        """
+        current = self.weight
+        if not stats:
+            raise QuantStateError(
+                key, "a float weight cannot be loaded into an FSDP-sharded 4-bit layer; load packed codes with "
+                "their quant-state keys (a kbit or bitsandbytes 4-bit checkpoint)",
+            )  # fmt: skip
+        copied = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+        state = QuantState.from_dict(copied, device=self._distributed_state.absmax.device)
+        expected = torch.Size(self._weight_shape())
+        if state.shape != expected:
+            raise QuantStateError(key, f"holds a weight of shape {tuple(state.shape)}; this module needs {tuple(expected)}")
+        if not isinstance(value, torch.Tensor) or value.dtype != current.dtype or value.shape != current.shape:
+            found = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise QuantStateError(
+                key, f"holds {found}; this sharded layer stores its codes as {current.dtype} {tuple(current.shape)} "
+                "(load a checkpoint written with the same quant_storage)",
+            )  # fmt: skip
+        if not is_dtensor(value):  # a full state dict, on every rank: each keeps its own shard
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(
+                value.detach().to(current.device), current.device_mesh, current.placements, src_data_rank=None
+            )
+
+        def load() -> None:
+            with torch.no_grad():
+                current.copy_(value)
+            self._distributed_state = state
+            self._quant_settings = dict(
+                self._quant_settings, blocksize=state.blocksize, quant_type=state.quant_type,
+                compress_statistics=state.nested,
+            )  # fmt: skip
+
+        return load
 
     def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
         current = self.weight

@@ -16,11 +16,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._dtensor import is_dtensor, local_tensor
 from .._errors import KbitTypeError, KbitValueError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from .._optim_step import OptimizerKind, layout_of
 from ..functional._codebooks import cached_code
+from . import _sharded as sharded
 from ._checkpoint import (
     STATE_CODES,
     check_state_layout,
@@ -219,13 +221,27 @@ class Optimizer8bit(torch.optim.Optimizer):
         shapes = [stacked + tuple(p.shape), tuple(p.shape)][: self.kind.num_states]
         state = self.state[p]
         state["step"] = 0
+        op = layout_of(eight_bit, block_wise).op
+        # A DTensor parameter (FSDP2) gets DTensor states, allocated per local shard.
+        mode = sharded.step_mode(p, config, eight_bit, block_wise)
         for which, shape in enumerate(shapes, start=1):
             dtype = torch.uint8 if eight_bit else torch.float32
-            state[f"state{which}"] = self._zeros(shape, dtype, p, layout_of(eight_bit, block_wise).op)
+            if mode is None:
+                state[f"state{which}"] = self._zeros(shape, dtype, p, op)
+            else:
+                state[f"state{which}"] = sharded.new_state(
+                    p, f"state{which}", dtype, self.kind.stacked_state1, mode,
+                    lambda local_shape, local_dtype: self._zeros(local_shape, local_dtype, p, op),
+                )  # fmt: skip
             if not eight_bit:
                 continue
             state[f"qmap{which}"] = cached_code(STATE_CODES[which], p.device)
-            if block_wise:
+            if block_wise and mode is not None:
+                state[f"absmax{which}"] = sharded.new_state(
+                    p, f"absmax{which}", torch.float32, self.kind.stacked_state1, mode,
+                    lambda local_shape, local_dtype: torch.zeros(local_shape, dtype=local_dtype, device=p.device),
+                )  # fmt: skip
+            elif block_wise:
                 nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
                 state[f"absmax{which}"] = torch.zeros(rows + (nblocks,), dtype=torch.float32, device=p.device)
@@ -270,27 +286,41 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", f"dtype {p.grad.dtype}",
                     f"the parameter's dtype {p.dtype}",
                 )  # fmt: skip
-            if p.grad.numel():
-                extremes[p.grad.device].append(torch.stack(torch.aminmax(p.grad)).float())
+            grad = local_tensor(p.grad)  # of a DTensor, this rank's shard
+            if grad.numel():
+                extremes[grad.device].append(torch.stack(torch.aminmax(grad)).float())
         # NaN fails the comparison, so one test covers NaN, inf and squares that overflow.
-        if all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values()):
+        fine = all(bool((torch.cat(values).abs() <= _MAX_GRAD).all()) for values in extremes.values())
+        params = [p for _, _, _, p in work]
+        # The shards of a DTensor gradient live on several ranks, which decide together: a
+        # bad shard on one rank must not leave the others to step their shards alone.
+        if not sharded.agree_on_bad_grads(params, [not fine])[0]:
             return
+        problems = []
         for gindex, pindex, _, p in work:
-            if not p.grad.numel():
-                continue
-            bad = int((~torch.isfinite(p.grad)).sum())
+            grad = local_tensor(p.grad)
+            bad = int((~torch.isfinite(grad)).sum())
             what = "are NaN or infinite"
             if not bad:
-                bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
+                bad = int((grad.float().abs() > _MAX_GRAD).sum())
                 what = f"exceed {_MAX_GRAD:.3g} in magnitude, so their squares overflow float32"
-            if bad:
-                where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
-                raise KbitValueError(
-                    where, f"grad of {name}", f"{bad} of {p.grad.numel()} values {what}", "finite gradients",
-                    message=f"{where}: {name}: {bad} of its {p.grad.numel()} gradient values {what}. Nothing was "
-                    "updated, so it is safe to skip this batch (zero_grad()) and step again; if it keeps "
-                    "happening, lower the learning rate or use loss scaling",
-                )  # fmt: skip
+            problems.append((bad, what, grad.numel()))
+        agreed = sharded.agree_on_bad_grads(params, [bad > 0 for bad, _, _ in problems])
+        for (gindex, pindex, _, p), (bad, what, numel), anywhere in zip(work, problems, agreed, strict=True):
+            if not anywhere:
+                continue
+            where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
+            if not bad:  # only another rank's shard of this gradient is bad
+                value = found = "NaN, infinite or too large values in another rank's shard"
+            else:
+                shard = " in this rank's shard" if is_dtensor(p.grad) else ""
+                value = f"{bad} of {numel} values{shard} {what}"
+                found = f"{bad} of its {numel} gradient values{shard} {what}"
+            raise KbitValueError(
+                where, f"grad of {name}", value, "finite gradients",
+                message=f"{where}: {name}: {found}. Nothing was updated, so it is safe to skip this batch "
+                "(zero_grad()) and step again; if it keeps happening, lower the learning rate or use loss scaling",
+            )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -338,12 +368,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             config = self._checked_config(gindex, pindex, group, p)
         state = self.state[p]
         eight_bit, block_wise = self._layout(config, p)
-        if not p.is_contiguous():
+        mode = sharded.step_mode(p, config, eight_bit, block_wise)
+        if mode is None and not p.is_contiguous():
             p.data = p.data.contiguous()  # the kernels update p in place
-        grad = p.grad
         state["step"] += 1
         step = state["step"]
-        if p.numel() == 0:
+        # A DTensor is stepped on its local shard, or gathered whole (kbit.optim._sharded).
+        view = sharded.ShardedStep(p, state, mode, self.kind.stacked_state1) if mode else None
+        param, grad, tensors = (view.param, view.grad, view.state) if view else (p, p.grad, state)
+        if param.numel() == 0:
             return  # nothing to update (as torch.optim: the step still counts); kernels need not take empty tensors
 
         gnorm_scale = 1.0
@@ -369,21 +402,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             gnorm_scale=gnorm_scale, max_unorm=config["max_unorm"],
         )  # fmt: skip
         if not eight_bit:
-            F.apply_32bit(update, grad, p, state["state1"], state.get("state2"), unorm_vec)
+            F.apply_32bit(update, grad, param, tensors["state1"], tensors.get("state2"), unorm_vec)
         elif block_wise:
             F.apply_8bit_blockwise(
-                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
-                state["absmax1"], state.get("absmax2"),
+                update, grad, param, tensors["state1"], tensors.get("state2"), tensors["qmap1"], tensors.get("qmap2"),
+                tensors["absmax1"], tensors.get("absmax2"),
             )  # fmt: skip
         else:
             F.apply_8bit(
-                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
-                state["max1"], state.get("max2"), state["new_max1"], state.get("new_max2"), unorm_vec,
+                update, grad, param, tensors["state1"], tensors.get("state2"), tensors["qmap1"], tensors.get("qmap2"),
+                tensors["max1"], tensors.get("max2"), tensors["new_max1"], tensors.get("new_max2"), unorm_vec,
             )  # fmt: skip
             # The new scales become the current ones; the old buffers receive the next ones.
             for which in (1, 2):
                 if f"max{which}" in state:
                     state[f"max{which}"], state[f"new_max{which}"] = state[f"new_max{which}"], state[f"max{which}"]
+        if view is not None:
+            view.finish()
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -453,17 +488,27 @@ class Optimizer8bit(torch.optim.Optimizer):
         op = layout_of(*state_layout(loaded)).op
         for key in ("state1", "state2"):
             if key in loaded:
-                paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
-                loaded[key] = paged.copy_(loaded[key])
+                local = local_tensor(loaded[key])  # a DTensor state pages its local shard
+                paged = self._zeros(tuple(local.shape), local.dtype, p, op).copy_(local)
+                loaded[key] = sharded.with_local(loaded[key], paged)
+
+
+def _is_parameter_id(value: Any) -> bool:
+    """A parameter's key in a checkpoint: its index (``state_dict()``) or its name
+    (``torch.distributed.checkpoint.state_dict``, which loads by position like torch does)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _check_saved_group(where: str, gindex: int, saved: Any, group: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint's parameter group without a list of integer ``params`` or
-    without a hyperparameter this optimizer's group has (the next step would need it)."""
+    """Refuse a checkpoint's parameter group without a list of parameter indices (or names)
+    in ``params`` or without a hyperparameter this optimizer's group has (the next step
+    would need it)."""
     params = saved.get("params") if isinstance(saved, Mapping) else None
-    if not isinstance(params, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in params):
+    if not isinstance(params, (list, tuple)) or not all(_is_parameter_id(i) for i in params):
         found = type(saved).__name__ if not isinstance(saved, Mapping) else f"params={params!r}"
-        raise KbitValueError(where, f"param_groups[{gindex}]", found, "a dict whose 'params' lists parameter indices")
+        raise KbitValueError(
+            where, f"param_groups[{gindex}]", found, "a dict whose 'params' lists parameter indices or names"
+        )
     missing = [key for key in HYPERPARAMETERS if key in group and key not in saved]
     if missing:
         raise KbitValueError(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._dtensor import local_tensor
 from .._errors import QuantStateError
 from .._formats import CODE_TABLE_SIZE, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .._optim_step import OptimizerKind
@@ -45,9 +46,18 @@ _NORMS = "squared gradient or update norms (finite, >= 0)"
 
 
 def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of one parameter's state with the quantization entries nested."""
+    """A copy of one parameter's state with the quantization entries nested.
+
+    The code tables are copies too: every optimizer shares one table per device, and a
+    checkpoint loaded in place into a state dict (``torch.distributed.checkpoint.load``)
+    must not write into it.
+    """
     outer = {key: value for key, value in param_state.items() if key not in QUANT_STATE_KEYS}
-    inner = {key: value for key, value in param_state.items() if key in QUANT_STATE_KEYS}
+    inner = {
+        key: value.clone() if key.startswith("qmap") else value
+        for key, value in param_state.items()
+        if key in QUANT_STATE_KEYS
+    }
     if inner:
         outer[QUANT_STATE_KEY] = inner
     return outer
@@ -113,7 +123,7 @@ def _check_state_values(kind: OptimizerKind, prefix: str, state: Mapping[str, An
     square roots divide the update) are never negative, in 32 bits or decoded from codes.
     """
     key = f"state{which}"
-    values = state[key]
+    values = local_tensor(state[key])  # of a DTensor (a sharded checkpoint), this rank's shard
     squared = which in kind.squared_states  # sums of squares: never negative
     if values.dtype == torch.uint8:
         if not squared or values.device.type == "meta":
