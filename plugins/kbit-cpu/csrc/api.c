@@ -10,9 +10,14 @@
  * (kbit_cpu/_library.py checks this at load time). Calls below a size threshold run on
  * the calling thread: a parallel region costs microseconds.
  */
+#define _GNU_SOURCE /* MADV_HUGEPAGE */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -136,12 +141,35 @@ static void share(int64_t count, int t, int nt, int64_t align, int64_t *lo, int6
     *hi = b < count ? b : count;
 }
 
+/* =============================================================== output memory */
+/* Outputs are fresh torch allocations that the kernels touch first, and a large one costs
+ * one page fault per 4 KiB page on first touch: on virtual machines that is several
+ * microseconds each, more than the kernel itself takes. Asking for transparent huge pages
+ * on the 2 MiB-aligned interior of a large output (what torch does for all allocations
+ * under THP_MEM_ALLOC_ENABLE=1) makes that one fault per 2 MiB. Advice only: where huge
+ * pages are disabled it changes nothing. */
+static void prefer_huge_pages(void *ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (bytes < (int64_t)(2 * huge)) return;
+    const uintptr_t begin = ((uintptr_t)ptr + huge - 1) & ~(huge - 1);
+    const uintptr_t end = ((uintptr_t)ptr + (uintptr_t)bytes) & ~(huge - 1);
+    if (end > begin) madvise((void *)begin, end - begin, MADV_HUGEPAGE);
+#else
+    (void)ptr;
+    (void)bytes;
+#endif
+}
+
+static int64_t dtype_size(int dtype) { return dtype == KB_F32 ? 4 : 2; }
+
 /* ====================================================================== 8-bit */
 void kb_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t bs, const kb_codebook *cb, float *absmax,
                            uint8_t *codes, int nthreads) {
     const kb_kernels *k = g_kernels;
     const int64_t nblocks = (n + bs - 1) / bs;
     const int nt = threads_for(n, nthreads, KB_GRAIN);
+    prefer_huge_pages(codes, n);
     if (nt <= 1) {
         k->quantize8_blocks(x, dtype, n, bs, 0, nblocks, cb, absmax, codes);
         return;
@@ -158,6 +186,7 @@ void kb_dequantize_blockwise(const uint8_t *codes, int64_t n, int64_t bs, const 
                              void *out, int dtype, int nthreads) {
     const kb_kernels *k = g_kernels;
     const int nt = threads_for(n, nthreads, KB_GRAIN);
+    prefer_huge_pages(out, n * dtype_size(dtype));
     if (nt <= 1) {
         k->dequantize8(codes, 0, n, bs, code, absmax, out, dtype);
         return;
@@ -189,6 +218,7 @@ static float tensor_absmax(const kb_kernels *k, const void *x, int dtype, int64_
 
 static void quantize_scaled(const kb_kernels *k, const void *x, int dtype, int64_t n, float scale,
                             const kb_codebook *cb, uint8_t *codes, int nt) {
+    prefer_huge_pages(codes, n);
     if (nt <= 1) {
         k->quantize8_scaled(x, dtype, 0, n, scale, cb, codes);
         return;
@@ -266,6 +296,7 @@ void kb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t bs, const kb_
     const kb_kernels *k = g_kernels;
     const int64_t nblocks = (n + bs - 1) / bs, used = (n + 1) / 2;
     const int nt = threads_for(n, nthreads, KB_GRAIN);
+    prefer_huge_pages(packed, padded_bytes);
     if (nt <= 1) {
         k->quantize4_blocks(x, dtype, n, bs, 0, nblocks, cb, absmax, packed);
     } else {
@@ -283,6 +314,7 @@ void kb_dequantize_4bit(const uint8_t *packed, int64_t n, int64_t bs, const floa
                         void *out, int dtype, int nthreads) {
     const kb_kernels *k = g_kernels;
     const int nt = threads_for(n, nthreads, KB_GRAIN);
+    prefer_huge_pages(out, n * dtype_size(dtype));
     if (nt <= 1) {
         k->dequantize4(packed, 0, n, bs, table, absmax, out, dtype);
         return;
@@ -355,6 +387,7 @@ int64_t kb_int8_vectorwise_quant(const void *A, int dtype, int64_t rows, int64_t
         }
     }
     const int nt = threads_for(rows * K, nthreads, KB_GRAIN);
+    prefer_huge_pages(codes, rows * K);
     if (nt <= 1) {
         k->int8_quant_rows(A, dtype, 0, rows, K, threshold, colmask, codes, stats);
     } else {
@@ -373,6 +406,7 @@ void kb_int8_vectorwise_dequant(const int8_t *A, int64_t rows, int64_t K, const 
                                 int nthreads) {
     const kb_kernels *k = g_kernels;
     const int nt = threads_for(rows * K, nthreads, KB_GRAIN);
+    prefer_huge_pages(out, rows * K * 4);
     if (nt <= 1) {
         k->int8_dequant_rows(A, 0, rows, K, stats, out);
         return;
@@ -388,6 +422,7 @@ void kb_int8_vectorwise_dequant(const int8_t *A, int64_t rows, int64_t K, const 
 void kb_int8_mm_dequant(const int32_t *A, int64_t rows, int64_t N, const float *row_stats, const float *col_stats,
                         const float *bias, int bias_dtype, void *out, int out_dtype, int nthreads) {
     const int nt = threads_for(rows * N, nthreads, KB_GRAIN);
+    prefer_huge_pages(out, rows * N * dtype_size(out_dtype));
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < N; ++c) {

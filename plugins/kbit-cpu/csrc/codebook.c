@@ -80,6 +80,19 @@ static int bucket_range(uint32_t key, float *lowest, float *highest) {
     return 1;
 }
 
+static void fill_tree(kb_codebook *cb) {
+    cb->tree[0] = INFINITY; /* unused slot of the heap */
+    for (int level = 0; level < 8; ++level) {
+        const int step = 128 >> level, nodes = 1 << level;
+        for (int j = 0; j < nodes; ++j) cb->tree[nodes + j] = cb->bounds[j * 2 * step + step - 1];
+    }
+    cb->tree16[0] = INFINITY;
+    for (int level = 0; level < 4; ++level) {
+        const int step = 8 >> level, nodes = 1 << level;
+        for (int j = 0; j < nodes; ++j) cb->tree16[nodes + j] = cb->bounds[j * 2 * step + step - 1];
+    }
+}
+
 static void fill_buckets(kb_codebook *cb) {
     int32_t steps = 0;
     for (uint32_t key = 0; key < KB_BUCKETS; ++key) {
@@ -121,6 +134,7 @@ int kb_codebook_init(kb_codebook *cb, const float *values, int n) {
         if (c < distinct && cb->index[c] != c) cb->identity = 0;
     }
     fill_bounds(cb);
+    fill_tree(cb);
     fill_buckets(cb);
     return 0;
 }

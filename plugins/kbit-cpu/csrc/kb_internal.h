@@ -93,6 +93,13 @@ typedef struct kb_codebook {
     int32_t index[KB_MAX_CODES];                   /* count -> code index */
     float sorted[KB_MAX_CODES];                    /* distinct values ascending */
     int32_t sorted_index[KB_MAX_CODES];            /* lowest code index holding sorted[j] */
+    /* The bisection over the 256 bounds slots as level tables, for vector permutes: the
+     * first 4 levels as a heap (tree[1..15]), then levels 4..7 (16, 32, 64, 128 nodes) at
+     * tree[16..31], [32..63], [64..127], [128..255]. Node j of the level with step s
+     * (s = 128 >> level) is bounds[j * 2 * s + s - 1]. */
+    float tree[KB_MAX_CODES];
+    /* The same for tables of at most 16 values (4-bit): a heap over 16 slots, tree16[1..15]. */
+    float tree16[16];
     int32_t nbounds;
     int32_t steps;    /* -1: search by bisection */
     int32_t identity; /* index[c] == c for every c */

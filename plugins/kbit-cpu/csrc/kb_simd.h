@@ -103,6 +103,53 @@ KB_INLINE vf vf_lookup16(vtab16 t, vi idx) { return _mm512_permutexvar_ps(idx, t
 KB_INLINE vi vi_lookup16(const int32_t *t, vi idx) {
     return _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)t));
 }
+/* Pack the 4-bit codes of KB_W elements into KB_W / 2 bytes, element 2j in the high nibble. */
+KB_INLINE void vi_store_nibble_pairs(uint8_t *p, vi codes) {
+    __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(codes, 4), _mm512_srli_epi64(codes, 32));
+    _mm_storel_epi64((__m128i *)p, _mm512_cvtepi64_epi8(pairs));
+}
+
+/* Exact count of decision bounds below x without memory lookups: the bisection over the
+ * 256 bound slots walks the codebook's level tables (see kb_codebook.tree), all 256
+ * floats held in 16 registers and indexed with permutes. */
+#define KB_HAVE_TREE 1
+typedef struct {
+    __m512 heap, level4, level5[2], level6[4], level7[8];
+} vtree;
+
+KB_INLINE vtree vtree_load(const float *tree) {
+    vtree t;
+    t.heap = _mm512_loadu_ps(tree);
+    t.level4 = _mm512_loadu_ps(tree + 16);
+    for (int i = 0; i < 2; ++i) t.level5[i] = _mm512_loadu_ps(tree + 32 + 16 * i);
+    for (int i = 0; i < 4; ++i) t.level6[i] = _mm512_loadu_ps(tree + 64 + 16 * i);
+    for (int i = 0; i < 8; ++i) t.level7[i] = _mm512_loadu_ps(tree + 128 + 16 * i);
+    return t;
+}
+
+/* h <- 2h + (node < x): the heap index of the next level's node. */
+KB_INLINE __m512i tree_step(__m512i h, __m512 node, __m512 x) {
+    /* 2h - (-1 where node < x) */
+    return _mm512_sub_epi32(_mm512_add_epi32(h, h), _mm512_movm_epi32(_mm512_cmp_ps_mask(node, x, _CMP_LT_OQ)));
+}
+
+KB_INLINE vi vtree_count(const vtree *t, vf x) {
+    __m512i h = _mm512_set1_epi32(1);
+    for (int level = 0; level < 4; ++level) h = tree_step(h, _mm512_permutexvar_ps(h, t->heap), x);
+    h = tree_step(h, _mm512_permutexvar_ps(h, t->level4), x);                    /* h in [16, 32) */
+    h = tree_step(h, _mm512_permutex2var_ps(t->level5[0], h, t->level5[1]), x);  /* h in [32, 64) */
+    const __mmask16 bit5 = _mm512_test_epi32_mask(h, _mm512_set1_epi32(32));     /* h in [64, 128) */
+    h = tree_step(h, _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(t->level6[0], h, t->level6[1]),
+                                          _mm512_permutex2var_ps(t->level6[2], h, t->level6[3])), x);
+    const __mmask16 b5 = _mm512_test_epi32_mask(h, _mm512_set1_epi32(32));        /* h in [128, 256) */
+    const __mmask16 b6 = _mm512_test_epi32_mask(h, _mm512_set1_epi32(64));
+    const __m512 low = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t->level7[0], h, t->level7[1]),
+                                            _mm512_permutex2var_ps(t->level7[2], h, t->level7[3]));
+    const __m512 high = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t->level7[4], h, t->level7[5]),
+                                             _mm512_permutex2var_ps(t->level7[6], h, t->level7[7]));
+    h = tree_step(h, _mm512_mask_blend_ps(b6, low, high), x);                    /* h in [256, 512) */
+    return _mm512_sub_epi32(h, _mm512_set1_epi32(256));
+}
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* ======================================================= AVX2 + FMA + F16C: 8 lanes */
@@ -216,6 +263,15 @@ KB_INLINE vf vf_lookup16(vtab16 t, vi idx) {
 KB_INLINE vi vi_lookup16(const int32_t *t, vi idx) {
     vtab16 tab = vtab16_load((const float *)(const void *)t);
     return _mm256_castps_si256(vf_lookup16(tab, idx));
+}
+KB_INLINE void vi_store_nibble_pairs(uint8_t *p, vi codes) {
+    __m256i pairs = _mm256_or_si256(_mm256_slli_epi64(codes, 4), _mm256_srli_epi64(codes, 32));
+    const __m256i first_bytes = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i picked = _mm256_shuffle_epi8(pairs, first_bytes);
+    int32_t four = _mm_cvtsi128_si32(
+        _mm_unpacklo_epi16(_mm256_castsi256_si128(picked), _mm256_extracti128_si256(picked, 1)));
+    memcpy(p, &four, sizeof four);
 }
 
 #else

@@ -40,9 +40,34 @@ KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
     return cb->index[c];
 }
 
-/* Code indices of KB_W values (same result as code_one lane by lane). */
-KB_INLINE vi code_lanes(const kb_codebook *cb, vf x) {
+/* What the vector code search keeps in registers across a loop. */
+typedef struct {
+#ifdef KB_HAVE_TREE
+    vtree tree;
+#else
+    int unused;
+#endif
+} searcher;
+
+KB_INLINE searcher searcher_load(const kb_codebook *cb) {
+    searcher s;
+#ifdef KB_HAVE_TREE
+    s.tree = vtree_load(cb->tree);
+#else
+    (void)cb;
+    s.unused = 0;
+#endif
+    return s;
+}
+
+/* Code indices of KB_W values (same result as code_one lane by lane): the register tree
+ * where the instruction set has one, else the bucket lookup and its refinement steps. */
+KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
     vi c;
+#ifdef KB_HAVE_TREE
+    c = vtree_count(&sr->tree, x);
+#else
+    (void)sr;
     const int32_t steps = cb->steps;
     if (steps >= 0) {
         c = vi_gather_u8(cb->start, vi_srli(vf_bits(x), 16));
@@ -54,6 +79,7 @@ KB_INLINE vi code_lanes(const kb_codebook *cb, vf x) {
             c = vi_blend(vf_lt(vf_gather(cb->bounds, probe), x), c, vi_add(c, vi_set1(step)));
         }
     }
+#endif
     c = vi_blend(vf_isnan(x), c, vi_set1(cb->nbounds));
     return cb->identity ? c : vi_gather(cb->index, c);
 }
@@ -83,8 +109,17 @@ KB_INLINE float reciprocal_or_zero(float absmax) { return absmax == 0.0f ? 0.0f 
 KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
                              const kb_codebook *cb, uint8_t *codes) {
     const vf s = vf_set1(scale);
+    const searcher sr = searcher_load(cb);
     int64_t i = i0;
-    for (; i + KB_W <= i1; i += KB_W) vi_store_u8(codes + i, code_lanes(cb, vf_mul(vf_load_dt(x, dt, i), s)));
+    /* Two independent vectors per iteration: each search is a chain of dependent steps, and
+     * interleaving two chains keeps the vector units busy. */
+    for (; i + 2 * KB_W <= i1; i += 2 * KB_W) {
+        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s));
+        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s));
+        vi_store_u8(codes + i, first);
+        vi_store_u8(codes + i + KB_W, second);
+    }
+    for (; i + KB_W <= i1; i += KB_W) vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s)));
     for (; i < i1; ++i) codes[i] = (uint8_t)code_one(cb, load1_dt(x, dt, i) * scale);
 }
 
@@ -133,38 +168,40 @@ static void dequantize8(const uint8_t *codes, int64_t i0, int64_t i1, int64_t bs
 }
 
 /* ============================================================================ 4-bit */
-/* Largest 4-bit block: the codes of one block are staged on the stack before packing. */
-#define KB_MAX_BLOCK4 4096
-
-/* Code index of one value against a table of at most 16 entries: the count of bounds
- * below it, by comparison with each bound (no lookup tables). */
+/* Code index of one value against a table of at most 16 entries: the bisection over the
+ * codebook's 16-slot heap (tree16), four compares. */
 KB_INLINE int32_t code4_one(const kb_codebook *cb, float x) {
-    int32_t c = 0;
-    for (int32_t j = 0; j < cb->nbounds; ++j) c += cb->bounds[j] < x;
-    if (x != x) c = cb->nbounds;
+    int32_t h = 1;
+    for (int level = 0; level < 4; ++level) h = 2 * h + (cb->tree16[h] < x);
+    int32_t c = x != x ? cb->nbounds : h - 16;
     return cb->index[c];
+}
+
+KB_INLINE vi code4_lanes(const kb_codebook *cb, vtab16 heap, vf x) {
+    vi h = vi_set1(1);
+    for (int level = 0; level < 4; ++level) {
+        vi twice = vi_add(h, h);
+        h = vi_inc_if(twice, vf_lt(vf_lookup16(heap, h), x));
+    }
+    vi c = vi_blend(vf_isnan(x), vi_add(h, vi_set1(-16)), vi_set1(cb->nbounds));
+    return cb->identity ? c : vi_lookup16(cb->index, c);
 }
 
 KB_INLINE void quantize4_block_dt(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
                                   const kb_codebook *cb, int32_t zero_code, uint8_t *packed) {
-    uint8_t codes[KB_MAX_BLOCK4 + 2 * KB_W];
     const int64_t len = i1 - i0;
-    const int32_t nb = cb->nbounds;
-    vf bounds[16];
-    for (int32_t j = 0; j < nb; ++j) bounds[j] = vf_set1(cb->bounds[j]);
-    const vf s = vf_set1(scale);
     int64_t i = 0;
-    for (; i + KB_W <= len; i += KB_W) {
-        vf v = vf_mul(vf_load_dt(x, dt, i0 + i), s);
-        vi c = vi_set1(0);
-        for (int32_t j = 0; j < nb; ++j) c = vi_inc_if(c, vf_lt(bounds[j], v));
-        c = vi_blend(vf_isnan(v), c, vi_set1(nb));
-        if (!cb->identity) c = vi_lookup16(cb->index, c);
-        vi_store_u8(codes + i, c);
+#if KB_W > 1
+    const vf s = vf_set1(scale);
+    const vtab16 heap = vtab16_load(cb->tree16);
+    for (; i + KB_W <= len; i += KB_W)
+        vi_store_nibble_pairs(packed + i / 2, code4_lanes(cb, heap, vf_mul(vf_load_dt(x, dt, i0 + i), s)));
+#endif
+    for (; i < len; i += 2) {
+        const int32_t high = code4_one(cb, load1_dt(x, dt, i0 + i) * scale);
+        const int32_t low = i + 1 < len ? code4_one(cb, load1_dt(x, dt, i0 + i + 1) * scale) : zero_code;
+        packed[i / 2] = (uint8_t)((high << 4) | low); /* an odd count pads with zero's code */
     }
-    for (; i < len; ++i) codes[i] = (uint8_t)code4_one(cb, load1_dt(x, dt, i0 + i) * scale);
-    codes[len] = (uint8_t)zero_code; /* an odd count pads the last low nibble with zero's code */
-    for (int64_t j = 0; j < (len + 1) / 2; ++j) packed[j] = (uint8_t)((codes[2 * j] << 4) | codes[2 * j + 1]);
 }
 
 KB_INLINE void quantize4_blocks_dt(const void *x, const int dt, int64_t n, int64_t bs, int64_t b0, int64_t b1,
