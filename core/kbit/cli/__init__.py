@@ -11,9 +11,9 @@ import sys
 from typing import Optional, Sequence
 
 from .._version import __version__
-from . import _check, _conformance, _demo, _info
+from . import _bench, _check, _conformance, _demo, _info
 
-_COMMANDS = (_info, _check, _conformance, _demo)
+_COMMANDS = (_info, _check, _conformance, _demo, _bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -342,16 +342,17 @@ static void store_scalar(void *y, int dtype, int64_t i, float v) {
 void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
                     int64_t bs, const float *table, int64_t N, void *out, int out_dtype, int nthreads) {
     const kb_kernels *k = g_kernels;
-    /* A as float32, de-interleaved (even elements, then odd) for the vector path: a copy of
-     * the activations, never of the weight. */
-    const int fast = K % k->gemm_chunk == 0;
+    /* A as float32, packed for the vector path (see kernels.c, gemm4): chunk-major, each
+     * chunk's even elements then its odd ones. A copy of the activations, never of the weight. */
+    const int64_t chunk = k->gemm_chunk, lanes = chunk / 2;
+    const int fast = K % chunk == 0;
     float *A32 = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
     if (!A32) return;
-    const int64_t half = K / 2;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < K; ++i) {
-            const int64_t at = fast ? (i & 1 ? half + i / 2 : i / 2) : i;
-            A32[m * K + at] = load_scalar(A, a_dtype, m * K + i);
+            const int64_t c = i / chunk, j = i % chunk;
+            const int64_t at = fast ? (c * M + m) * chunk + (j & 1) * lanes + j / 2 : m * K + i;
+            A32[at] = load_scalar(A, a_dtype, m * K + i);
         }
     const int nt = threads_for(N * K * (M < 4 ? 1 : M / 4), nthreads, 1 << 18);
     if (nt <= 1) {

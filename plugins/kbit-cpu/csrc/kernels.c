@@ -254,16 +254,19 @@ static void dequantize4(const uint8_t *packed, int64_t i0, int64_t i1, int64_t b
 /* out[m, o] = sum_k A[m, k] * W[o, k] where W[o, k] = table[code] * absmax[block] is decoded
  * on the fly, a few rows at a time: the float weight never exists in memory.
  *
- * Fast path (K a multiple of 2 * KB_W): A arrives de-interleaved, A[m] as its even
- * elements then its odd ones, so that one packed byte's high nibble (element 2j) meets
- * the even half and its low nibble (element 2j + 1) the odd half: KB_W bytes give 2 * KB_W
- * weights with one load, one shift, one mask and two 16-entry lookups. A register tile of
- * ROWS weight rows by BATCH rows of A is accumulated at once, so each decoded weight is
- * used BATCH times and each loaded activation ROWS times. */
-KB_INLINE void gemm4_tile(const float *A, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
+ * Fast path (K a multiple of 2 * KB_W): A arrives packed by api.c, chunk-major: for chunk c
+ * of 2 * KB_W elements and row m, KB_W even elements then KB_W odd ones at
+ * A[(c * M + m) * 2 * KB_W]. One packed byte's high nibble (element 2j) meets the even
+ * half and its low nibble (element 2j + 1) the odd half, so KB_W bytes give 2 * KB_W
+ * weights with one load, one shift, one mask and two 16-entry lookups; and every row of A
+ * an iteration reads is in one contiguous block (rows K floats apart would alias in the
+ * L1 cache). A register tile of ROWS weight rows by BATCH rows of A is accumulated at
+ * once, so each decoded weight is used BATCH times and each loaded activation ROWS times. */
+KB_INLINE void gemm4_tile(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
                           vtab16 tab, int64_t o, int64_t m0, const int ROWS, const int BATCH, int64_t N, void *out,
                           const int odt) {
     const int64_t half = K / 2;
+    const int shift = __builtin_ctzll((unsigned long long)bs); /* blocksizes are powers of two */
     vf acc[4][8];
     for (int r = 0; r < ROWS; ++r)
         for (int b = 0; b < BATCH; ++b) acc[r][b] = vf_zero();
@@ -273,13 +276,13 @@ KB_INLINE void gemm4_tile(const float *A, int64_t K, const uint8_t *packed, cons
         for (int r = 0; r < ROWS; ++r) {
             const int64_t first = (o + r) * K + 2 * kb; /* flat index of the chunk's first element */
             const vi bytes = vi_load_u8(packed + first / 2);
-            const vf scale = vf_set1(absmax[first / bs]);
+            const vf scale = vf_set1(absmax[first >> shift]);
             even[r] = vf_mul(vf_lookup16(tab, vi_srli(bytes, 4)), scale);
             odd[r] = vf_mul(vf_lookup16(tab, vi_and(bytes, low4)), scale);
         }
+        const float *chunk = A + ((kb / KB_W) * M + m0) * 2 * KB_W;
         for (int b = 0; b < BATCH; ++b) {
-            const float *row = A + (m0 + b) * K;
-            const vf a_even = vf_load(row + kb), a_odd = vf_load(row + half + kb);
+            const vf a_even = vf_load(chunk + b * 2 * KB_W), a_odd = vf_load(chunk + b * 2 * KB_W + KB_W);
             for (int r = 0; r < ROWS; ++r) acc[r][b] = vf_fmadd(odd[r], a_odd, vf_fmadd(even[r], a_even, acc[r][b]));
         }
     }
@@ -287,8 +290,8 @@ KB_INLINE void gemm4_tile(const float *A, int64_t K, const uint8_t *packed, cons
         for (int b = 0; b < BATCH; ++b) store1_dt(out, odt, (m0 + b) * N + o + r, vf_reduce_add(acc[r][b]));
 }
 
-/* Any shape: element by element (K odd, or not a multiple of the vector chunk). A is not
- * de-interleaved here. */
+/* Any shape: element by element (K odd, or not a multiple of the vector chunk). A is
+ * row-major here, as given. */
 static void gemm4_general(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
                           const float *table, int64_t o0, int64_t o1, int64_t N, void *out, int odt) {
     for (int64_t o = o0; o < o1; ++o)
@@ -309,13 +312,13 @@ KB_INLINE void gemm4_rows_batch(const float *A, int64_t M, int64_t K, const uint
     /* Wide batches use 2 rows x 8 batch rows (16 accumulators); narrow ones 4 x up to 4. */
     int64_t m = 0;
     if (ROWS == 2 || ROWS == 1) {
-        for (; m + 8 <= M; m += 8) gemm4_tile(A, K, packed, absmax, bs, tab, o, m, ROWS, 8, N, out, odt);
+        for (; m + 8 <= M; m += 8) gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 8, N, out, odt);
     }
-    for (; m + 4 <= M; m += 4) gemm4_tile(A, K, packed, absmax, bs, tab, o, m, ROWS, 4, N, out, odt);
+    for (; m + 4 <= M; m += 4) gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 4, N, out, odt);
     switch (M - m) {
-    case 3: gemm4_tile(A, K, packed, absmax, bs, tab, o, m, ROWS, 3, N, out, odt); break;
-    case 2: gemm4_tile(A, K, packed, absmax, bs, tab, o, m, ROWS, 2, N, out, odt); break;
-    case 1: gemm4_tile(A, K, packed, absmax, bs, tab, o, m, ROWS, 1, N, out, odt); break;
+    case 3: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 3, N, out, odt); break;
+    case 2: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 2, N, out, odt); break;
+    case 1: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 1, N, out, odt); break;
     default: break;
     }
 }
