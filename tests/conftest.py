@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 import kbit
-from kbit.testing._goldens import find_goldens, load_goldens
+from kbit.testing._goldens import find_goldens, load_goldens, missing_goldens
 
 # pytester runs the conformance suite on deliberately wrong backends in a nested session.
 pytest_plugins = ["pytester"]
@@ -20,14 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def goldens(request: pytest.FixtureRequest) -> dict:
-    """The interoperability vectors of ../shared/spec/goldens (skips, saying why, when absent).
+    """The interoperability vectors of ../shared/spec/goldens (skips, saying why, when absent;
+    fails instead under ``KBIT_REQUIRE_GOLDENS=1``, as in CI).
 
     Found the way the conformance suite finds them (``--kbit-goldens``, ``KBIT_GOLDENS``,
     then ``../shared/spec/goldens`` beside the checkout).
     """
     path, why_not = find_goldens(request.config.getoption("--kbit-goldens", None), REPO)
     if path is None:
-        pytest.skip(why_not)
+        missing_goldens(why_not)
     return load_goldens(path)
 
 

@@ -1,6 +1,7 @@
 """The kbit command line."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def test_check_fails_for_a_disagreeing_backend(capsys):
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert "offbyone" in out and "failed" in out
+    # The summary counts numerical comparisons apart from checks: the off-by-one backend's
+    # quantize_blockwise check compared input sets before it found the first mismatch.
+    assert re.search(r"\d+ checks passed, 1 failed; \d+ results compared numerically", out)
 
 
 def test_python_dash_m_and_console_script():
@@ -64,6 +68,6 @@ from kbit_reference.backend import ReferenceBackend  # noqa: E402
 class OffByOne(ReferenceBackend):
     """A deliberately wrong backend: every code one step too high."""
 
-    def quantize_blockwise(self, A, *, code, blocksize):
-        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+    def quantize_blockwise(self, A, *, code, blocksize, **rand):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
         return (codes.int() + 1).clamp(max=255).to(codes.dtype), absmax

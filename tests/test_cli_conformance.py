@@ -18,8 +18,8 @@ OFF_BY_ONE_PLUGIN = """
     from kbit_reference.backend import ReferenceBackend
 
     class OffByOne(ReferenceBackend):
-        def quantize_blockwise(self, A, *, code, blocksize):
-            codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        def quantize_blockwise(self, A, *, code, blocksize, **rand):
+            codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
             return (codes.int() + 1).clamp(max=255).to(torch.uint8), absmax
 
     MANIFEST = BackendManifest(
@@ -58,9 +58,11 @@ def test_reference_passes_and_exits_zero(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (run,) = payload["runs"]
     assert run["backend"] == "reference" and run["device"] == "cpu" and run["conformant"]
-    assert run["ops"]["quantize_blockwise"]["passed"] == 1 + GOLDEN_CHECKS_RUN  # compare, goldens
-    assert run["ops"]["int8_linear_matmul"]["passed"] == 1
-    assert run["ops"]["optimizer_update_8bit_blockwise"]["passed"] == 1 + GOLDEN_CHECKS_RUN
+    # compare (nearest and stochastic rounding), the statistics of stochastic rounding, goldens
+    assert run["ops"]["quantize_blockwise"]["compared"] == 3 + GOLDEN_CHECKS_RUN
+    assert run["ops"]["int8_linear_matmul"]["compared"] == 1
+    assert run["ops"]["optimizer_update_8bit_blockwise"]["compared"] == 1 + GOLDEN_CHECKS_RUN
+    assert "COMPARED" in result.stdout
     assert "backend 'reference' on cpu: CONFORMANT" in result.stdout
 
 
@@ -72,8 +74,9 @@ def test_wrong_plugin_fails_and_exits_one(tmp_path, make_plugin):
     # Both declared variants and the goldens fail; dequantize is fine.
     assert run["ops"]["quantize_blockwise"]["failed"] == 2 + GOLDEN_CHECKS_RUN
     assert run["ops"]["dequantize_blockwise"]["failed"] == 0
-    # Everything it does not declare was refused: 5 blocksizes x 3 dtypes + 2 other dtypes x 2.
-    assert run["ops"]["quantize_blockwise"]["refused"] == 19
+    # Everything it does not declare was refused: 5 blocksizes x 3 dtypes + 2 other dtypes x 2,
+    # and each of those 21 variants again with stochastic rounding.
+    assert run["ops"]["quantize_blockwise"]["refused"] == 19 + 21
     assert "NOT CONFORMANT" in result.stdout
 
 
@@ -89,4 +92,4 @@ def test_a_selection_matching_nothing_exits_one_and_says_so(tmp_path):
     result, payload = conformance(tmp_path, "reference", "-k", "no_test_is_called_this")
     assert result.returncode == 1
     assert "-k 'no_test_is_called_this' selects no test of backend 'reference'" in result.stderr
-    assert payload["runs"] == [] or not any(run["totals"]["passed"] for run in payload["runs"])
+    assert payload["runs"] == [] or not any(run["totals"]["compared"] for run in payload["runs"])

@@ -5,6 +5,7 @@ broken backend (the reference with one mistake) and runs it in a nested pytest s
 then reads the JSON report.
 """
 
+import dataclasses
 import json
 import textwrap
 
@@ -16,11 +17,14 @@ from kbit.testing._cases import golden_checks, op_cases
 from kbit.testing._goldens import find_goldens
 from kbit.testing._plan import plan
 from kbit.testing._report import ConformanceReport, Outcome
+from kbit_reference._manifest import MANIFEST as REFERENCE_MANIFEST
 
 # Wrong backends: the reference with one mistake each. The manifests are registered by the
 # conformance classes (``manifest = ...``), the way an author tests a backend before
 # packaging it.
 BACKENDS = '''
+import dataclasses
+
 import torch
 from kbit._opnames import OP_FAMILIES
 from kbit.backend import API_VERSION, Backend, BackendManifest, OpSupport
@@ -42,23 +46,35 @@ def manifest(name, factory, ops=None, **fields):
 
 class OffByOne(ReferenceBackend):
     """Every quantize_blockwise code one step too high."""
-    def quantize_blockwise(self, A, *, code, blocksize):
-        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+    def quantize_blockwise(self, A, *, code, blocksize, **rand):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
         return (codes.int() + 1).clamp(max=255).to(torch.uint8), absmax
+
+
+class NearestForStochastic(ReferenceBackend):
+    """Declares stochastic rounding but ignores rand: always the nearest code (biased)."""
+    def quantize_blockwise(self, A, *, code, blocksize, rand=None):
+        return super().quantize_blockwise(A, code=code, blocksize=blocksize)
+
+
+class BiasedStochastic(ReferenceBackend):
+    """Uses rand, but squared: rounds up too rarely (each value still goes to a neighbour)."""
+    def quantize_blockwise(self, A, *, code, blocksize, rand=None):
+        return super().quantize_blockwise(A, code=code, blocksize=blocksize, rand=None if rand is None else rand.sqrt())
 
 
 class HalfForBfloat16(ReferenceBackend):
     """Claims bfloat16 but squeezes bfloat16 inputs through float16 (range lost)."""
-    def quantize_blockwise(self, A, *, code, blocksize):
+    def quantize_blockwise(self, A, *, code, blocksize, **rand):
         if A.dtype == torch.bfloat16:
             A = A.to(torch.float16)
-        return super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        return super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
 
 
 class TiesUp(ReferenceBackend):
     """Breaks ties towards the upper code."""
-    def quantize_blockwise(self, A, *, code, blocksize):
-        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize)
+    def quantize_blockwise(self, A, *, code, blocksize, **rand):
+        codes, absmax = super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
         x = (A.reshape(-1).float() * (1 / absmax).repeat_interleave(blocksize)[: A.numel()]).nan_to_num()
         above = codes.reshape(-1).long().clamp(max=254) + 1
         tie = (code[above] - x) == (x - code[codes.reshape(-1).long()])
@@ -101,14 +117,16 @@ class IntMmEverywhere(ReferenceBackend):
 
 class SwappedBetas(ReferenceBackend):
     """Blockwise 8-bit optimizer with beta1 and beta2 exchanged."""
-    def optimizer_update_8bit_blockwise(self, *args, beta1, beta2, **kwargs):
-        super().optimizer_update_8bit_blockwise(*args, beta1=beta2, beta2=beta1, **kwargs)
+    def optimizer_update_8bit_blockwise(self, step, *args, **kwargs):
+        swapped = dataclasses.replace(step, beta1=step.beta2, beta2=step.beta1)
+        super().optimizer_update_8bit_blockwise(swapped, *args, **kwargs)
 
 
 class LionUphill(ReferenceBackend):
     """32-bit Lion stepping along the sign of the momentum instead of against it."""
-    def optimizer_update_32bit(self, optimizer_name, *args, lr, **kwargs):
-        super().optimizer_update_32bit(optimizer_name, *args, lr=-lr if optimizer_name == "lion" else lr, **kwargs)
+    def optimizer_update_32bit(self, step, *args, **kwargs):
+        uphill = dataclasses.replace(step, lr=-step.lr) if step.kind.name == "lion" else step
+        super().optimizer_update_32bit(uphill, *args, **kwargs)
 
 
 def nibbles(packed):
@@ -172,6 +190,7 @@ QUIET = ("-W", "ignore::pytest.PytestAssertRewriteWarning")
 GOLDEN_CHECKS_RUN = int(find_goldens()[0] is not None)
 
 ONLY_QB = '{"quantize_blockwise": OpSupport(dtypes=FLOATS, blocksizes=(64, 256))}'
+STOCHASTIC_QB = '{"quantize_blockwise": OpSupport(dtypes=FLOATS, blocksizes=(64,), roundings=("nearest", "stochastic"))}'
 INT8_OPS = '{op: REFERENCE.ops[op] for op in REFERENCE.ops if op.startswith("int8_")}'
 # The four 4-bit ops on a few variants: float32, blocksize 64, both types, two storages.
 SOME_4BIT = """{op: OpSupport(dtypes=("float32",), blocksizes=(64,), quant_types=("nf4", "fp4"),
@@ -213,11 +232,15 @@ def test_off_by_one_quantize_fails_only_there(pytester):
     run = ops_of(payload, "offbyone")
     assert result.ret == 1 and not run["conformant"]
     variants = len(op_cases()["quantize_blockwise"].variants())
-    # Every declared variant and the golden check fail; so does whole-tensor quantize,
-    # which the reference (and so this subclass) builds on quantize_blockwise; nothing else.
-    assert run["ops"]["quantize_blockwise"]["failed"] == variants + GOLDEN_CHECKS_RUN
+    statistical = len([c for c in plan(REFERENCE_MANIFEST) if c.kind == "statistics" and c.op == "quantize_blockwise"])
+    # Every declared variant (nearest and stochastic), the statistical checks of stochastic
+    # rounding (codes outside the two neighbours) and the golden check fail; so does
+    # whole-tensor quantize, which the reference (and so this subclass) builds on
+    # quantize_blockwise; nothing else.
+    assert statistical == 3  # one per dtype
+    assert run["ops"]["quantize_blockwise"]["failed"] == variants + statistical + GOLDEN_CHECKS_RUN
     assert {op for op, counts in run["ops"].items() if counts["failed"]} == {"quantize_blockwise", "quantize"}
-    assert run["ops"]["dequantize_blockwise"]["failed"] == 0 and run["ops"]["dequantize_blockwise"]["passed"] > 0
+    assert run["ops"]["dequantize_blockwise"]["failed"] == 0 and run["ops"]["dequantize_blockwise"]["compared"] > 0
     messages = "\n".join(p["message"] for p in run["problems"])
     assert "codes (outside all-zero blocks)" in messages and "differ from the reference" in messages
     assert "farther from the value than the golden codes" in messages or not GOLDEN_CHECKS_RUN
@@ -236,14 +259,40 @@ def test_claimed_dtype_that_is_mishandled_fails_for_that_dtype(pytester):
     run = ops_of(payload, "half")
     failed = sorted(p["test"] for p in run["problems"] if p["status"] == "failed")
     assert failed == [
-        "test_matches_reference[quantize_blockwise-bfloat16-256]",
-        "test_matches_reference[quantize_blockwise-bfloat16-64]",
+        "test_matches_reference[quantize_blockwise-bfloat16-256-nearest]",
+        "test_matches_reference[quantize_blockwise-bfloat16-64-nearest]",
     ]
     # The large values are what betray it: float16 overflows where bfloat16 does not.
     assert all("large_values" in p["message"] for p in run["problems"] if p["status"] == "failed")
-    # The undeclared blocksizes were refused, one test each.
-    assert run["ops"]["quantize_blockwise"]["refused"] == 3 * 5
+    # The undeclared blocksizes were refused, one test each, and so was every stochastic
+    # variant: a manifest silent about roundings rounds to nearest only.
+    assert run["ops"]["quantize_blockwise"]["refused"] == 3 * 5 + 3 * 7
     assert run["ops"]["dequantize_blockwise"]["refused"] == 3 * 7
+
+
+def test_stochastic_rounding_that_is_not_or_is_biased_fails(pytester):
+    _, payload = run_suite(
+        pytester,
+        f"""
+        class TestNearest(BackendConformance):
+            backend = "nearest"
+            manifest = manifest("nearest", "NearestForStochastic", ops={STOCHASTIC_QB})
+
+        class TestBiased(BackendConformance):
+            backend = "biased"
+            manifest = manifest("biased", "BiasedStochastic", ops={STOCHASTIC_QB})
+        """,
+        "-k", "float32 and stochastic",
+    )  # fmt: skip
+    for backend in ("nearest", "biased"):
+        run = ops_of(payload, backend)
+        assert failed_tests(run) == {
+            "test_matches_reference[quantize_blockwise-float32-64-stochastic]",
+            "test_statistics[quantize_blockwise-float32-64-stochastic]",
+        }, backend
+        messages = "\n".join(p["message"] for p in run["problems"])
+        assert "standard errors from the input" in messages and "the rounding is biased" in messages
+        assert "other than their two neighbours" not in messages  # both stay within the neighbours
 
 
 def test_ties_to_the_upper_index_are_caught(pytester):
@@ -272,7 +321,8 @@ def test_wrong_output_dtype_fails_comparison_and_opcheck(pytester):
     )
     failed = {p["test"]: p["message"] for p in ops_of(payload, "wide")["problems"] if p["status"] == "failed"}
     assert set(failed) == {"test_matches_reference[quantize-float32]", "test_opcheck[quantize-float32]"}
-    assert "torch.float64, reference gives" in failed["test_matches_reference[quantize-float32]"]
+    # The dispatch boundary catches it before any comparison: the op's fake says float32.
+    assert "backend 'wide' returned a result that breaks the contract: absmax has dtype torch.float64, expected torch.float32" in failed["test_matches_reference[quantize-float32]"]
 
 
 def test_declared_but_unimplemented_op_fails(pytester):
@@ -342,7 +392,8 @@ def test_4bit_format_freedoms_are_allowed(pytester):
     )  # fmt: skip
     run = ops_of(payload, "free")
     assert result.ret == 0 and run["conformant"], run["problems"]
-    assert run["ops"]["quantize_4bit"]["passed"] == 4 + 2 + GOLDEN_CHECKS_RUN  # compare, opcheck, goldens
+    assert run["ops"]["quantize_4bit"]["compared"] == 4 + GOLDEN_CHECKS_RUN  # compare, goldens
+    assert run["ops"]["quantize_4bit"]["checked"] == 2  # opcheck
 
 
 def test_free_codes_really_differ_from_the_reference_bytes():
@@ -368,7 +419,7 @@ def test_expected_failures_are_strict_and_checked(pytester):
             backend = "offbyone"
             manifest = manifest("offbyone", "OffByOne")
             expected_failures = {
-                "test_matches_reference[quantize_blockwise-float32-64]": "acme#1: codes off by one",
+                "test_matches_reference[quantize_blockwise-float32-64-nearest]": "acme#1: codes off by one",
                 "test_matches_reference[dequantize_blockwise-float32-64]": "wrongly listed: it passes",
                 "test_matches_reference[quantize_4bit-nf4]": "no such test",
             }
@@ -376,8 +427,8 @@ def test_expected_failures_are_strict_and_checked(pytester):
         "-k", "blockwise-float32-64 or test_manifest",
     )  # fmt: skip
     outcomes = {p["test"]: p for p in ops_of(payload, "offbyone")["problems"]}
-    assert outcomes["test_matches_reference[quantize_blockwise-float32-64]"]["status"] == "xfailed"
-    assert "acme#1" in outcomes["test_matches_reference[quantize_blockwise-float32-64]"]["message"]
+    assert outcomes["test_matches_reference[quantize_blockwise-float32-64-nearest]"]["status"] == "xfailed"
+    assert "acme#1" in outcomes["test_matches_reference[quantize_blockwise-float32-64-nearest]"]["message"]
     xpass = outcomes["test_matches_reference[dequantize_blockwise-float32-64]"]
     assert xpass["status"] == "failed" and "XPASS(strict)" in xpass["message"]
     assert outcomes["test_manifest"]["status"] == "failed"
@@ -402,7 +453,7 @@ def test_int8_rounding_down_fails_the_quantizer_only(pytester):
     compared = {f"test_matches_reference[int8_vectorwise_quant-{dtype}]" for dtype in ("float16", "bfloat16", "float32")}
     golden = {"test_goldens[int8_vectorwise_quant]"} if GOLDEN_CHECKS_RUN else set()
     assert failed_tests(run) == compared | golden
-    assert run["ops"]["int8_double_quant"]["passed"] > 0 and run["ops"]["int8_double_quant"]["failed"] == 0
+    assert run["ops"]["int8_double_quant"]["compared"] > 0 and run["ops"]["int8_double_quant"]["failed"] == 0
     messages = "\n".join(p["message"] for p in run["problems"])
     assert "ties: CA:" in messages
     assert "codes differ from the goldens" in messages or not GOLDEN_CHECKS_RUN
@@ -441,11 +492,11 @@ def test_swapped_optimizer_betas_fail_every_kind_that_reads_beta1(pytester):
     )  # fmt: skip
     run = ops_of(payload, "swapped")
     wrong = {f"test_matches_reference[optimizer_update_8bit_blockwise-float32-{kind}]"
-             for kind, spec in OPTIMIZER_KINDS.items() if spec.uses_beta1}  # fmt: skip
+             for kind, spec in OPTIMIZER_KINDS.items() if spec.reads_param("beta1")}  # fmt: skip
     golden = {"test_goldens[optimizer_update_8bit_blockwise]"} if GOLDEN_CHECKS_RUN else set()
     assert failed_tests(run) == wrong | golden
-    assert run["ops"]["optimizer_update_32bit"]["passed"] == 2 + GOLDEN_CHECKS_RUN
-    assert run["ops"]["optimizer_update_8bit_blockwise"]["passed"] == 1  # adagrad reads no beta
+    assert run["ops"]["optimizer_update_32bit"]["compared"] == 2 + GOLDEN_CHECKS_RUN
+    assert run["ops"]["optimizer_update_8bit_blockwise"]["compared"] == 1  # adagrad reads no beta
 
 
 def test_lion_with_the_wrong_sign_fails_lion_only(pytester):
@@ -547,12 +598,15 @@ def test_plan_covers_every_variant_exactly_once():
 
 def test_report_counts_and_verdict():
     report = ConformanceReport()
-    report.add(Outcome("b", "cpu", "t1", "quantize", "compare", "passed"))
+    report.add(Outcome("b", "cpu", "t1", "quantize", "compare", "compared"))
+    report.add(Outcome("b", "cpu", "t1b", "quantize", "opcheck", "checked"))
     report.add(Outcome("b", "cpu", "t2", "quantize", "refuse", "refused"))
     report.add(Outcome("b", "cpu", "t3", "dequantize", "goldens", "skipped", "no goldens"))
     payload = report.to_json()
     (run,) = payload["runs"]
     assert run["conformant"] and run["ops"]["quantize"]["refused"] == 1 and run["totals"]["skipped"] == 1
+    assert run["ops"]["quantize"]["compared"] == 1 and run["ops"]["quantize"]["checked"] == 1
+    assert "COMPARED" in report.render() and "CHECKED" in report.render()
     report.add(Outcome("b", "cpu", "t4", "dequantize", "compare", "skipped", "unavailable"))
     assert not report.to_json()["runs"][0]["conformant"]
     assert "NOT CONFORMANT" in report.render() and "t4: unavailable" in report.render()
@@ -564,7 +618,8 @@ class TestRef(BackendConformance):
 """
 
 
-def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_path):
+def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_path, monkeypatch):
+    monkeypatch.delenv("KBIT_REQUIRE_GOLDENS", raising=False)
     missing = tmp_path / "nowhere"
     result, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens", "--kbit-goldens", str(missing))
     (run,) = payload["runs"]
@@ -572,18 +627,45 @@ def test_missing_goldens_skip_with_the_reason_and_do_not_block(pytester, tmp_pat
     assert all(f"golden vectors not found at {missing}" in p["message"] for p in run["problems"])
 
 
+def test_required_goldens_that_are_missing_fail_and_block(pytester, tmp_path, monkeypatch):
+    """CI sets KBIT_REQUIRE_GOLDENS=1: a missing golden file must fail the run, not skip 35 tests."""
+    monkeypatch.setenv("KBIT_REQUIRE_GOLDENS", "1")
+    missing = tmp_path / "nowhere"
+    result, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens", "--kbit-goldens", str(missing))
+    (run,) = payload["runs"]
+    assert result.ret == 1 and not run["conformant"]
+    assert run["totals"]["failed"] == len(golden_checks()) and run["totals"]["skipped"] == 0
+    assert all("KBIT_REQUIRE_GOLDENS is set" in p["message"] for p in run["problems"])
+
+
+@pytest.mark.parametrize(("value", "outcome"), [("1", "fail"), ("0", "skip"), (None, "skip")])
+def test_missing_goldens_fail_only_when_required(monkeypatch, value, outcome):
+    """The helper behind both golden fixtures (this project's and the conformance suite's)."""
+    from kbit.testing._goldens import missing_goldens
+
+    if value is None:
+        monkeypatch.delenv("KBIT_REQUIRE_GOLDENS", raising=False)
+    else:
+        monkeypatch.setenv("KBIT_REQUIRE_GOLDENS", value)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="not found here"):
+        missing_goldens("golden vectors not found here")
+
+
 def test_goldens_path_from_the_environment(pytester, monkeypatch, goldens):
     path, _ = find_goldens()  # the `goldens` fixture has skipped if there is none
     monkeypatch.setenv("KBIT_GOLDENS", str(path.parent))  # a directory works as well as the file
     _, payload = run_suite(pytester, REFERENCE_CLASS, "-k", "test_goldens")
-    assert payload["runs"][0]["totals"]["passed"] == len(golden_checks())
+    assert payload["runs"][0]["totals"]["compared"] == len(golden_checks())
 
 
 def test_suite_runs_without_the_plugin(pytester):
     # Without kbit's pytest plugin there is no report, but the class still generates and runs.
     pytester.makepyfile(test_wrong=BACKENDS + REFERENCE_CLASS)
     result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:kbit", "-k", "blockwise-float32-64", *QUIET)
-    result.assert_outcomes(passed=4)  # compare and opcheck of both blockwise ops
+    # quantize_blockwise: compare and opcheck of each rounding, the statistics of stochastic
+    # rounding; dequantize_blockwise: compare and opcheck.
+    result.assert_outcomes(passed=7)
     assert "kbit conformance" not in result.stdout.str()
 
 

@@ -608,3 +608,30 @@ def test_paging_asks_the_registry_about_the_op_the_state_is_updated_with(make_pl
 def test_a_named_backend_that_is_missing_raises_instead_of_running_unpaged(make):
     with kbit.backends.use_backend("no-such-backend"), pytest.raises(kbit.BackendNotFoundError, match="no-such-backend"):
         make([_param()])
+
+
+def test_every_public_optimizer_class_is_an_explicit_class_statement():
+    """``grep "class Adam8bit"`` finds every public optimizer class: variants are class
+    statements with class keywords, not factory calls."""
+    import inspect
+    import re
+
+    for name in O.__all__:
+        obj = getattr(O, name)
+        if not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
+            continue
+        source = inspect.getsource(inspect.getmodule(obj))
+        assert re.search(rf"^class {name}\b", source, re.M), f"no `class {name}` statement in {obj.__module__}"
+
+
+@pytest.mark.parametrize("cls", [O.Adam, O.AdamW, O.Lion, O.SGD, O.LAMB, O.RMSprop, O.Adagrad, O.LARS, O.AdEMAMix])
+def test_too_many_positional_arguments_name_the_keyword_to_use(cls):
+    """Options after ``min_8bit_size`` are keyword-only; the TypeError says which keyword."""
+    import inspect
+
+    parameters = list(inspect.signature(cls).parameters.values())
+    positional = [p for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD]
+    first_keyword = next(p.name for p in parameters if p.kind == p.KEYWORD_ONLY)
+    args = [[torch.nn.Parameter(torch.zeros(3))]] + [p.default for p in positional[1:]] + [100]
+    with pytest.raises(TypeError, match=rf"pass '{first_keyword}' and later arguments by keyword"):
+        cls(*args)

@@ -9,6 +9,7 @@ from torch.library import opcheck
 import kbit
 import kbit.functional as F
 from kbit import KbitTypeError, KbitValueError, UnsupportedOpError
+from kbit.backend import OPTIMIZER_KINDS, OptimizerStep
 
 Q1 = F.create_dynamic_map()
 Q2 = F.create_dynamic_map(signed=False)
@@ -35,21 +36,26 @@ def _op_samples():
     a1, a2 = torch.rand(NB), torch.rand(NB)
     half_g, half_p, _, _ = _adam_8bit_args(torch.bfloat16)
     stacked = torch.randint(0, 256, (2, N), dtype=torch.uint8, generator=_gen(3))
+    def flat(kind, step, skip_zeros=False, **hyper):
+        return OptimizerStep(OPTIMIZER_KINDS[kind], step, skip_zeros=skip_zeros, **hyper).to_op_args()
+
     return {
         "optimizer_update_32bit": [
-            ("adam", g, p, f1, f2, None, 0.0, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 3, 1e-3, 1.0, False),
-            ("lars", half_g, half_p, f1, None, torch.zeros(1), 0.02, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 2, 1e-2, 0.5, True),
+            (g, p, f1, f2, None, *flat("adam", 3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)),
+            (half_g, half_p, f1, None, torch.zeros(1),
+             *flat("lars", 2, True, lr=1e-2, beta1=0.9, gnorm_scale=0.5, max_unorm=0.02)),
         ],
         "optimizer_update_8bit": [
-            ("adam", g, p, s1, s2, 0.9, 0.999, 1e-8, 2, 1e-3, Q1, Q2, torch.ones(1), torch.ones(1) * 2,
-             torch.zeros(1), torch.zeros(1), 0.0, 1.0, None, 0.0),
-            ("momentum", g, p, s1, None, 0.9, 0.0, 0.0, 2, 1e-3, Q1, None, torch.ones(1), None,
-             torch.zeros(1), None, 0.0, 1.0, torch.zeros(1), 0.1),
+            (g, p, s1, s2, Q1, Q2, torch.ones(1), torch.ones(1) * 2, torch.zeros(1), torch.zeros(1), None,
+             *flat("adam", 2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)),
+            (g, p, s1, None, Q1, None, torch.ones(1), None, torch.zeros(1), None, torch.zeros(1),
+             *flat("momentum", 2, lr=1e-3, beta1=0.9, max_unorm=0.1)),
         ],
         "optimizer_update_8bit_blockwise": [
-            ("adam", g, p, s1, s2, 0.9, 0.999, 0.0, 0.0, 1e-8, 2, 1e-3, Q1, Q2, a1, a2, 0.0, 1.0, False),
-            ("ademamix", half_g, half_p, stacked, s2, 0.9, 0.999, 0.999, 5.0, 1e-8, 4, 1e-3, Q1, Q2,
-             torch.rand(2, NB), a2, 0.01, 1.0, True),
+            (g, p, s1, s2, Q1, Q2, a1, a2, *flat("adam", 2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)),
+            (half_g, half_p, stacked, s2, Q1, Q2, torch.rand(2, NB), a2,
+             *flat("ademamix", 4, True, lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.999, alpha=5.0, eps=1e-8,
+                   weight_decay=0.01)),
         ],
         "percentile_clipping": [(g, torch.rand(100), 7, 5), (half_g, torch.rand(100), 1, 50)],
     }  # fmt: skip
@@ -261,16 +267,19 @@ def test_percentile_clipping_rejects_bad_arguments(bad):
 
 
 def test_the_reference_manifest_takes_its_optimizer_kinds_from_the_canonical_table(monkeypatch):
+    import dataclasses
     import importlib
 
     import kbit_reference._manifest as manifest
-    from kbit.functional import _optim
 
+    from kbit import _optim_step
+
+    kinds = _optim_step.OPTIMIZER_KINDS
     declared = {op: set(manifest.MANIFEST.ops[op].optimizers) for op in manifest.MANIFEST.ops if op.startswith("optimizer")}
-    assert declared["optimizer_update_32bit"] == declared["optimizer_update_8bit_blockwise"] == set(_optim.OPTIMIZER_KINDS)
-    assert declared["optimizer_update_8bit"] == set(_optim.OPTIMIZER_KINDS) - {"ademamix"}
+    assert declared["optimizer_update_32bit"] == declared["optimizer_update_8bit_blockwise"] == set(kinds)
+    assert declared["optimizer_update_8bit"] == set(kinds) - {"ademamix"}
     # A kind added to the table is served without a second list to keep in step.
-    monkeypatch.setitem(_optim.OPTIMIZER_KINDS, "newkind", _optim.OptimizerKind("newkind", 1))
+    monkeypatch.setitem(kinds, "newkind", dataclasses.replace(kinds["momentum"], name="newkind"))
     try:
         reloaded = importlib.reload(manifest).MANIFEST
         for op in ("optimizer_update_32bit", "optimizer_update_8bit", "optimizer_update_8bit_blockwise"):
@@ -278,3 +287,60 @@ def test_the_reference_manifest_takes_its_optimizer_kinds_from_the_canonical_tab
     finally:
         monkeypatch.undo()
         importlib.reload(manifest)
+
+
+@pytest.mark.parametrize("kind_name", ["adam", "momentum"])
+def test_the_reference_reads_the_weight_decay_mode_from_the_kind_table(kind_name):
+    """Flipping a kind's ``weight_decay`` mode in the table changes what the reference computes:
+    decoupled decay scales p, L2 decay adds ``wd * p`` to the gradient."""
+    import dataclasses
+
+    from kbit import _optim_step
+
+    kind = _optim_step.OPTIMIZER_KINDS[kind_name]
+    flipped = dataclasses.replace(kind, weight_decay="l2" if kind.decoupled_decay else "decoupled")
+    gen = _gen(11)
+    p0, g, m0 = (torch.randn(300, generator=gen) for _ in range(3))
+    hyper = dict(lr=0.1, beta1=0.9, weight_decay=0.5)
+    if kind.reads_param("beta2"):
+        hyper.update(beta2=0.99, eps=1e-8)
+    results = {}
+    for label, variant in (("table", kind), ("flipped", flipped)):
+        p, s1 = p0.clone(), m0.clone()  # a live momentum: the two modes then differ
+        s2 = torch.ones(300) if variant.num_states == 2 else None
+        reference = kbit.backends.get("reference")
+        for step in (2, 3):  # momentum's two modes agree on one step: L2 decay reaches the buffer
+            reference.optimizer_update_32bit(OptimizerStep(variant, step, **hyper), g, p, s1, s2, None)
+        results[label] = p
+    assert not torch.allclose(results["table"], results["flipped"])
+    if kind.decoupled_decay:  # the table's mode: p shrinks by (1 - lr * wd) before the update
+        expected, m, v = p0.clone(), m0.clone(), torch.ones(300)
+        for step in (2, 3):
+            F.optimizer_update_32bit(kind_name, g, expected, m, 0.9, 1e-8, step, 0.1, v, 0.99, weight_decay=0.5)
+        torch.testing.assert_close(results["table"], expected, rtol=0, atol=0)
+
+
+def test_the_kind_table_says_what_each_kind_reads():
+    """The table is data a vendor reads: every kind names its states, decay mode, hyperparameters,
+    options and the section of docs/formats.md with its rule, and the rule's anchor exists."""
+    import pathlib
+
+    from kbit import _optim_step
+
+    formats = (pathlib.Path(__file__).parents[1] / "docs" / "formats.md").read_text()
+    for name, kind in _optim_step.OPTIMIZER_KINDS.items():
+        assert kind.name == name and kind.num_states in (1, 2) and len(kind.states) == kind.num_states
+        assert kind.weight_decay in ("decoupled", "l2")
+        assert kind.reads <= set(_optim_step.HYPERPARAMETERS)
+        assert kind.rule == f"docs/formats.md#{name}"
+        assert f'<a id="{name}"></a>' in formats, f"docs/formats.md has no rule anchor for {name}"
+    assert {n for n, k in _optim_step.OPTIMIZER_KINDS.items() if k.decoupled_decay} == {"adam", "lamb", "lion", "ademamix"}
+
+
+def test_an_optimizer_step_round_trips_through_the_op_boundary():
+    from kbit import _optim_step
+
+    for kind in _optim_step.OPTIMIZER_KINDS.values():
+        step = OptimizerStep(kind, 7, lr=0.25, beta1=0.5, eps=1e-3, weight_decay=0.125, gnorm_scale=0.75,
+                             max_unorm=0.5, skip_zeros=True)  # fmt: skip
+        assert OptimizerStep.from_op_args(*step.to_op_args()) == step

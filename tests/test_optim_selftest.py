@@ -1,5 +1,7 @@
 """``kbit check`` for the optimizer ops: passes for a faithful backend, fails for a wrong one."""
 
+import dataclasses
+
 import pytest
 
 import kbit
@@ -17,14 +19,14 @@ class FaithfulCopy(ReferenceBackend):
 class StaleAdam(ReferenceBackend):
     """Adam without bias correction of the second moment (a classic kernel bug)."""
 
-    def optimizer_update_32bit(self, optimizer_name, g, p, state1, state2, unorm_vec, **kw):
-        if optimizer_name == "adam":
-            kw["beta2"] = 0.0 if kw["step"] == 1 else kw["beta2"]
-        super().optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec, **kw)
+    def optimizer_update_32bit(self, step, g, p, state1, state2, unorm_vec):
+        if step.kind.name == "adam" and step.step == 1:
+            step = dataclasses.replace(step, beta2=0.0)
+        super().optimizer_update_32bit(step, g, p, state1, state2, unorm_vec)
 
-    def optimizer_update_8bit_blockwise(self, optimizer_name, g, p, state1, state2, **kw):
-        kw["lr"] *= 1.01  # a slightly wrong step size
-        super().optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, **kw)
+    def optimizer_update_8bit_blockwise(self, step, g, p, state1, state2, **kw):
+        step = dataclasses.replace(step, lr=step.lr * 1.01)  # a slightly wrong step size
+        super().optimizer_update_8bit_blockwise(step, g, p, state1, state2, **kw)
 
 
 def _backend(cls, name):

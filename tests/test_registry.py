@@ -18,9 +18,9 @@ CALLS: list[str] = []
 class Recording(ReferenceBackend):
     """The reference ops, recording which registered backend ran them."""
 
-    def quantize_blockwise(self, A, *, code, blocksize):
+    def quantize_blockwise(self, A, *, code, blocksize, **rand):
         CALLS.append(self.name)
-        return super().quantize_blockwise(A, code=code, blocksize=blocksize)
+        return super().quantize_blockwise(A, code=code, blocksize=blocksize, **rand)
 
 
 class Offline(Backend):

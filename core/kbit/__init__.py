@@ -13,6 +13,7 @@ from . import autograd, backends, functional, nn, optim
 from ._errors import (
     BackendError,
     BackendNotFoundError,
+    BackendResultError,
     BackendUnavailableError,
     KbitError,
     KbitFallbackWarning,
@@ -44,6 +45,7 @@ __all__ = [
     "MatmulLtState",
     "BackendError",
     "BackendNotFoundError",
+    "BackendResultError",
     "BackendUnavailableError",
     "KbitError",
     "KbitFallbackWarning",

@@ -16,6 +16,7 @@ __all__ = [
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "BackendResultError",
     "NoBackendError",
     "QuantStateError",
     "KbitWarning",
@@ -86,6 +87,22 @@ class BackendNotFoundError(BackendError, LookupError):
 
 class BackendUnavailableError(BackendError, RuntimeError):
     """A backend exists but cannot be used here (broken plugin, missing device, disabled)."""
+
+
+class BackendResultError(BackendError, RuntimeError):
+    """A backend returned a result that breaks the contract (wrong shape, dtype or device).
+
+    The core checks every result against the op's fake (meta) implementation before it
+    reaches the caller, so a buggy plugin fails loudly at the call that went wrong instead
+    of corrupting a ``QuantState`` or a model silently. The message names the op, the
+    backend and the difference.
+    """
+
+    def __init__(self, op: str, backend: str, detail: str) -> None:
+        self.op = op
+        self.backend = backend
+        self.detail = detail
+        super().__init__(f"{op}: backend {backend!r} returned a result that breaks the contract: {detail}")
 
 
 class NoBackendError(UnsupportedOpError):

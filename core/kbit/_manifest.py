@@ -15,11 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ._opnames import ALL_OPS
 
-__all__ = ["API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS"]
+__all__ = ["API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS", "CAPABILITY_DEFAULTS", "ROUNDINGS"]
 
 #: Version of the backend contract (``Backend`` methods and their arguments) this core speaks.
 #: A manifest built for another version is rejected as ``invalid`` instead of failing later.
-API_VERSION = 1
+#: Version 2: optimizer updates take one ``OptimizerStep``; ``quantize_blockwise`` takes
+#: ``rand`` (stochastic rounding, declared with ``OpSupport.roundings``).
+API_VERSION = 2
 
 #: dtype names a manifest may declare, spelled as ``str(torch.float16).removeprefix("torch.")``.
 DTYPE_NAMES = frozenset(
@@ -32,7 +34,16 @@ CAPABILITY_PARAMS: Mapping[str, str] = {
     "quant_type": "quant_types",
     "quant_storage": "quant_storages",
     "optimizer": "optimizers",
+    "rounding": "roundings",
 }
+
+#: What an undeclared (``None``) capability field means when it is not "every value".
+#: A capability added after version 1 must not be claimed by a manifest that never heard
+#: of it: a manifest silent about ``roundings`` rounds to nearest only.
+CAPABILITY_DEFAULTS: Mapping[str, tuple[str, ...]] = {"roundings": ("nearest",)}
+
+#: Rounding modes of ``quantize_blockwise``: nearest code, or stochastic with ``rand``.
+ROUNDINGS = ("nearest", "stochastic")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -42,9 +53,12 @@ class OpSupport(BaseModel):
     """Which variants of one op a backend implements.
 
     Each field lists the accepted values of one call parameter; ``None`` means the parameter
-    does not restrict this op (it has no such parameter, or every value works). The
-    conformance suite tests every declared combination against the reference backend and
-    expects ``UnsupportedOpError`` for every undeclared one.
+    does not restrict this op (it has no such parameter, or every value works), except for
+    ``roundings``, where ``None`` means ``("nearest",)`` (see :data:`CAPABILITY_DEFAULTS`):
+    a backend offering stochastic rounding says so with
+    ``roundings=("nearest", "stochastic")``. The conformance suite tests every declared
+    combination against the reference backend and expects ``UnsupportedOpError`` for every
+    undeclared one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +68,7 @@ class OpSupport(BaseModel):
     quant_types: tuple[str, ...] | None = None
     quant_storages: tuple[str, ...] | None = None
     optimizers: tuple[str, ...] | None = None
+    roundings: tuple[str, ...] | None = None
 
     @field_validator("dtypes", "quant_storages")
     @classmethod
@@ -71,6 +86,18 @@ class OpSupport(BaseModel):
             raise ValueError(f"blocksizes must be positive, got {value}")
         return value
 
+    @field_validator("roundings")
+    @classmethod
+    def _known_roundings(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and set(value) - set(ROUNDINGS):
+            raise ValueError(f"unknown rounding mode(s) {sorted(set(value) - set(ROUNDINGS))}; known: {list(ROUNDINGS)}")
+        return value
+
+    def declared(self, field: str) -> tuple | None:
+        """The values declared for capability ``field``; ``None`` when unrestricted."""
+        value = getattr(self, field)
+        return CAPABILITY_DEFAULTS.get(field) if value is None else value
+
     def refusal(self, dtype: str | None, params: Mapping[str, Any]) -> str | None:
         """Return why this op variant is not supported, or ``None`` when it is."""
         if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
@@ -78,7 +105,7 @@ class OpSupport(BaseModel):
         for param, value in params.items():
             if value is None:
                 continue
-            declared = getattr(self, CAPABILITY_PARAMS[param])
+            declared = self.declared(CAPABILITY_PARAMS[param])
             if declared is not None and value not in declared:
                 return f"{param}={value!r} not in declared {list(declared)}"
         return None

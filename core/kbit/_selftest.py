@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .backend import Backend
+from .backend import OPTIMIZER_KINDS, Backend, OptimizerStep
 from .functional._codebooks import cached_code
 from .testing._cases import op_cases
 from .testing._plan import declares, representatives
@@ -27,17 +27,23 @@ __all__ = ["CheckResult", "CHECKS", "run_checks"]
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
-    """The outcome of one check: ``status`` is ``passed``, ``failed`` or ``error``."""
+    """The outcome of one check: ``status`` is ``passed``, ``failed`` or ``error``.
+
+    ``compared`` counts the results compared numerically (input sets run against the
+    reference, or the reference against a quality bar), so a summary can say how many
+    numbers were actually checked, apart from how many checks ran.
+    """
 
     backend: str
     op: str
     status: str
     detail: str = ""
+    compared: int = 0
 
 
 # A check gets (backend under test, reference backend, device) and returns None when it
-# passes or a string describing the disagreement.
-Check = Callable[[Backend, Backend, torch.device], Optional[str]]
+# passes or a string describing the disagreement, with the number of results it compared.
+Check = Callable[[Backend, Backend, torch.device], tuple[Optional[str], int]]
 
 
 def _check_reference_blockwise(reference: Backend, device: torch.device) -> Optional[str]:
@@ -94,10 +100,8 @@ def _check_reference_adam(reference: Backend, device: torch.device) -> Optional[
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     for step in range(1, 11):
         g = torch.randn(p.numel(), generator=gen).to(device)
-        reference.optimizer_update_32bit(
-            "adam", g, p, m, v, None, max_unorm=0.0, beta1=0.9, beta2=0.99, beta3=0.0, alpha=0.0, eps=1e-8,
-            weight_decay=0.0, step=step, lr=1e-2, gnorm_scale=1.0, skip_zeros=False,
-        )  # fmt: skip
+        update = OptimizerStep(OPTIMIZER_KINDS["adam"], step, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8)
+        reference.optimizer_update_32bit(update, g, p, m, v, None)
         mirror.grad = g.clone()
         adam.step()
         if not torch.allclose(p, mirror.detach(), rtol=1e-5, atol=1e-6):
@@ -113,17 +117,19 @@ def _case_check(op: str) -> Check:
     so the backend must be registered; the full sweep is ``kbit conformance``.
     """
 
-    def check(backend: Backend, reference: Backend, device: torch.device) -> Optional[str]:
+    def check(backend: Backend, reference: Backend, device: torch.device) -> tuple[Optional[str], int]:
         cases = op_cases()[op]
         declared = [v for v in cases.variants() if declares(backend.manifest, op, v.dtype_name, v.params)]
         # float32 first where declared: its comparisons are the tightest (a 16-bit result
         # may round either way, which the tolerances must allow).
         declared.sort(key=lambda v: v.dtype_name != "float32")
+        compared = 0
         for variant in representatives(cases, declared):
             problems = compare_with_reference(cases, variant, backend.name, device.type, conformance_tolerance(op))
+            compared += len(cases.inputs(variant))
             if problems:
-                return f"{variant.id}: {problems[0]}"
-        return None
+                return f"{variant.id}: {problems[0]}", compared
+        return None, compared
 
     return check
 
@@ -152,9 +158,12 @@ def run_checks(backend: Backend, reference: Backend) -> list[CheckResult]:
         if op not in declared:
             continue
         try:
-            problem = check(backend, device) if is_reference else check(backend, reference, device)
+            if is_reference:  # one result against the format's own bar
+                problem, compared = check(backend, device), 1
+            else:
+                problem, compared = check(backend, reference, device)
         except Exception as exc:  # a broken backend is reported, not propagated
             results.append(CheckResult(backend.name, op, "error", f"{type(exc).__name__}: {exc}"))
             continue
-        results.append(CheckResult(backend.name, op, "failed" if problem else "passed", problem or ""))
+        results.append(CheckResult(backend.name, op, "failed" if problem else "passed", problem or "", compared))
     return results

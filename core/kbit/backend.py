@@ -24,6 +24,7 @@ import torch
 from ._errors import (
     BackendError,
     BackendNotFoundError,
+    BackendResultError,
     BackendUnavailableError,
     KbitError,
     KbitFallbackWarning,
@@ -32,6 +33,7 @@ from ._errors import (
     UnsupportedOpError,
 )
 from ._manifest import API_VERSION, BackendManifest, OpSupport
+from ._optim_step import OPTIMIZER_KINDS, OptimizerKind, OptimizerStep
 from ._opnames import ALL_OPS, OP_FAMILIES
 
 __all__ = [
@@ -41,11 +43,15 @@ __all__ = [
     "Backend",
     "BackendManifest",
     "OpSupport",
+    "OptimizerKind",
+    "OptimizerStep",
+    "OPTIMIZER_KINDS",
     "KbitError",
     "UnsupportedOpError",
     "NoBackendError",
     "BackendError",
     "BackendNotFoundError",
+    "BackendResultError",
     "BackendUnavailableError",
     "KbitPluginWarning",
     "KbitFallbackWarning",
@@ -87,12 +93,23 @@ class Backend(abc.ABC):
         return f"<{type(self).__name__} backend {self.name!r}>"
 
     # ------------------------------------------------------------------ 8-bit blockwise
-    def quantize_blockwise(self, A: Tensor, *, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    def quantize_blockwise(
+        self, A: Tensor, *, code: Tensor, blocksize: int, rand: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         """Quantize ``A`` in consecutive blocks of ``blocksize`` (row-major flattening).
 
         Returns ``(codes, absmax)``: uint8 codes with ``A``'s shape (index of the nearest
         value of the sorted 256-entry ``code`` to ``x * (1 / absmax[block])``, ties to the
         lower index) and float32 ``absmax`` of shape ``(ceil(numel / blocksize),)``.
+
+        ``rand`` is passed (by keyword) only to a backend whose manifest declares
+        ``roundings=("nearest", "stochastic")`` for this op, so a backend without
+        stochastic rounding need not take the argument. It asks for stochastic rounding:
+        a contiguous float32 tensor of uniform [0, 1) values, as many as ``A`` has elements
+        or at least 1024 read cyclically (element ``i`` uses ``rand[i % rand.numel()]``).
+        With ``lo <= x <= hi`` the neighbouring code values, the element takes ``hi`` when
+        ``rand < (x - lo) / (hi - lo)`` (float32) and ``lo`` otherwise; see
+        docs/formats.md section 2.
         """
         raise self._refuse("quantize_blockwise")
 
@@ -248,101 +265,78 @@ class Backend(abc.ABC):
         raise self._refuse("int8_mixed_scaled_mm")
 
     # -------------------------------------------------------------------- optimizers
-    # Every update mutates ``p`` and its state tensors in place and returns nothing. The
-    # ``optimizer_name`` is one of "adam", "momentum", "rmsprop", "lion", "adagrad", "lamb",
-    # "lars", "ademamix"; a manifest lists the kinds it serves in ``OpSupport.optimizers``.
-    # Update rules and state layout: docs/formats.md section 5. For "ademamix" ``state1``
-    # stacks the two first moments, shape ``(2, *p.shape)`` (its absmax ``(2, nblocks)``).
+    # Every update mutates ``p`` and its state tensors in place and returns nothing. All
+    # scalars of the update come as one :class:`OptimizerStep` (kind, step count, learning
+    # rate, betas, ...); ``step.kind`` is an :class:`OptimizerKind` row of
+    # :data:`OPTIMIZER_KINDS`, which says whether weight decay is decoupled or L2 and which
+    # hyperparameters the rule reads. A manifest lists the kinds it serves in
+    # ``OpSupport.optimizers``. Update rules and state layout: docs/formats.md section 5.
+    # ``g`` and ``p`` share a float dtype and shape and are contiguous; for a kind with
+    # ``stacked_state1`` (AdEMAMix) ``state1`` is ``(2, *p.shape)`` (its absmax
+    # ``(2, nblocks)``). ``state2`` (and ``qmap2``, ``absmax2``, ``max2``, ``new_max2``)
+    # are None for one-state kinds.
 
     def optimizer_update_32bit(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         unorm_vec: Optional[Tensor],
-        *,
-        max_unorm: float,
-        beta1: float,
-        beta2: float,
-        beta3: float,
-        alpha: float,
-        eps: float,
-        weight_decay: float,
-        step: int,
-        lr: float,
-        gnorm_scale: float,
-        skip_zeros: bool,
     ) -> None:
         """One optimizer step with float32 state, updating ``p`` and the states in place.
 
-        With ``max_unorm > 0`` the backend computes ``||p||`` itself, stores the squared
-        update norm in ``unorm_vec[0]`` and scales the update down to at most
-        ``max_unorm * ||p||``. ``skip_zeros`` leaves elements whose gradient is exactly zero
-        untouched (parameter and state).
+        With ``step.max_unorm > 0`` the backend computes ``||p||`` itself, stores the
+        squared update norm in ``unorm_vec[0]`` and scales the update down to at most
+        ``max_unorm * ||p||``. ``step.skip_zeros`` leaves elements whose gradient is
+        exactly zero untouched (parameter and state).
         """
         raise self._refuse("optimizer_update_32bit")
 
     def optimizer_update_8bit(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         *,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        step: int,
-        lr: float,
         qmap1: Tensor,
         qmap2: Optional[Tensor],
         max1: Tensor,
         max2: Optional[Tensor],
         new_max1: Tensor,
         new_max2: Optional[Tensor],
-        weight_decay: float,
-        gnorm_scale: float,
         unorm_vec: Optional[Tensor],
-        max_unorm: float,
     ) -> None:
         """One step with whole-tensor 8-bit state (one absmax per state), in place.
 
         States are read with the scales ``max1``/``max2``; the updated states' absmax is
         written to ``new_max1``/``new_max2`` and the states are requantized with it. The
-        caller swaps ``max`` and ``new_max`` for the next step.
+        caller swaps ``max`` and ``new_max`` for the next step. ``skip_zeros`` is never set
+        for this layout.
         """
         raise self._refuse("optimizer_update_8bit")
 
     def optimizer_update_8bit_blockwise(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         *,
-        beta1: float,
-        beta2: float,
-        beta3: float,
-        alpha: float,
-        eps: float,
-        step: int,
-        lr: float,
         qmap1: Tensor,
         qmap2: Optional[Tensor],
         absmax1: Tensor,
         absmax2: Optional[Tensor],
-        weight_decay: float,
-        gnorm_scale: float,
-        skip_zeros: bool,
     ) -> None:
         """One step with blockwise 8-bit state (absmax per 256 elements), in place.
 
         Each state block is dequantized, updated in float32 and requantized to the nearest
         code with a fresh absmax, which is written back to ``absmax1``/``absmax2``.
+        ``max_unorm`` is always 0 for this layout.
         """
         raise self._refuse("optimizer_update_8bit_blockwise")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ._common import block_absmax, blockwise_apply, nearest_code_index, reciprocal_or_zero
+from ._common import block_absmax, blockwise_apply, nearest_code_index, reciprocal_or_zero, stochastic_code_index
 
 Tensor = torch.Tensor
 
@@ -17,11 +19,17 @@ def _codes_to_values(A: Tensor, code: Tensor) -> Tensor:
 class Blockwise8Ops:
     """The ``blockwise8`` op family of :class:`kbit_reference.ReferenceBackend`."""
 
-    def quantize_blockwise(self, A: Tensor, *, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    def quantize_blockwise(
+        self, A: Tensor, *, code: Tensor, blocksize: int, rand: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         flat = A.reshape(-1).to(torch.float32)
         absmax = block_absmax(flat, blocksize)
         normalised = blockwise_apply(flat, reciprocal_or_zero(absmax), blocksize, torch.empty_like(flat))
-        codes = nearest_code_index(normalised, code.to(A.device)).to(torch.uint8)
+        table = code.to(A.device)
+        if rand is None:
+            codes = nearest_code_index(normalised, table).to(torch.uint8)
+        else:
+            codes = stochastic_code_index(normalised, table, rand).to(torch.uint8)
         return codes.reshape(A.shape), absmax
 
     def dequantize_blockwise(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_absmax", "blockwise_apply", "nearest_code_index", "reciprocal_or_zero"]
+__all__ = ["block_absmax", "blockwise_apply", "nearest_code_index", "stochastic_code_index", "reciprocal_or_zero"]
 
 
 def _split_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +96,33 @@ def nearest_code_index(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor
     if torch.equal(index, torch.arange(index.numel(), device=index.device)):
         return position  # sorted table without duplicates: position is the index
     return index.to(torch.int32)[position.long()]
+
+
+def stochastic_code_index(values: torch.Tensor, code: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding of float32 ``values`` onto the sorted table ``code`` (int32 indices).
+
+    With ``lo <= x <= hi`` the neighbouring code values (clamped to the table's ends, so
+    ``lo == hi`` outside it or on a code value), ``x`` takes ``hi`` when
+    ``rand < (x - lo) / (hi - lo)`` in float32, else ``lo``; a value held by several
+    entries maps to the lowest index holding it, and NaN to the index of the largest value,
+    as in :func:`nearest_code_index`. ``rand`` is read cyclically when it is shorter than
+    ``values`` (``docs/formats.md`` section 2).
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    r = rand.reshape(-1)
+    if r.numel() < n:
+        r = r.repeat(-(-n // r.numel()))[:n]
+    elif r.numel() > n:
+        r = r[:n]
+    last = code.numel() - 1
+    above = torch.searchsorted(code, flat, right=True)  # entries <= x
+    lo_value = code[(above - 1).clamp_(0, last)]
+    hi_value = code[torch.searchsorted(code, flat).clamp_(max=last)]  # first entry >= x
+    spread = hi_value - lo_value
+    fraction = torch.where(spread > 0, (flat - lo_value) / torch.where(spread > 0, spread, 1.0), 0.0)
+    chosen = torch.where(r < fraction, hi_value, lo_value)
+    index = torch.searchsorted(code, chosen, out_int32=True)  # lowest index holding the value
+    nan_index = torch.searchsorted(code, code.max().reshape(1), out_int32=True)
+    index = torch.where(flat.isnan(), nan_index, index)
+    return index.reshape(values.shape)

@@ -11,12 +11,11 @@ from kbit._formats import (
     QUANT_STORAGE_NAMES_4BIT,
     QUANT_TYPES_4BIT,
 )
-from kbit.backend import API_VERSION, BackendManifest, OpSupport
-from kbit.functional._optim import OPTIMIZER_KINDS as _KINDS
-from kbit.functional._optim import static_8bit_kind_names
+from kbit._manifest import ROUNDINGS
+from kbit.backend import API_VERSION, OPTIMIZER_KINDS, BackendManifest, OpSupport
 
 _blockwise8 = {
-    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT, roundings=ROUNDINGS),
     "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
     "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
@@ -44,15 +43,15 @@ _int8 = {
 }
 
 # The reference serves every kind kbit defines: one table, no second list to keep in step.
-OPTIMIZER_KINDS = tuple(_KINDS)
+ALL_KINDS = tuple(OPTIMIZER_KINDS)
 # Whole-tensor 8-bit state has no slot for AdEMAMix's beta3 / alpha (seed API), so that op
 # serves only the kinds the table marks static_8bit (every kind except ademamix).
-STATIC_8BIT_KINDS = static_8bit_kind_names()
+STATIC_8BIT_KINDS = tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
 
 _optimizer = {
-    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=OPTIMIZER_KINDS),
+    "optimizer_update_32bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=ALL_KINDS),
     "optimizer_update_8bit": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=STATIC_8BIT_KINDS),
-    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=OPTIMIZER_KINDS),
+    "optimizer_update_8bit_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, optimizers=ALL_KINDS),
     "percentile_clipping": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
 }
 

@@ -28,31 +28,11 @@ from typing import Optional
 import torch
 
 from kbit._formats import OPTIMIZER_BLOCKSIZE
+from kbit.backend import OptimizerStep
 
 from ._common import block_absmax, blockwise_apply, nearest_code_index, reciprocal_or_zero
 
 Tensor = torch.Tensor
-
-#: Kinds whose weight decay multiplies the parameter (AdamW style) instead of being added to
-#: the gradient (L2 style).
-_DECOUPLED_DECAY = frozenset({"adam", "lamb", "lion", "ademamix"})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Hyper:
-    """The scalar arguments of one update, as the rules read them."""
-
-    kind: str
-    beta1: float
-    beta2: float
-    beta3: float
-    alpha: float
-    eps: float
-    weight_decay: float
-    step: int
-    lr: float
-    gnorm_scale: float
-    max_unorm: float
 
 
 @dataclasses.dataclass
@@ -77,10 +57,10 @@ class _Direction:
 
 
 # ----------------------------------------------------------------------------- rules
-def _working_grad(h: _Hyper, g: Tensor, p32: Tensor) -> Tensor:
+def _working_grad(h: OptimizerStep, g: Tensor, p32: Tensor) -> Tensor:
     """``gnorm_scale * g`` (plus ``wd * p`` for L2-decay kinds) in float32, never aliasing a
     tensor the caller owns when it has to change."""
-    l2 = h.weight_decay > 0 and h.kind not in _DECOUPLED_DECAY
+    l2 = h.l2_decay
     if g.dtype == torch.float32 and h.gnorm_scale == 1.0 and not l2:
         return g  # read only below
     g32 = g.to(torch.float32, copy=True)
@@ -91,9 +71,9 @@ def _working_grad(h: _Hyper, g: Tensor, p32: Tensor) -> Tensor:
     return g32
 
 
-def _direction(h: _Hyper, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direction:
+def _direction(h: OptimizerStep, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direction:
     """Update the float32 states in place and return the parameter update direction."""
-    kind, b1, b2, t = h.kind, h.beta1, h.beta2, h.step
+    kind, b1, b2, t = h.kind.name, h.beta1, h.beta2, h.step
     if kind in ("adam", "lamb"):
         assert s2 is not None
         s1.lerp_(g, 1.0 - b1)  # b1 m + (1 - b1) g in one pass
@@ -131,13 +111,13 @@ def _direction(h: _Hyper, g: Tensor, s1: Tensor, s2: Optional[Tensor]) -> _Direc
     raise AssertionError(f"unknown optimizer kind {kind!r}")  # the public API validated it
 
 
-def _apply_rule(h: _Hyper, p32: Tensor, g: Tensor, s1: Tensor, s2: Optional[Tensor],
+def _apply_rule(h: OptimizerStep, p32: Tensor, g: Tensor, s1: Tensor, s2: Optional[Tensor],
                 unorm_vec: Optional[Tensor]) -> None:  # fmt: skip
     """One step on float32 flat views: states and ``p32`` are updated in place."""
     g = _working_grad(h, g, p32)
     param_norm = torch.linalg.vector_norm(p32) if h.max_unorm > 0 else None
     direction = _direction(h, g, s1, s2)
-    if h.weight_decay > 0 and h.kind in _DECOUPLED_DECAY:
+    if h.decoupled_decay:
         p32.mul_(1.0 - h.lr * h.weight_decay)
     if param_norm is None:
         if direction.denominator is None:
@@ -174,8 +154,7 @@ class _ZeroGradGuard:
             view.index_copy_(1, self.index, saved)
 
 
-def _run(h: _Hyper, g: Tensor, p: Tensor, s1: Tensor, s2: Optional[Tensor], unorm_vec: Optional[Tensor],
-         skip_zeros: bool) -> None:  # fmt: skip
+def _run(h: OptimizerStep, g: Tensor, p: Tensor, s1: Tensor, s2: Optional[Tensor], unorm_vec: Optional[Tensor]) -> None:
     """Apply the rule to ``p`` (any float dtype) with float32 states ``s1`` / ``s2``.
 
     ``s1`` / ``s2`` are flat (``(2, n)`` for AdEMAMix's stacked first moments).
@@ -184,9 +163,9 @@ def _run(h: _Hyper, g: Tensor, p: Tensor, s1: Tensor, s2: Optional[Tensor], unor
     p_flat = p.view(-1)
     p32 = p_flat if p.dtype == torch.float32 else p_flat.float()
     g_flat = g.reshape(-1)
-    guard = _ZeroGradGuard(g_flat, [p32, s1] + ([s2] if s2 is not None else [])) if skip_zeros else None
+    guard = _ZeroGradGuard(g_flat, [p32, s1] + ([s2] if s2 is not None else [])) if h.skip_zeros else None
     stacked = s1.view(-1, n)
-    _apply_rule(h, p32, g_flat, stacked if h.kind == "ademamix" else stacked[0],
+    _apply_rule(h, p32, g_flat, stacked if h.kind.stacked_state1 else stacked[0],
                 None if s2 is None else s2.view(-1), unorm_vec)
     if guard is not None:
         guard.restore()
@@ -226,105 +205,64 @@ def _encode(values: Tensor, qmap: Tensor, codes: Tensor, scales: Tensor, blocksi
         codes2[r].copy_(nearest_code_index(normalised, qmap))
 
 
-def _hyper(optimizer_name: str, **values: float) -> _Hyper:
-    defaults = dict(beta2=0.0, beta3=0.0, alpha=0.0, eps=0.0, weight_decay=0.0, gnorm_scale=1.0, max_unorm=0.0)
-    return _Hyper(kind=optimizer_name, **{**defaults, **values})
-
-
 class OptimizerOps:
     """The ``optimizer`` op family of :class:`kbit_reference.ReferenceBackend`."""
 
     def optimizer_update_32bit(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         unorm_vec: Optional[Tensor],
-        *,
-        max_unorm: float,
-        beta1: float,
-        beta2: float,
-        beta3: float,
-        alpha: float,
-        eps: float,
-        weight_decay: float,
-        step: int,
-        lr: float,
-        gnorm_scale: float,
-        skip_zeros: bool,
     ) -> None:
-        h = _hyper(optimizer_name, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps,
-                   weight_decay=weight_decay, step=step, lr=lr, gnorm_scale=gnorm_scale, max_unorm=max_unorm)  # fmt: skip
         s2 = None if state2 is None else state2.view(-1)
-        _run(h, g, p, state1.view(-1), s2, unorm_vec, skip_zeros)
+        _run(step, g, p, state1.view(-1), s2, unorm_vec)
 
     def optimizer_update_8bit(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         *,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        step: int,
-        lr: float,
         qmap1: Tensor,
         qmap2: Optional[Tensor],
         max1: Tensor,
         max2: Optional[Tensor],
         new_max1: Tensor,
         new_max2: Optional[Tensor],
-        weight_decay: float,
-        gnorm_scale: float,
         unorm_vec: Optional[Tensor],
-        max_unorm: float,
     ) -> None:
         # The format's two passes (new absmax first, then update + requantize with it) give
         # the same numbers as computing the new float32 states once and reusing them.
-        h = _hyper(optimizer_name, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   step=step, lr=lr, gnorm_scale=gnorm_scale, max_unorm=max_unorm)  # fmt: skip
         n = p.numel()
         s1 = _decode(state1, qmap1, max1.view(1), n)
         s2 = None if state2 is None else _decode(state2, qmap2, max2.view(1), n)  # type: ignore[arg-type]
-        _run(h, g, p, s1.view(-1), None if s2 is None else s2.view(-1), unorm_vec, skip_zeros=False)
+        _run(step, g, p, s1.view(-1), None if s2 is None else s2.view(-1), unorm_vec)
         _encode(s1, qmap1, state1, new_max1.view(1), n)
         if s2 is not None:
             _encode(s2, qmap2, state2, new_max2.view(1), n)  # type: ignore[arg-type]
 
     def optimizer_update_8bit_blockwise(
         self,
-        optimizer_name: str,
+        step: OptimizerStep,
         g: Tensor,
         p: Tensor,
         state1: Tensor,
         state2: Optional[Tensor],
         *,
-        beta1: float,
-        beta2: float,
-        beta3: float,
-        alpha: float,
-        eps: float,
-        step: int,
-        lr: float,
         qmap1: Tensor,
         qmap2: Optional[Tensor],
         absmax1: Tensor,
         absmax2: Optional[Tensor],
-        weight_decay: float,
-        gnorm_scale: float,
-        skip_zeros: bool,
     ) -> None:
-        h = _hyper(optimizer_name, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps,
-                   weight_decay=weight_decay, step=step, lr=lr, gnorm_scale=gnorm_scale)  # fmt: skip
         bs = OPTIMIZER_BLOCKSIZE
         s1 = _decode(state1, qmap1, absmax1, bs)
         s2 = None if state2 is None else _decode(state2, qmap2, absmax2, bs)  # type: ignore[arg-type]
-        _run(h, g, p, s1.view(-1), None if s2 is None else s2.view(-1), None, skip_zeros)
+        _run(step, g, p, s1.view(-1), None if s2 is None else s2.view(-1), None)
         _encode(s1, qmap1, state1, absmax1, bs)
         if s2 is not None:
             _encode(s2, qmap2, state2, absmax2, bs)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import backend_for
+from ._results import Out, UpTo, checked, fake_from
 
 Tensor = torch.Tensor
 
@@ -33,53 +34,65 @@ def _rows(A: Tensor) -> int:
     return rows
 
 
-def _outlier_cols_like(A: Tensor, threshold: float) -> Tensor:
-    """Fake ``outlier_cols``: empty without a threshold, data-dependent length otherwise."""
-    if threshold <= 0.0:
-        return A.new_empty((0,), dtype=torch.int64)
+def _outlier_cols(A: Tensor, threshold: float) -> Out:
+    """``outlier_cols``: empty without a threshold, a data-dependent length up to the columns otherwise."""
     columns = A.shape[-1]
-    bound = columns if isinstance(columns, int) else None
-    size = torch.library.get_ctx().new_dynamic_size(min=0, max=bound)
-    return A.new_empty((size,), dtype=torch.int64)
+    length = 0 if threshold <= 0.0 else UpTo(columns if isinstance(columns, int) else None)
+    return Out("outlier_cols", (length,), torch.int64, A.device)
+
+
+def _int8_vectorwise_quant_out(A: Tensor, threshold: float) -> tuple[Out, Out, Out]:
+    return (
+        Out("CA", A.shape, torch.int8, A.device),
+        Out("row_stats", (_rows(A),), torch.float32, A.device),
+        _outlier_cols(A, threshold),
+    )
 
 
 @torch.library.custom_op("kbit::int8_vectorwise_quant", mutates_args=())
 def int8_vectorwise_quant(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     """Row-wise absmax int8 quantization; returns ``(CA int8 like A, row_stats, outlier_cols)``."""
     backend = backend_for("int8_vectorwise_quant", A)
-    return backend.int8_vectorwise_quant(A, threshold=threshold)
+    result = backend.int8_vectorwise_quant(A, threshold=threshold)
+    return checked("int8_vectorwise_quant", backend, result, _int8_vectorwise_quant_out(A, threshold))
 
 
-@int8_vectorwise_quant.register_fake
-def _(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    return (
-        torch.empty(A.shape, dtype=torch.int8, device=A.device),
-        A.new_empty((_rows(A),), dtype=torch.float32),
-        _outlier_cols_like(A, threshold),
-    )
+int8_vectorwise_quant.register_fake(fake_from(_int8_vectorwise_quant_out))
+
+
+def _int8_vectorwise_dequant_out(A: Tensor, stats: Tensor) -> Out:
+    return Out("values", A.shape, torch.float32, A.device)
 
 
 @torch.library.custom_op("kbit::int8_vectorwise_dequant", mutates_args=())
 def int8_vectorwise_dequant(A: Tensor, stats: Tensor) -> Tensor:
     """``A * stats[row] / 127`` as float32, shaped like ``A``."""
     backend = backend_for("int8_vectorwise_dequant", A, torch.float32)
-    return backend.int8_vectorwise_dequant(A, stats=stats)
+    result = backend.int8_vectorwise_dequant(A, stats=stats)
+    return checked("int8_vectorwise_dequant", backend, result, _int8_vectorwise_dequant_out(A, stats))
 
 
-@int8_vectorwise_dequant.register_fake
-def _(A: Tensor, stats: Tensor) -> Tensor:
-    return torch.empty(A.shape, dtype=torch.float32, device=A.device)
+int8_vectorwise_dequant.register_fake(fake_from(_int8_vectorwise_dequant_out))
+
+
+def _int8_linear_matmul_out(A: Tensor, B: Tensor) -> Out:
+    return Out("out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device)
 
 
 @torch.library.custom_op("kbit::int8_linear_matmul", mutates_args=())
 def int8_linear_matmul(A: Tensor, B: Tensor) -> Tensor:
     """Exact ``A @ B.T`` of int8 tensors (``B`` is ``[N, K]``), accumulated in int32."""
-    return backend_for("int8_linear_matmul", A).int8_linear_matmul(A, B)
+    backend = backend_for("int8_linear_matmul", A)
+    return checked("int8_linear_matmul", backend, backend.int8_linear_matmul(A, B), _int8_linear_matmul_out(A, B))
 
 
-@int8_linear_matmul.register_fake
-def _(A: Tensor, B: Tensor) -> Tensor:
-    return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
+int8_linear_matmul.register_fake(fake_from(_int8_linear_matmul_out))
+
+
+def _int8_mm_dequant_out(
+    A: Tensor, row_stats: Tensor, col_stats: Tensor, dtype: torch.dtype, bias: Optional[Tensor] = None
+) -> Out:
+    return Out("out", A.shape, dtype, A.device)
 
 
 @torch.library.custom_op("kbit::int8_mm_dequant", mutates_args=())
@@ -88,28 +101,46 @@ def int8_mm_dequant(
 ) -> Tensor:
     """``A * row_stats[:, None] * col_stats[None, :] / 127**2 (+ bias)`` as ``dtype``."""
     backend = backend_for("int8_mm_dequant", A, dtype)
-    return backend.int8_mm_dequant(A, row_stats=row_stats, col_stats=col_stats, bias=bias, dtype=dtype)
+    result = backend.int8_mm_dequant(A, row_stats=row_stats, col_stats=col_stats, bias=bias, dtype=dtype)
+    return checked("int8_mm_dequant", backend, result, _int8_mm_dequant_out(A, row_stats, col_stats, dtype, bias))
 
 
-@int8_mm_dequant.register_fake
-def _(A: Tensor, row_stats: Tensor, col_stats: Tensor, dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
-    return torch.empty(A.shape, dtype=dtype, device=A.device)
+int8_mm_dequant.register_fake(fake_from(_int8_mm_dequant_out))
+
+
+def _int8_double_quant_out(A: Tensor, threshold: float) -> tuple[Out, ...]:
+    return (
+        Out("CA", A.shape, torch.int8, A.device),
+        Out("CAt", A.shape, torch.int8, A.device),
+        Out("row_stats", (_rows(A),), torch.float32, A.device),
+        Out("col_stats", (A.shape[-1],), torch.float32, A.device),
+        _outlier_cols(A, threshold),
+    )
 
 
 @torch.library.custom_op("kbit::int8_double_quant", mutates_args=())
 def int8_double_quant(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row- and column-wise int8 quantization: ``(CA, CAt, row_stats, col_stats, outlier_cols)``."""
-    return backend_for("int8_double_quant", A).int8_double_quant(A, threshold=threshold)
+    backend = backend_for("int8_double_quant", A)
+    result = backend.int8_double_quant(A, threshold=threshold)
+    return checked("int8_double_quant", backend, result, _int8_double_quant_out(A, threshold))
 
 
-@int8_double_quant.register_fake
-def _(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+int8_double_quant.register_fake(fake_from(_int8_double_quant_out))
+
+
+def _int8_mixed_scaled_mm_out(
+    A: Tensor,
+    CA: Tensor,
+    CB: Tensor,
+    SCA: Tensor,
+    SCB: Tensor,
+    outlier_cols: Tensor,
+    bias: Optional[Tensor] = None,
+) -> tuple[Out, Out]:
     return (
-        torch.empty(A.shape, dtype=torch.int8, device=A.device),
-        torch.empty(A.shape, dtype=torch.int8, device=A.device),
-        A.new_empty((_rows(A),), dtype=torch.float32),
-        A.new_empty((A.shape[-1],), dtype=torch.float32),
-        _outlier_cols_like(A, threshold),
+        Out("out", (*A.shape[:-1], CB.shape[0]), A.dtype, A.device),
+        Out("subA", (_rows(A), outlier_cols.shape[0]), A.dtype, A.device),
     )
 
 
@@ -126,22 +157,9 @@ def int8_mixed_scaled_mm(
     """LLM.int8() matmul: int8 product of the regular columns plus the outlier columns of
     ``A`` against the dequantized weight columns; returns ``(out like A, A[:, outlier_cols])``."""
     backend = backend_for("int8_mixed_scaled_mm", A)
-    return backend.int8_mixed_scaled_mm(
-        A, CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=outlier_cols, bias=bias
-    )
+    result = backend.int8_mixed_scaled_mm(A, CA=CA, CB=CB, SCA=SCA, SCB=SCB, outlier_cols=outlier_cols, bias=bias)
+    expected = _int8_mixed_scaled_mm_out(A, CA, CB, SCA, SCB, outlier_cols, bias)
+    return checked("int8_mixed_scaled_mm", backend, result, expected)
 
 
-@int8_mixed_scaled_mm.register_fake
-def _(
-    A: Tensor,
-    CA: Tensor,
-    CB: Tensor,
-    SCA: Tensor,
-    SCB: Tensor,
-    outlier_cols: Tensor,
-    bias: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    return (
-        A.new_empty((*A.shape[:-1], CB.shape[0])),
-        A.new_empty((_rows(A), outlier_cols.shape[0])),
-    )
+int8_mixed_scaled_mm.register_fake(fake_from(_int8_mixed_scaled_mm_out))

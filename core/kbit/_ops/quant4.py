@@ -17,6 +17,7 @@ import torch
 
 from .._formats import num_blocks
 from . import backend_for
+from ._results import Out, checked, fake_from
 
 Tensor = torch.Tensor
 
@@ -28,23 +29,31 @@ def packed_rows(numel: int, storage: torch.dtype) -> int:
     count is not a multiple of the storage item size the last element is zero-padded
     instead of dropping bytes (the format's ``(n + 1) // (2 * itemsize)`` would lose them).
     """
-    itemsize = torch.empty((), dtype=storage).element_size()
-    return -(-((numel + 1) // 2) // itemsize)
+    return -(-((numel + 1) // 2) // storage.itemsize)
+
+
+def _quantize_4bit_out(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Out, Out]:
+    return (
+        Out("packed", (packed_rows(A.numel(), quant_storage), 1), quant_storage, A.device),
+        Out("absmax", (num_blocks(A.numel(), blocksize),), torch.float32, A.device),
+    )
 
 
 @torch.library.custom_op("kbit::quantize_4bit", mutates_args=())
 def quantize_4bit(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
     """4-bit blockwise quantization; returns ``(packed (rows, 1) quant_storage, absmax float32)``."""
     backend = backend_for("quantize_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
-    return backend.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    result = backend.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    return checked("quantize_4bit", backend, result, _quantize_4bit_out(A, blocksize, quant_type, quant_storage))
 
 
-@quantize_4bit.register_fake
-def _(A: Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
-    return (
-        A.new_empty((packed_rows(A.numel(), quant_storage), 1), dtype=quant_storage),
-        A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32),
-    )
+quantize_4bit.register_fake(fake_from(_quantize_4bit_out))
+
+
+def _dequantize_4bit_out(
+    A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> Out:
+    return Out("values", tuple(shape), dtype, A.device)
 
 
 @torch.library.custom_op("kbit::dequantize_4bit", mutates_args=())
@@ -55,36 +64,37 @@ def dequantize_4bit(
     backend = backend_for(
         "dequantize_4bit", A, dtype, blocksize=blocksize, quant_type=quant_type, quant_storage=A.dtype
     )
-    return backend.dequantize_4bit(
+    result = backend.dequantize_4bit(
         A, absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=dtype
     )
+    return checked("dequantize_4bit", backend, result, _dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype))
 
 
-@dequantize_4bit.register_fake
-def _(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    return A.new_empty(tuple(shape), dtype=dtype)
+dequantize_4bit.register_fake(fake_from(_dequantize_4bit_out))
+
+
+def _matmul_out(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Out:
+    return Out("out", (*A.shape[:-1], shape[0]), A.dtype, A.device)
 
 
 @torch.library.custom_op("kbit::gemv_4bit", mutates_args=())
 def gemv_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
     """``A @ dequant(B).T`` for a single row ``A`` (``B`` logically ``shape = [out, in]``)."""
     backend = backend_for("gemv_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
-    return backend.gemv_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    result = backend.gemv_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    return checked("gemv_4bit", backend, result, _matmul_out(A, B, absmax, blocksize, quant_type, shape))
 
 
 @torch.library.custom_op("kbit::matmul_4bit", mutates_args=())
 def matmul_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
     """``A @ dequant(B).T`` for any leading dimensions of ``A``; output in ``A``'s dtype."""
     backend = backend_for("matmul_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
-    return backend.matmul_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    result = backend.matmul_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    return checked("matmul_4bit", backend, result, _matmul_out(A, B, absmax, blocksize, quant_type, shape))
 
 
-def _matmul_fake(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
-    return A.new_empty((*A.shape[:-1], shape[0]))
-
-
-gemv_4bit.register_fake(_matmul_fake)
-matmul_4bit.register_fake(_matmul_fake)
+gemv_4bit.register_fake(fake_from(_matmul_out))
+matmul_4bit.register_fake(fake_from(_matmul_out))
 
 
 def _setup_matmul_context(ctx, inputs, output) -> None:

@@ -19,8 +19,9 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name in backends.available():
         results.extend(run_checks(backends.get(name), reference))
-    rows = [(r.backend, r.op, r.status, r.detail) for r in results]
-    print(render_table(("BACKEND", "OP", "RESULT", "DETAIL"), rows))
+    rows = [(r.backend, r.op, r.status, str(r.compared), r.detail) for r in results]
+    print(render_table(("BACKEND", "OP", "RESULT", "COMPARED", "DETAIL"), rows))
     failures = [r for r in results if r.status != "passed"]
-    print(f"{len(results) - len(failures)} passed, {len(failures)} failed")
+    compared = sum(r.compared for r in results)
+    print(f"{len(results) - len(failures)} checks passed, {len(failures)} failed; {compared} results compared numerically")
     return 1 if failures else 0

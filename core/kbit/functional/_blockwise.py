@@ -51,6 +51,37 @@ def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> to
     return check_code(op, code).to(device)
 
 
+#: Shortest ``rand`` buffer that may be read cyclically (``docs/formats.md`` section 2).
+MIN_CYCLIC_RAND = 1024
+
+
+def _check_rand(op: str, rand: object, A: torch.Tensor, code: torch.Tensor) -> Optional[torch.Tensor]:
+    """The uniform [0, 1) values stochastic rounding reads, as a flat float32 tensor on A's device.
+
+    A ``torch.Generator`` draws one value per element. A tensor must hold one per element or
+    at least :data:`MIN_CYCLIC_RAND` (read cyclically), all in [0, 1); the code must be
+    sorted, since the rounding picks between neighbouring table entries.
+    """
+    if rand is None:
+        return None
+    if isinstance(rand, torch.Generator):
+        rand = torch.rand(A.numel(), generator=rand, device=rand.device)
+    rand = check_dtype(op, "rand", rand, (torch.float32,))
+    n = rand.numel()
+    if n != A.numel() and n < MIN_CYCLIC_RAND:
+        raise KbitValueError(
+            op, "rand.numel()", n, f"one value per element ({A.numel()}) or at least {MIN_CYCLIC_RAND}, read cyclically"
+        )
+    if n:
+        low, high = torch.aminmax(rand.detach())
+        if not (float(low) >= 0.0 and float(high) < 1.0):  # NaN fails both comparisons
+            bad = float(low) if not float(low) >= 0.0 else float(high)
+            raise KbitValueError(op, "rand", f"a value {bad}", "uniform values in [0, 1)")
+    if code.numel() > 1 and not bool((code[1:] >= code[:-1]).all()):
+        raise KbitValueError(op, "code", "an unsorted table", "a table sorted ascending for stochastic rounding")
+    return rand.to(A.device).reshape(-1).contiguous()
+
+
 def quantize_blockwise(
     A: torch.Tensor,
     code: Optional[torch.Tensor] = None,
@@ -58,6 +89,7 @@ def quantize_blockwise(
     out: Optional[torch.Tensor] = None,
     blocksize: int = 4096,
     nested: bool = False,
+    rand: Optional[torch.Tensor | torch.Generator] = None,
     *,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, QuantState]:
@@ -70,6 +102,12 @@ def quantize_blockwise(
         out: optional uint8 buffer shaped like ``A`` to receive the codes.
         blocksize: a power of two in 64..4096.
         nested: also quantize the absmax values (8-bit, blocks of 256, mean-centred).
+        rand: stochastic rounding instead of nearest: float32 uniform [0, 1) values, one
+            per element or at least 1024 read cyclically, or a ``torch.Generator`` to draw
+            them from. Each value rounds to its lower or upper neighbouring code with
+            probability proportional to its distance from the other, so dequantization is
+            unbiased in expectation (``docs/formats.md`` section 2). The nested absmax is
+            always rounded to nearest.
         backend: name of a backend to prefer for this call.
 
     Returns:
@@ -82,7 +120,8 @@ def quantize_blockwise(
     code = _code_for(op, code, A.device)
     check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
     check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
-    codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize)
+    rand = _check_rand(op, rand, A, code)
+    codes, scales = call_with_backend(backend, ops.quantize_blockwise, A.contiguous(), code, blocksize, rand)
     codes = store_into(op, "out", codes, out)
     scales = store_into(op, "absmax", scales, absmax)
     if not nested:

@@ -1,32 +1,21 @@
 """Optimizer kernels with the bitsandbytes ``functional`` API: one fused step per state layout.
 
-Every update mutates ``p`` and its states in place. Arguments are checked once here (typed
-errors naming the op, the argument and the value) and nothing is written when a check
-fails. Update rules and state layouts: ``docs/formats.md`` section 5 and
-``docs/optimizers.md``.
+Every update mutates ``p`` and its states in place. The scalars of an update are validated
+once, into an :class:`~kbit._optim_step.OptimizerStep` (:func:`make_step`: typed errors
+naming the op, the argument and the value), and the tensors by the ``apply_*`` function of
+the state layout; nothing is written when a check fails. The seed API's functions
+(``optimizer_update_32bit`` & co.) build the step from their scalar arguments;
+``kbit.optim`` builds it from the param group and calls the ``apply_*`` functions directly.
 
-Kinds and the hyperparameters they read:
-
-======== ======== ====== ====== ===== ===== ====================================
-kind     states   beta1  beta2  beta3 eps   weight decay
-======== ======== ====== ====== ===== ===== ====================================
-adam     2        yes    yes    -     yes   decoupled (``p *= 1 - lr * wd``)
-lamb     2        yes    yes    -     yes   decoupled; meant for ``max_unorm > 0``
-ademamix 2 (+1)   yes    yes    yes   yes   decoupled; also ``alpha``
-lion     1        yes    yes    -     -     decoupled
-momentum 1        yes    -      -     -     L2 (``g += wd * p``)
-lars     1        yes    -      -     -     L2; meant for ``max_unorm > 0``
-rmsprop  1        yes    -      -     yes   L2 (``beta1`` is RMSprop's ``alpha``)
-adagrad  1        -      -      -     yes   L2
-======== ======== ====== ====== ===== ===== ====================================
-
-A hyperparameter a kind does not read must be 0: a non-zero value raises instead of being
-ignored. AdEMAMix's ``state1`` stacks its two first moments: shape ``(2, *p.shape)``.
+What each kind reads (its states, decoupled or L2 weight decay, hyperparameters, options)
+is the table :data:`kbit.backend.OPTIMIZER_KINDS`; update rules and state layouts are
+``docs/formats.md`` section 5. A hyperparameter a kind does not read must be 0: a non-zero
+value raises instead of being ignored. AdEMAMix's ``state1`` stacks its two first moments:
+shape ``(2, *p.shape)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -36,6 +25,7 @@ from .._errors import KbitTypeError, KbitValueError
 from .._formats import FLOAT_DTYPES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .._ops import call_with_backend
 from .._ops import optim as ops
+from .._optim_step import OPTIMIZER_KINDS, OptimizerKind, OptimizerStep, StateLayout, layout_of
 from ._validate import check_dtype, check_int, check_real, check_tensor
 
 __all__ = [
@@ -46,54 +36,14 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerKind:
-    """What one optimizer kind reads: its number of states and its hyperparameters."""
-
-    name: str
-    num_states: int
-    uses_beta1: bool = True
-    uses_beta2: bool = False
-    uses_beta3_alpha: bool = False
-    uses_eps: bool = True
-    #: Whole-tensor 8-bit state (``optimizer_update_8bit``) can serve this kind.
-    static_8bit: bool = True
-
-    @property
-    def stacked_state1(self) -> bool:
-        """True when ``state1`` holds two moments stacked on a leading axis of 2."""
-        return self.uses_beta3_alpha
-
-
-OPTIMIZER_KINDS: dict[str, OptimizerKind] = {
-    kind.name: kind
-    for kind in (
-        OptimizerKind("adam", 2, uses_beta2=True),
-        OptimizerKind("lamb", 2, uses_beta2=True),
-        OptimizerKind("ademamix", 2, uses_beta2=True, uses_beta3_alpha=True, static_8bit=False),
-        OptimizerKind("lion", 1, uses_beta2=True, uses_eps=False),
-        OptimizerKind("momentum", 1, uses_eps=False),
-        OptimizerKind("lars", 1, uses_eps=False),
-        OptimizerKind("rmsprop", 1),
-        OptimizerKind("adagrad", 1, uses_beta1=False),
-    )
-}
-
-
-def static_8bit_kind_names() -> tuple[str, ...]:
-    """Kinds the whole-tensor 8-bit op serves (its state has no slot for AdEMAMix's beta3/alpha).
-
-    Read from :data:`OPTIMIZER_KINDS` on every call, so the table stays the only list.
-    """
-    return tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)
-
-
 # ----------------------------------------------------------------------------- checks
-def optimizer_kind(op: str, name: object, *, static_8bit: bool = False) -> OptimizerKind:
-    """The :class:`OptimizerKind` called ``name``; raises for unknown kinds."""
+def optimizer_kind(op: str, name: object, *, layout: Optional[StateLayout] = None) -> OptimizerKind:
+    """The :class:`OptimizerKind` called ``name``; raises for unknown kinds and for kinds
+    ``layout`` (whole-tensor 8-bit state) cannot serve."""
     kind = OPTIMIZER_KINDS.get(name) if isinstance(name, str) else None
-    if kind is None or (static_8bit and not kind.static_8bit):
-        allowed = list(static_8bit_kind_names() if static_8bit else OPTIMIZER_KINDS)
+    static = layout is not None and layout.eight_bit and not layout.block_wise
+    if kind is None or (static and not kind.static_8bit):
+        allowed = [n for n, k in OPTIMIZER_KINDS.items() if k.static_8bit or not static]
         raise KbitValueError(op, "optimizer_name", name, f"expected one of {allowed}")
     return kind
 
@@ -105,20 +55,30 @@ def check_hyperparameters(op: str, kind: OptimizerKind, **values: float) -> dict
     and ``max_unorm`` are finite and non-negative. A hyperparameter ``kind`` does not read
     must be 0.
     """
-    unused = {
-        "beta1": not kind.uses_beta1,
-        "beta2": not kind.uses_beta2,
-        "beta3": not kind.uses_beta3_alpha,
-        "alpha": not kind.uses_beta3_alpha,
-        "eps": not kind.uses_eps,
-    }
     checked = {}
     for name, value in values.items():
         is_beta = name.startswith("beta")
         checked[name] = check_real(op, name, value, low=0.0, high=1.0 if is_beta else math.inf, high_open=is_beta)
-        if unused.get(name) and checked[name] != 0.0:
+        if not kind.reads_param(name) and checked[name] != 0.0:
             raise KbitValueError(op, name, value, f"optimizer {kind.name!r} does not use {name}; pass 0")
     return checked
+
+
+def make_step(op: str, kind: OptimizerKind, step: object, layout: StateLayout, *, skip_zeros: object = False,
+              **hyper: float) -> OptimizerStep:  # fmt: skip
+    """The validated :class:`OptimizerStep` of one update of ``kind`` with state of ``layout``.
+
+    ``hyper`` holds the step's scalars by field name (``lr``, ``beta1``, ...); fields not
+    given keep the dataclass defaults. Options the layout cannot honour (``max_unorm`` with
+    blockwise 8-bit state, ``skip_zeros`` with whole-tensor 8-bit state) raise.
+    """
+    checked = check_hyperparameters(op, kind, **hyper)
+    if not isinstance(skip_zeros, bool):
+        raise KbitTypeError(op, "skip_zeros", f"type {type(skip_zeros).__name__}", "a bool")
+    for option, active in (("max_unorm", checked.get("max_unorm", 0.0) > 0), ("skip_zeros", skip_zeros)):
+        if active and option not in layout.options:
+            raise KbitValueError(op, option, hyper.get(option, skip_zeros), f"{layout.name} state cannot honour it")
+    return OptimizerStep(kind, check_step(op, step), skip_zeros=skip_zeros, **checked)
 
 
 def check_step(op: str, step: object) -> int:
@@ -186,7 +146,94 @@ def _check_unorm(op: str, unorm_vec: object, max_unorm: float, p: torch.Tensor) 
     return _check_inplace(op, "unorm_vec", unorm_vec, (torch.float32,), shape, p.device)
 
 
-# ------------------------------------------------------------------------ functions
+# -------------------------------------------------------------- updates by layout
+def apply_32bit(
+    update: OptimizerStep,
+    g: torch.Tensor,
+    p: torch.Tensor,
+    state1: torch.Tensor,
+    state2: Optional[torch.Tensor] = None,
+    unorm_vec: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """Apply ``update`` to ``p`` with float32 state, in place (tensors checked first)."""
+    op = "optimizer_update_32bit"
+    g, p = _check_param_and_grad(op, g, p)
+    state1, state2 = _check_states(op, update.kind, p, state1, state2, torch.float32)
+    unorm_vec = _check_unorm(op, unorm_vec, update.max_unorm, p)
+    call_with_backend(backend, ops.optimizer_update_32bit, g, p, state1, state2, unorm_vec, *update.to_op_args())
+
+
+def apply_8bit(
+    update: OptimizerStep,
+    g: torch.Tensor,
+    p: torch.Tensor,
+    state1: torch.Tensor,
+    state2: Optional[torch.Tensor],
+    qmap1: torch.Tensor,
+    qmap2: Optional[torch.Tensor],
+    max1: torch.Tensor,
+    max2: Optional[torch.Tensor],
+    new_max1: torch.Tensor,
+    new_max2: Optional[torch.Tensor],
+    unorm_vec: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """Apply ``update`` to ``p`` with whole-tensor 8-bit state, in place (tensors checked first)."""
+    op = "optimizer_update_8bit"
+    g, p = _check_param_and_grad(op, g, p)
+    state1, state2 = _check_states(op, update.kind, p, state1, state2, torch.uint8)
+    qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
+    max1 = _check_inplace(op, "max1", max1, (torch.float32,), (1,), p.device)
+    new_max1 = _check_inplace(op, "new_max1", new_max1, (torch.float32,), (1,), p.device)
+    if state2 is not None:
+        qmap2 = _check_qmap(op, "qmap2", qmap2, p.device)
+        max2 = _check_inplace(op, "max2", max2, (torch.float32,), (1,), p.device)
+        new_max2 = _check_inplace(op, "new_max2", new_max2, (torch.float32,), (1,), p.device)
+    else:
+        qmap2 = max2 = new_max2 = None
+    unorm_vec = _check_unorm(op, unorm_vec, update.max_unorm, p)
+    call_with_backend(
+        backend, ops.optimizer_update_8bit, g, p, state1, state2, qmap1, qmap2, max1, max2, new_max1, new_max2,
+        unorm_vec, *update.to_op_args(),
+    )  # fmt: skip
+
+
+def apply_8bit_blockwise(
+    update: OptimizerStep,
+    g: torch.Tensor,
+    p: torch.Tensor,
+    state1: torch.Tensor,
+    state2: Optional[torch.Tensor],
+    qmap1: torch.Tensor,
+    qmap2: Optional[torch.Tensor],
+    absmax1: torch.Tensor,
+    absmax2: Optional[torch.Tensor],
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """Apply ``update`` to ``p`` with blockwise 8-bit state, in place (tensors checked first)."""
+    op = "optimizer_update_8bit_blockwise"
+    g, p = _check_param_and_grad(op, g, p)
+    state1, state2 = _check_states(op, update.kind, p, state1, state2, torch.uint8)
+    nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
+    qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
+    absmax1_shape = (2, nblocks) if update.kind.stacked_state1 else (nblocks,)
+    absmax1 = _check_inplace(op, "absmax1", absmax1, (torch.float32,), absmax1_shape, p.device)
+    if state2 is not None:
+        qmap2 = _check_qmap(op, "qmap2", qmap2, p.device)
+        absmax2 = _check_inplace(op, "absmax2", absmax2, (torch.float32,), (nblocks,), p.device)
+    else:
+        qmap2 = absmax2 = None
+    call_with_backend(
+        backend, ops.optimizer_update_8bit_blockwise, g, p, state1, state2, qmap1, qmap2, absmax1, absmax2,
+        *update.to_op_args(),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------- seed API
 def optimizer_update_32bit(
     optimizer_name: str,
     g: torch.Tensor,
@@ -211,7 +258,7 @@ def optimizer_update_32bit(
     """One optimizer step with float32 state, in place.
 
     Args:
-        optimizer_name: the kind (see the module table).
+        optimizer_name: the kind (a key of :data:`kbit.backend.OPTIMIZER_KINDS`).
         g, p: gradient and parameter (float16, bfloat16 or float32, same dtype and shape);
             ``p`` must be contiguous.
         state1, state2: float32 states shaped like ``p`` (``state1`` is ``(2, *p.shape)``
@@ -225,17 +272,13 @@ def optimizer_update_32bit(
         backend: name of a backend to prefer for this call.
     """
     op = "optimizer_update_32bit"
-    kind = optimizer_kind(op, optimizer_name)
-    g, p = _check_param_and_grad(op, g, p)
-    state1, state2 = _check_states(op, kind, p, state1, state2, torch.float32)
-    h = check_hyperparameters(op, kind, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, lr=lr,
-                              weight_decay=weight_decay, gnorm_scale=gnorm_scale, max_unorm=max_unorm)  # fmt: skip
-    unorm_vec = _check_unorm(op, unorm_vec, h["max_unorm"], p)
-    call_with_backend(
-        backend, ops.optimizer_update_32bit, kind.name, g, p, state1, state2, unorm_vec, h["max_unorm"],
-        h["beta1"], h["beta2"], h["beta3"], h["alpha"], h["eps"], h["weight_decay"], check_step(op, step),
-        h["lr"], h["gnorm_scale"], bool(skip_zeros),
+    layout = layout_of(False, False)
+    update = make_step(
+        op, optimizer_kind(op, optimizer_name), step, layout, skip_zeros=skip_zeros, lr=lr, beta1=beta1,
+        beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, weight_decay=weight_decay, gnorm_scale=gnorm_scale,
+        max_unorm=max_unorm,
     )  # fmt: skip
+    apply_32bit(update, g, p, state1, state2, unorm_vec, backend=backend)
 
 
 def optimizer_update_8bit(
@@ -270,26 +313,12 @@ def optimizer_update_8bit(
     before the next step. AdEMAMix needs blockwise state.
     """
     op = "optimizer_update_8bit"
-    kind = optimizer_kind(op, optimizer_name, static_8bit=True)
-    g, p = _check_param_and_grad(op, g, p)
-    state1, state2 = _check_states(op, kind, p, state1, state2, torch.uint8)
-    h = check_hyperparameters(op, kind, beta1=beta1, beta2=beta2, eps=eps, lr=lr, weight_decay=weight_decay,
-                              gnorm_scale=gnorm_scale, max_unorm=max_unorm)  # fmt: skip
-    qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
-    max1 = _check_inplace(op, "max1", max1, (torch.float32,), (1,), p.device)
-    new_max1 = _check_inplace(op, "new_max1", new_max1, (torch.float32,), (1,), p.device)
-    if state2 is not None:
-        qmap2 = _check_qmap(op, "qmap2", qmap2, p.device)
-        max2 = _check_inplace(op, "max2", max2, (torch.float32,), (1,), p.device)
-        new_max2 = _check_inplace(op, "new_max2", new_max2, (torch.float32,), (1,), p.device)
-    else:
-        qmap2 = max2 = new_max2 = None
-    unorm_vec = _check_unorm(op, unorm_vec, h["max_unorm"], p)
-    call_with_backend(
-        backend, ops.optimizer_update_8bit, kind.name, g, p, state1, state2, h["beta1"], h["beta2"], h["eps"],
-        check_step(op, step), h["lr"], qmap1, qmap2, max1, max2, new_max1, new_max2, h["weight_decay"],
-        h["gnorm_scale"], unorm_vec, h["max_unorm"],
+    layout = layout_of(True, False)
+    update = make_step(
+        op, optimizer_kind(op, optimizer_name, layout=layout), step, layout, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, gnorm_scale=gnorm_scale, max_unorm=max_unorm,
     )  # fmt: skip
+    apply_8bit(update, g, p, state1, state2, qmap1, qmap2, max1, max2, new_max1, new_max2, unorm_vec, backend=backend)
 
 
 def optimizer_update_8bit_blockwise(
@@ -323,25 +352,12 @@ def optimizer_update_8bit_blockwise(
     absmax, written back to ``absmax1``/``absmax2``.
     """
     op = "optimizer_update_8bit_blockwise"
-    kind = optimizer_kind(op, optimizer_name)
-    g, p = _check_param_and_grad(op, g, p)
-    state1, state2 = _check_states(op, kind, p, state1, state2, torch.uint8)
-    h = check_hyperparameters(op, kind, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, lr=lr,
-                              weight_decay=weight_decay, gnorm_scale=gnorm_scale)  # fmt: skip
-    nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
-    qmap1 = _check_qmap(op, "qmap1", qmap1, p.device)
-    absmax1_shape = (2, nblocks) if kind.stacked_state1 else (nblocks,)
-    absmax1 = _check_inplace(op, "absmax1", absmax1, (torch.float32,), absmax1_shape, p.device)
-    if state2 is not None:
-        qmap2 = _check_qmap(op, "qmap2", qmap2, p.device)
-        absmax2 = _check_inplace(op, "absmax2", absmax2, (torch.float32,), (nblocks,), p.device)
-    else:
-        qmap2 = absmax2 = None
-    call_with_backend(
-        backend, ops.optimizer_update_8bit_blockwise, kind.name, g, p, state1, state2, h["beta1"], h["beta2"],
-        h["beta3"], h["alpha"], h["eps"], check_step(op, step), h["lr"], qmap1, qmap2, absmax1, absmax2,
-        h["weight_decay"], h["gnorm_scale"], bool(skip_zeros),
+    layout = layout_of(True, True)
+    update = make_step(
+        op, optimizer_kind(op, optimizer_name), step, layout, skip_zeros=skip_zeros, lr=lr, beta1=beta1,
+        beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, weight_decay=weight_decay, gnorm_scale=gnorm_scale,
     )  # fmt: skip
+    apply_8bit_blockwise(update, g, p, state1, state2, qmap1, qmap2, absmax1, absmax2, backend=backend)
 
 
 def percentile_clipping(

@@ -6,7 +6,6 @@ from typing import Any, Iterable
 
 from ._base import Optimizer1State
 from ._config import refuse_unsupported
-from ._variants import optimizer_variant
 
 __all__ = ["Adagrad", "Adagrad8bit", "Adagrad32bit"]
 
@@ -49,5 +48,9 @@ class Adagrad(Optimizer1State):
         )  # fmt: skip
 
 
-Adagrad8bit = optimizer_variant(Adagrad, "Adagrad8bit", optim_bits=8, summary="Adagrad with 8-bit blockwise state.")
-Adagrad32bit = optimizer_variant(Adagrad, "Adagrad32bit", optim_bits=32, summary="Adagrad with 32-bit state.")
+class Adagrad8bit(Adagrad, optim_bits=8):
+    """Adagrad with 8-bit blockwise state."""
+
+
+class Adagrad32bit(Adagrad, optim_bits=32):
+    """Adagrad with 32-bit state."""

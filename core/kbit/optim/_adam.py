@@ -6,7 +6,6 @@ from typing import Any, Iterable
 
 from ._base import Optimizer2State
 from ._config import refuse_unsupported
-from ._variants import optimizer_variant
 
 __all__ = [
     "Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit",
@@ -95,21 +94,41 @@ class AdamW(Adam):
         )  # fmt: skip
 
 
-Adam8bit = optimizer_variant(Adam, "Adam8bit", optim_bits=8, summary="Adam with 8-bit blockwise state.")
-Adam32bit = optimizer_variant(Adam, "Adam32bit", optim_bits=32, summary="Adam with 32-bit state.")
-PagedAdam = optimizer_variant(Adam, "PagedAdam", is_paged=True, summary="Adam with paged state.")
-PagedAdam8bit = optimizer_variant(
-    Adam, "PagedAdam8bit", optim_bits=8, is_paged=True, summary="Adam with paged 8-bit blockwise state."
-)
-PagedAdam32bit = optimizer_variant(
-    Adam, "PagedAdam32bit", optim_bits=32, is_paged=True, summary="Adam with paged 32-bit state."
-)
-AdamW8bit = optimizer_variant(AdamW, "AdamW8bit", optim_bits=8, summary="AdamW with 8-bit blockwise state.")
-AdamW32bit = optimizer_variant(AdamW, "AdamW32bit", optim_bits=32, summary="AdamW with 32-bit state.")
-PagedAdamW = optimizer_variant(AdamW, "PagedAdamW", is_paged=True, summary="AdamW with paged state.")
-PagedAdamW8bit = optimizer_variant(
-    AdamW, "PagedAdamW8bit", optim_bits=8, is_paged=True, summary="AdamW with paged 8-bit blockwise state."
-)
-PagedAdamW32bit = optimizer_variant(
-    AdamW, "PagedAdamW32bit", optim_bits=32, is_paged=True, summary="AdamW with paged 32-bit state."
-)
+class Adam8bit(Adam, optim_bits=8):
+    """Adam with 8-bit blockwise state."""
+
+
+class Adam32bit(Adam, optim_bits=32):
+    """Adam with 32-bit state."""
+
+
+class PagedAdam(Adam, is_paged=True):
+    """Adam with paged state."""
+
+
+class PagedAdam8bit(Adam, optim_bits=8, is_paged=True):
+    """Adam with paged 8-bit blockwise state."""
+
+
+class PagedAdam32bit(Adam, optim_bits=32, is_paged=True):
+    """Adam with paged 32-bit state."""
+
+
+class AdamW8bit(AdamW, optim_bits=8):
+    """AdamW with 8-bit blockwise state."""
+
+
+class AdamW32bit(AdamW, optim_bits=32):
+    """AdamW with 32-bit state."""
+
+
+class PagedAdamW(AdamW, is_paged=True):
+    """AdamW with paged state."""
+
+
+class PagedAdamW8bit(AdamW, optim_bits=8, is_paged=True):
+    """AdamW with paged 8-bit blockwise state."""
+
+
+class PagedAdamW32bit(AdamW, optim_bits=32, is_paged=True):
+    """AdamW with paged 32-bit state."""

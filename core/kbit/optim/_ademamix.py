@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 from ._base import Optimizer2State
-from ._variants import optimizer_variant
 
 __all__ = [
     "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit",
@@ -49,12 +48,21 @@ class AdEMAMix(Optimizer2State):
         )  # fmt: skip
 
 
-AdEMAMix8bit = optimizer_variant(AdEMAMix, "AdEMAMix8bit", optim_bits=8, summary="AdEMAMix with 8-bit blockwise state.")
-AdEMAMix32bit = optimizer_variant(AdEMAMix, "AdEMAMix32bit", optim_bits=32, summary="AdEMAMix with 32-bit state.")
-PagedAdEMAMix = optimizer_variant(AdEMAMix, "PagedAdEMAMix", is_paged=True, summary="AdEMAMix with paged state.")
-PagedAdEMAMix8bit = optimizer_variant(
-    AdEMAMix, "PagedAdEMAMix8bit", optim_bits=8, is_paged=True, summary="AdEMAMix with paged 8-bit blockwise state."
-)
-PagedAdEMAMix32bit = optimizer_variant(
-    AdEMAMix, "PagedAdEMAMix32bit", optim_bits=32, is_paged=True, summary="AdEMAMix with paged 32-bit state."
-)
+class AdEMAMix8bit(AdEMAMix, optim_bits=8):
+    """AdEMAMix with 8-bit blockwise state."""
+
+
+class AdEMAMix32bit(AdEMAMix, optim_bits=32):
+    """AdEMAMix with 32-bit state."""
+
+
+class PagedAdEMAMix(AdEMAMix, is_paged=True):
+    """AdEMAMix with paged state."""
+
+
+class PagedAdEMAMix8bit(AdEMAMix, optim_bits=8, is_paged=True):
+    """AdEMAMix with paged 8-bit blockwise state."""
+
+
+class PagedAdEMAMix32bit(AdEMAMix, optim_bits=32, is_paged=True):
+    """AdEMAMix with paged 32-bit state."""

@@ -19,6 +19,7 @@ import torch
 from .._errors import KbitTypeError, KbitValueError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
+from .._optim_step import OptimizerKind, layout_of
 from ..functional._codebooks import cached_code
 from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state, state_layout
 from ._config import (
@@ -30,6 +31,7 @@ from ._config import (
 )
 from ._manager import GlobalOptimManager
 from ._paging import PagedAllocator
+from ._variants import guard_positional, install_variant
 
 __all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State", "ademamix_schedule"]
 
@@ -63,17 +65,10 @@ _MAX_GRAD = math.sqrt(torch.finfo(torch.float32).max)
 _QMAP_CODES = {"dynamic": "dynamic", "udynamic": "dynamic_unsigned"}
 
 
-def update_op(eight_bit: bool, block_wise: bool) -> str:
-    """The registry op that updates state of this layout."""
-    if not eight_bit:
-        return "optimizer_update_32bit"
-    return "optimizer_update_8bit_blockwise" if block_wise else "optimizer_update_8bit"
-
-
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of kbit's optimizers: per-parameter 32-bit or 8-bit state.
 
-    Subclasses set :attr:`kind` (an entry of ``kbit.functional._optim.OPTIMIZER_KINDS``)
+    Subclasses set :attr:`kind` (an entry of :data:`kbit.backend.OPTIMIZER_KINDS`)
     through :class:`Optimizer1State` / :class:`Optimizer2State`. What this class adds to
     ``torch.optim.Optimizer``:
 
@@ -86,9 +81,20 @@ class Optimizer8bit(torch.optim.Optimizer):
     """
 
     #: The optimizer kind; set by the concrete classes.
-    kind: Optional[F.OptimizerKind] = None
+    kind: Optional[OptimizerKind] = None
     #: State width a class fixes (``Adam8bit``: 8); ``None`` lets ``optim_bits`` choose.
     _fixed_optim_bits: Optional[int] = None
+
+    def __init_subclass__(cls, *, optim_bits: Optional[int] = None, is_paged: Optional[bool] = None,
+                          **kwargs: Any) -> None:  # fmt: skip
+        """``class Adam8bit(Adam, optim_bits=8)`` declares a variant with ``optim_bits`` (and/or
+        ``is_paged``) fixed; every subclass's own ``__init__`` names the keyword to use
+        when given too many positional arguments (see :mod:`kbit.optim._variants`)."""
+        super().__init_subclass__(**kwargs)
+        if optim_bits is not None or is_paged is not None:
+            install_variant(cls, optim_bits=optim_bits, is_paged=is_paged)
+        else:
+            guard_positional(cls)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], optim_bits: int = 32,
                  is_paged: bool = False) -> None:  # fmt: skip
@@ -212,7 +218,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         state["step"] = 0
         for which, shape in enumerate(shapes, start=1):
             dtype = torch.uint8 if eight_bit else torch.float32
-            state[f"state{which}"] = self._zeros(shape, dtype, p, update_op(eight_bit, block_wise))
+            state[f"state{which}"] = self._zeros(shape, dtype, p, layout_of(eight_bit, block_wise).op)
             if not eight_bit:
                 continue
             # First moments (and every single state) are signed; second moments unsigned.
@@ -342,28 +348,25 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         betas = config["betas"]
         beta3, alpha = 0.0, 0.0
-        if self.kind.uses_beta3_alpha:
+        if self.kind.reads_param("beta3"):
             beta3, alpha = ademamix_schedule(step, betas[0], betas[2], config["alpha"], config["t_alpha"], config["t_beta3"])
-        common = dict(weight_decay=config["weight_decay"], gnorm_scale=gnorm_scale)
-        name = self.kind.name
+        layout = layout_of(eight_bit, block_wise)
+        update = F.make_step(
+            self._owner, self.kind, step, layout, skip_zeros=config["skip_zeros"], lr=config["lr"], beta1=betas[0],
+            beta2=betas[1], beta3=beta3, alpha=alpha, eps=config["eps"], weight_decay=config["weight_decay"],
+            gnorm_scale=gnorm_scale, max_unorm=config["max_unorm"],
+        )  # fmt: skip
         if not eight_bit:
-            F.optimizer_update_32bit(
-                name, grad, p, state["state1"], betas[0], config["eps"], step, config["lr"], state.get("state2"),
-                betas[1], beta3, alpha, unorm_vec=unorm_vec, max_unorm=config["max_unorm"],
-                skip_zeros=config["skip_zeros"], **common,
-            )  # fmt: skip
+            F.apply_32bit(update, grad, p, state["state1"], state.get("state2"), unorm_vec)
         elif block_wise:
-            F.optimizer_update_8bit_blockwise(
-                name, grad, p, state["state1"], state.get("state2"), betas[0], betas[1], beta3, alpha,
-                config["eps"], step, config["lr"], state["qmap1"], state.get("qmap2"), state["absmax1"],
-                state.get("absmax2"), skip_zeros=config["skip_zeros"], **common,
+            F.apply_8bit_blockwise(
+                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
+                state["absmax1"], state.get("absmax2"),
             )  # fmt: skip
         else:
-            F.optimizer_update_8bit(
-                name, grad, p, state["state1"], state.get("state2"), betas[0], betas[1], config["eps"], step,
-                config["lr"], state["qmap1"], state.get("qmap2"), state["max1"], state.get("max2"),
-                state["new_max1"], state.get("new_max2"), unorm_vec=unorm_vec, max_unorm=config["max_unorm"],
-                **common,
+            F.apply_8bit(
+                update, grad, p, state["state1"], state.get("state2"), state["qmap1"], state.get("qmap2"),
+                state["max1"], state.get("max2"), state["new_max1"], state.get("new_max2"), unorm_vec,
             )  # fmt: skip
             # The new scales become the current ones; the old buffers receive the next ones.
             for which in (1, 2):
@@ -434,7 +437,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         optimizer resumed from a checkpoint must page like one that started afresh)."""
         if not loaded:
             return
-        op = update_op(*state_layout(loaded))
+        op = layout_of(*state_layout(loaded)).op
         for key in ("state1", "state2"):
             if key in loaded:
                 paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
@@ -468,7 +471,7 @@ class _KindOptimizer(Optimizer8bit):
             # whether paging is real. Each parameter asks about the op its state will use.
             self.check_overrides()
             uses = [
-                (p, update_op(*self._new_layout(self.get_config(gindex, pindex, group), p)))
+                (p, layout_of(*self._new_layout(self.get_config(gindex, pindex, group), p)).op)
                 for gindex, group in enumerate(self.param_groups)
                 for pindex, p in enumerate(group["params"])
             ]

@@ -17,7 +17,7 @@ import torch
 
 from .._errors import QuantStateError
 from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
-from ..functional._optim import OptimizerKind
+from .._optim_step import OptimizerKind
 
 __all__ = [
     "QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state",

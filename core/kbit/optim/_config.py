@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from .._errors import KbitTypeError, KbitValueError
-from ..functional._optim import OptimizerKind
+from .._optim_step import OptimizerKind, layout_of
 from ..functional._validate import check_choice, check_int, check_real
 
 #: State options of an optimizer, in ``optimizer.args``.
@@ -81,11 +81,11 @@ def normalise_betas(owner: str, kind: OptimizerKind, betas: object) -> tuple[flo
             betas = ast.literal_eval(betas)
         except (ValueError, SyntaxError):
             raise KbitValueError(owner, "betas", betas, "a tuple of numbers such as (0.9, 0.999)") from None
-    length = 3 if kind.uses_beta3_alpha else 2
+    length = 3 if kind.reads_param("beta3") else 2
     if not isinstance(betas, (tuple, list)) or len(betas) != length:
         raise KbitValueError(owner, "betas", betas, f"a tuple of {length} numbers in [0, 1)")
     values = tuple(check_real(owner, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas))
-    unused = [(0, kind.uses_beta1), (1, kind.uses_beta2)]
+    unused = [(0, kind.reads_param("beta1")), (1, kind.reads_param("beta2"))]
     for index, used in unused:
         if not used and values[index] != 0.0:
             raise KbitValueError(owner, f"betas[{index}]", values[index], f"optimizer {kind.name!r} does not use it; pass 0")
@@ -101,11 +101,11 @@ def check_group_hyperparameters(owner: str, kind: OptimizerKind, group: Mapping[
         checked["betas"] = normalise_betas(owner, kind, group["betas"])
     if "eps" in group:
         checked["eps"] = check_real(owner, "eps", group["eps"], low=0.0)
-        if not kind.uses_eps and checked["eps"] != 0.0:
+        if not kind.reads_param("eps") and checked["eps"] != 0.0:
             raise KbitValueError(owner, "eps", group["eps"], f"optimizer {kind.name!r} does not use eps; pass 0")
     if "weight_decay" in group:
         checked["weight_decay"] = check_real(owner, "weight_decay", group["weight_decay"], low=0.0)
-    if kind.uses_beta3_alpha:
+    if kind.reads_param("alpha"):
         if "alpha" in group:
             checked["alpha"] = check_real(owner, "alpha", group["alpha"], low=0.0)
         for name in ("t_alpha", "t_beta3"):
@@ -122,17 +122,19 @@ def check_group_hyperparameters(owner: str, kind: OptimizerKind, group: Mapping[
 
 def check_layout_options(owner: str, kind: OptimizerKind, options: Mapping[str, Any], *, eight_bit: bool,
                          block_wise: bool) -> None:  # fmt: skip
-    """Refuse state options the chosen state layout cannot honour (instead of ignoring them)."""
-    if not eight_bit:
-        return
-    if block_wise and options["max_unorm"] > 0:
+    """Refuse state options the chosen state layout cannot honour (instead of ignoring them).
+
+    What each layout honours is data (:data:`kbit._optim_step.STATE_LAYOUTS`).
+    """
+    layout = layout_of(eight_bit, block_wise)
+    if "max_unorm" not in layout.options and options["max_unorm"] > 0:
         raise KbitValueError(
             owner, "max_unorm", options["max_unorm"],
-            "blockwise 8-bit state has no update-norm clipping; pass block_wise=False or optim_bits=32",
+            f"{layout.name} state has no update-norm clipping; pass block_wise=False or optim_bits=32",
         )  # fmt: skip
-    if not block_wise and options["skip_zeros"]:
-        raise KbitValueError(owner, "skip_zeros", True, "whole-tensor 8-bit state (block_wise=False) cannot skip zeros")
-    if not block_wise and not kind.static_8bit:
+    if "skip_zeros" not in layout.options and options["skip_zeros"]:
+        raise KbitValueError(owner, "skip_zeros", True, f"{layout.name} state (block_wise=False) cannot skip zeros")
+    if eight_bit and not block_wise and not kind.static_8bit:
         raise KbitValueError(owner, "block_wise", False, f"8-bit {kind.name!r} state is always blockwise")
 
 

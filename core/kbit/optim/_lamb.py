@@ -6,7 +6,6 @@ from typing import Any, Iterable
 
 from ._base import Optimizer2State
 from ._config import refuse_unsupported
-from ._variants import optimizer_variant
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
 
@@ -54,5 +53,9 @@ class LAMB(Optimizer2State):
         )  # fmt: skip
 
 
-LAMB8bit = optimizer_variant(LAMB, "LAMB8bit", optim_bits=8, summary="LAMB with 8-bit state.")
-LAMB32bit = optimizer_variant(LAMB, "LAMB32bit", optim_bits=32, summary="LAMB with 32-bit state.")
+class LAMB8bit(LAMB, optim_bits=8):
+    """LAMB with 8-bit state."""
+
+
+class LAMB32bit(LAMB, optim_bits=32):
+    """LAMB with 32-bit state."""

@@ -10,7 +10,6 @@ from .._errors import KbitValueError
 from ._base import Optimizer1State
 from ._config import refuse_unsupported
 from ._sgd import check_momentum
-from ._variants import optimizer_variant
 
 __all__ = ["LARS", "LARS8bit", "LARS32bit", "PytorchLARS"]
 
@@ -50,8 +49,14 @@ class LARS(Optimizer1State):
         )  # fmt: skip
 
 
-LARS8bit = optimizer_variant(LARS, "LARS8bit", optim_bits=8, summary="LARS with 8-bit whole-tensor state.")
-LARS32bit = optimizer_variant(LARS, "LARS32bit", optim_bits=32, summary="LARS with 32-bit state.")
+class LARS8bit(LARS, optim_bits=8):
+    """LARS with 8-bit whole-tensor state."""
+
+
+class LARS32bit(LARS, optim_bits=32):
+    """LARS with 32-bit state."""
+
+
 
 
 class PytorchLARS(torch.optim.Optimizer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ._base import Optimizer1State
-from ._variants import optimizer_variant
 
 __all__ = ["Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit", "PagedLion32bit"]
 
@@ -41,12 +40,21 @@ class Lion(Optimizer1State):
         )  # fmt: skip
 
 
-Lion8bit = optimizer_variant(Lion, "Lion8bit", optim_bits=8, summary="Lion with 8-bit blockwise state.")
-Lion32bit = optimizer_variant(Lion, "Lion32bit", optim_bits=32, summary="Lion with 32-bit state.")
-PagedLion = optimizer_variant(Lion, "PagedLion", is_paged=True, summary="Lion with paged state.")
-PagedLion8bit = optimizer_variant(
-    Lion, "PagedLion8bit", optim_bits=8, is_paged=True, summary="Lion with paged 8-bit blockwise state."
-)
-PagedLion32bit = optimizer_variant(
-    Lion, "PagedLion32bit", optim_bits=32, is_paged=True, summary="Lion with paged 32-bit state."
-)
+class Lion8bit(Lion, optim_bits=8):
+    """Lion with 8-bit blockwise state."""
+
+
+class Lion32bit(Lion, optim_bits=32):
+    """Lion with 32-bit state."""
+
+
+class PagedLion(Lion, is_paged=True):
+    """Lion with paged state."""
+
+
+class PagedLion8bit(Lion, optim_bits=8, is_paged=True):
+    """Lion with paged 8-bit blockwise state."""
+
+
+class PagedLion32bit(Lion, optim_bits=32, is_paged=True):
+    """Lion with paged 32-bit state."""

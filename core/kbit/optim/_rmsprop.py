@@ -7,7 +7,6 @@ from typing import Any, Iterable
 from .._errors import KbitValueError
 from ._base import Optimizer1State
 from ._config import refuse_unsupported
-from ._variants import optimizer_variant
 
 __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit"]
 
@@ -54,5 +53,9 @@ class RMSprop(Optimizer1State):
         )  # fmt: skip
 
 
-RMSprop8bit = optimizer_variant(RMSprop, "RMSprop8bit", optim_bits=8, summary="RMSprop with 8-bit blockwise state.")
-RMSprop32bit = optimizer_variant(RMSprop, "RMSprop32bit", optim_bits=32, summary="RMSprop with 32-bit state.")
+class RMSprop8bit(RMSprop, optim_bits=8):
+    """RMSprop with 8-bit blockwise state."""
+
+
+class RMSprop32bit(RMSprop, optim_bits=32):
+    """RMSprop with 32-bit state."""

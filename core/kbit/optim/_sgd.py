@@ -7,7 +7,6 @@ from typing import Any, Iterable
 from .._errors import KbitValueError
 from ._base import Optimizer1State
 from ._config import refuse_unsupported
-from ._variants import optimizer_variant
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -57,5 +56,9 @@ class SGD(Optimizer1State):
         )  # fmt: skip
 
 
-SGD8bit = optimizer_variant(SGD, "SGD8bit", optim_bits=8, summary="SGD with momentum and 8-bit blockwise state.")
-SGD32bit = optimizer_variant(SGD, "SGD32bit", optim_bits=32, summary="SGD with momentum and 32-bit state.")
+class SGD8bit(SGD, optim_bits=8):
+    """SGD with momentum and 8-bit blockwise state."""
+
+
+class SGD32bit(SGD, optim_bits=32):
+    """SGD with momentum and 32-bit state."""

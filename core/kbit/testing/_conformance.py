@@ -21,9 +21,16 @@ from .._version import __version__
 from ..backend import Backend
 from ..backends._registry import REFERENCE, REGISTRY, UNAVAILABLE
 from ._cases import golden_checks, op_cases
-from ._goldens import find_goldens, load_goldens
+from ._goldens import find_goldens, load_goldens, missing_goldens
 from ._plan import KINDS, PlannedCase, effective_tolerance, manifest_problems, plan
-from ._runner import compare_with_reference, golden_problems, opcheck_case, refusal_problem, routing_problem
+from ._runner import (
+    compare_with_reference,
+    golden_problems,
+    opcheck_case,
+    refusal_problem,
+    routing_problem,
+    statistics_problems,
+)
 from .tolerances import Tolerance
 
 __all__ = ["BackendConformance"]
@@ -45,6 +52,8 @@ class BackendConformance:
       manifest does not declare raises ``UnsupportedOpError`` with the backend pinned;
     - ``test_opcheck[<op>-<variant>]``: ``torch.library.opcheck`` routed to the backend;
     - ``test_goldens[<op>]``: the golden vectors, where they are available;
+    - ``test_statistics[<op>-<variant>]``: properties over many draws, such as unbiased
+      stochastic rounding (for ops that have such a check);
     - ``test_has_cases[<op>]``: skipped, for a declared op this kbit has no cases for;
 
     plus ``test_manifest``, which checks the manifest and these settings.
@@ -124,11 +133,12 @@ class BackendConformance:
 
     @pytest.fixture
     def kbit_goldens(self, request: pytest.FixtureRequest) -> dict:
-        """The golden vectors; the test is skipped (with where it looked) when they are absent."""
+        """The golden vectors; the test is skipped (with where it looked) when they are absent,
+        or fails when ``KBIT_REQUIRE_GOLDENS=1``."""
         option = request.config.getoption("kbit_goldens", default=None)
         path, why_not = find_goldens(option, request.config.rootpath)
         if path is None:
-            pytest.skip(why_not)
+            missing_goldens(why_not)
         return load_goldens(path)
 
     # ----------------------------------------------------------------------- tests
@@ -183,6 +193,12 @@ class BackendConformance:
             pytest.fail("\n".join(problems), pytrace=False)
         if not checked:
             pytest.skip(f"no golden entry of {case.op} matches what {self.backend!r} declares")
+
+    def test_statistics(self, case: PlannedCase, kbit_backend: Backend) -> None:
+        """The backend's own results have the op's statistical properties (no reference needed)."""
+        problems = statistics_problems(op_cases()[case.op], case.variant, self.backend, self.device)
+        if problems:
+            pytest.fail(f"{case.variant.id} on {self.device}:\n" + "\n".join(problems), pytrace=False)
 
     def test_has_cases(self, case: PlannedCase) -> None:
         """Placeholder for a declared op this kbit has no conformance cases for: skipped."""

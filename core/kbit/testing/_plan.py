@@ -16,6 +16,7 @@ from .tolerances import Tolerance, conformance_tolerance
 
 __all__ = [
     "KINDS",
+    "NUMERICAL_KINDS",
     "PlannedCase",
     "plan",
     "declares",
@@ -30,8 +31,14 @@ KINDS: dict[str, str] = {
     "refuse": "test_refuses_undeclared",
     "opcheck": "test_opcheck",
     "goldens": "test_goldens",
+    "statistics": "test_statistics",
     "uncovered": "test_has_cases",
 }
+
+#: Kinds whose passing test compared the backend's numbers (with the reference, the golden
+#: vectors or a statistical bar); the others check machinery (the manifest, ``opcheck``) or
+#: that an undeclared variant is refused.
+NUMERICAL_KINDS = ("compare", "goldens", "statistics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +69,11 @@ def declares(manifest: BackendManifest, op: str, dtype: Optional[str], params: M
     return support is not None and support.refusal(dtype, dict(params)) is None
 
 
-def representatives(cases: OpCases, variants: list[Variant]) -> list[Variant]:
-    """The first of ``variants`` for each distinct combination of ``cases.opcheck_axes``."""
+def representatives(cases: OpCases, variants: list[Variant], axes: Optional[tuple[str, ...]] = None) -> list[Variant]:
+    """The first of ``variants`` for each distinct combination of ``axes`` (default: ``cases.opcheck_axes``)."""
     seen: dict[tuple, Variant] = {}
     for variant in variants:
-        key = tuple(dict(variant.values).get(axis) for axis in cases.opcheck_axes)
+        key = tuple(dict(variant.values).get(axis) for axis in (axes or cases.opcheck_axes))
         seen.setdefault(key, variant)
     return list(seen.values())
 
@@ -84,6 +91,9 @@ def plan(manifest: BackendManifest) -> list[PlannedCase]:
             else:
                 planned.append(PlannedCase("refuse", op, variant))
         planned += [PlannedCase("opcheck", op, v) for v in representatives(cases, declared)]
+        if cases.statistics is not None:
+            applicable = [v for v in declared if cases.statistics.applies(v)]
+            planned += [PlannedCase("statistics", op, v) for v in representatives(cases, applicable, cases.statistics.axes)]
         if declared and op in golden_checks():
             planned.append(PlannedCase("goldens", op))
     planned += [PlannedCase("uncovered", op) for op in sorted(manifest.ops) if op not in covered]

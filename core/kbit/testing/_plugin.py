@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pytest
 
 _STATE = pytest.StashKey[dict]()
-_PRECEDENCE = {"passed": 0, "refused": 0, "skipped": 1, "xfailed": 2, "failed": 3}
+_PRECEDENCE = {"compared": 0, "checked": 0, "refused": 0, "skipped": 1, "xfailed": 2, "failed": 3}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -80,7 +80,11 @@ def _status(report: pytest.TestReport, kind: str) -> Optional[tuple[str, str]]:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         return "skipped", reason.removeprefix("Skipped: ")
     if report.when == "call":
-        return ("refused" if kind == "refuse" else "passed"), ""
+        from ._plan import NUMERICAL_KINDS
+
+        if kind == "refuse":
+            return "refused", ""
+        return ("compared" if kind in NUMERICAL_KINDS else "checked"), ""
     return None
 
 

@@ -1,4 +1,4 @@
-"""The conformance report: per backend and op, what passed, failed, was refused or skipped.
+"""The conformance report: per backend and op, what was compared, checked, refused, failed or skipped.
 
 Built by the pytest plugin from test outcomes, printed at the end of the run and written
 as JSON with ``--kbit-report PATH``; ``kbit conformance`` reads the JSON for its exit code.
@@ -10,11 +10,17 @@ import collections
 import dataclasses
 from typing import Any, Iterable
 
-__all__ = ["STATUSES", "Outcome", "ConformanceReport", "blocking"]
+__all__ = ["STATUSES", "PASSING", "Outcome", "ConformanceReport", "blocking"]
 
-#: Columns of the report. ``refused`` counts undeclared variants correctly refused;
-#: ``xfailed`` counts the author's ``expected_failures`` that did fail.
-STATUSES = ("passed", "failed", "refused", "skipped", "xfailed")
+#: Columns of the report. A passing test is ``compared`` when it compared the backend's numbers
+#: (with the reference backend, the golden vectors or a statistical bar) and ``checked`` when
+#: it checked machinery (the manifest, ``torch.library.opcheck``); ``refused`` counts
+#: undeclared variants correctly refused; ``xfailed`` counts the author's
+#: ``expected_failures`` that did fail. So "327 compared" says how many tests compared results.
+STATUSES = ("compared", "checked", "refused", "failed", "skipped", "xfailed")
+
+#: Statuses of a test that passed.
+PASSING = ("compared", "checked", "refused")
 
 #: Kinds whose skip does not block a verdict: goldens are an extra check that needs files.
 _OPTIONAL_KINDS = ("goldens",)

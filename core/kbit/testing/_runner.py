@@ -8,7 +8,7 @@ is the reference backend, pinned the same way, on CPU copies of the same inputs.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -28,6 +28,8 @@ __all__ = [
     "refusal_problem",
     "opcheck_case",
     "golden_problems",
+    "statistics_problems",
+    "caller",
 ]
 
 
@@ -124,6 +126,22 @@ def opcheck_case(cases: OpCases, variant: Variant, backend: str, device: str) ->
         torch.library.opcheck(op, args)
 
 
+def caller(backend: str, device: str) -> Callable[..., Any]:
+    """``call(op, *args)``: ``torch.ops.kbit.<op>`` on ``backend`` (pinned) on ``device``, results on the CPU."""
+
+    def call(op: str, *args: Any) -> Any:
+        with pinned(backend):
+            return _to_cpu(getattr(torch.ops.kbit, op)(*_to(args, device)))
+
+    return call
+
+
+def statistics_problems(cases: OpCases, variant: Variant, backend: str, device: str) -> list[str]:
+    """Run the op's statistical check (``cases.statistics``) on ``backend``; the problems found."""
+    assert cases.statistics is not None
+    return cases.statistics.check(caller(backend, device), variant)
+
+
 def golden_problems(
     check: GoldenCheck, goldens: Mapping[str, Any], manifest: BackendManifest, backend: str, device: str
 ) -> tuple[int, list[str]]:
@@ -132,9 +150,7 @@ def golden_problems(
     def declared(op: str, dtype: torch.dtype | str | None, **params: Any) -> bool:
         return declares(manifest, op, None if dtype is None else dtype_name(dtype), params)
 
-    def call(op: str, *args: Any) -> Any:
-        with pinned(backend):
-            return _to_cpu(getattr(torch.ops.kbit, op)(*_to(args, device)))
+    call = caller(backend, device)
 
     def mutate(op: str, *args: Any) -> tuple:
         moved = _to(args, device)

@@ -144,6 +144,26 @@ def compare_outputs(
     return problems
 
 
+#: Runs ``torch.ops.kbit.<op>`` on the backend under test: ``call(op, *args)``, arguments
+#: moved to the backend's device, results back on the CPU.
+Caller = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticalCheck:
+    """A property of the backend's own results that no single comparison shows.
+
+    Stochastic rounding, for instance, must be unbiased over many draws. ``check(call,
+    variant)`` runs the op through ``call`` (see :data:`Caller`) and returns problem
+    descriptions. It runs for the declared variants ``applies`` accepts, once per distinct
+    combination of ``axes`` (like ``opcheck``).
+    """
+
+    applies: Callable[[Variant], bool]
+    check: Callable[[Caller, Variant], list[str]]
+    axes: tuple[str, ...] = ("dtype",)
+
+
 @dataclasses.dataclass(frozen=True)
 class OpCases:
     """How the conformance suite exercises one op.
@@ -161,6 +181,7 @@ class OpCases:
             unless the format allows freedom, such as the code stored in an all-zero block).
         opcheck_axes: ``opcheck`` runs once per distinct combination of these axes among
             the declared variants (the other axes do not change schema or fake kernels).
+        statistics: an optional :class:`StatisticalCheck` of the backend's own results.
     """
 
     op: str
@@ -169,6 +190,7 @@ class OpCases:
     run: Runner
     compare: Comparator = compare_outputs
     opcheck_axes: tuple[str, ...] = ("dtype",)
+    statistics: Optional[StatisticalCheck] = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.universe) - set(AXES))

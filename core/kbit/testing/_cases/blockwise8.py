@@ -12,13 +12,16 @@ from __future__ import annotations
 import torch
 
 from ..._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES, num_blocks
+from ..._manifest import ROUNDINGS
 from ...functional._codebooks import create_dynamic_map, create_linear_map
 from ..tolerances import EXACT, Tolerance
 from ._spec import (
     GoldenCheck,
     GoldenContext,
+    Caller,
     InputSet,
     OpCases,
+    StatisticalCheck,
     Variant,
     compare_tensor,
     large_magnitude,
@@ -35,6 +38,7 @@ Tensor = torch.Tensor
 FAMILY = "blockwise8"
 
 _BLOCKWISE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES, "blocksize": BLOCKSIZES_8BIT}
+_QUANTIZE_BLOCKWISE_UNIVERSE = {**_BLOCKWISE_UNIVERSE, "rounding": ROUNDINGS}
 _DTYPE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES}
 
 # Tables are built once; the inputs of every case are built from CPU copies of them.
@@ -63,6 +67,8 @@ def _scales(variant: Variant, name: str, count: int) -> Tensor:
 
 # ------------------------------------------------------------------ quantize_blockwise
 def _quantize_blockwise_inputs(variant: Variant) -> list[InputSet]:
+    if variant["rounding"] == "stochastic":
+        return _stochastic_inputs(variant)
     bs, dtype = variant["blocksize"], variant.dtype
 
     def entry(name: str, values: Tensor, code: Tensor = _DYNAMIC) -> InputSet:
@@ -78,6 +84,107 @@ def _quantize_blockwise_inputs(variant: Variant) -> list[InputSet]:
         entry("linear_code", randn(variant, "linear_code", bs + 1), _LINEAR),
         entry("empty", torch.empty(0, 4)),
     ]
+
+
+# ------------------------------------------------------------ stochastic rounding (rand=)
+#: Shortest ``rand`` buffer read cyclically (``docs/formats.md`` section 2).
+_MIN_CYCLIC_RAND = 1024
+
+
+def _uniform(variant: Variant, name: str, count: int) -> Tensor:
+    return torch.rand(count, generator=seeded(variant, f"{name}/rand"))
+
+
+def _stochastic_inputs(variant: Variant) -> list[InputSet]:
+    """Given ``rand``, stochastic rounding is deterministic: compared bit-exactly like nearest."""
+    bs, dtype = variant["blocksize"], variant.dtype
+
+    def entry(name: str, values: Tensor, rand: Tensor | None = None, code: Tensor = _DYNAMIC) -> InputSet:
+        rand = _uniform(variant, name, values.numel()) if rand is None else rand
+        return InputSet(name, (values.to(dtype), code.clone(), bs, rand))
+
+    # rand exactly 0 takes the upper neighbour whenever x is above the lower one; the largest
+    # float below 1 takes the lower neighbour unless x is within an ulp of the upper one.
+    edges = torch.tensor([0.0, float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))]).repeat(bs + 1)
+    on_codes = with_unit_absmax(_DYNAMIC, bs)  # exactly on a code: no rand may move it
+    cyclic = randn(variant, "cyclic_rand", 3 * _MIN_CYCLIC_RAND + 5)
+    return [
+        entry("partial_block", randn(variant, "partial_block", 2 * bs + 3)),
+        entry("matrix", randn(variant, "matrix", 3 * (bs // 2 + 7)).view(3, -1)),
+        entry("cyclic_rand", cyclic, _uniform(variant, "cyclic_rand", _MIN_CYCLIC_RAND)),
+        entry("rand_edges", randn(variant, "rand_edges", edges.numel()), edges),
+        entry("on_codes", on_codes),
+        entry("all_zero_block", torch.cat([torch.zeros(bs), randn(variant, "all_zero_block", bs // 2)])),
+        entry("large_values", _large_values(variant, bs + 5)),
+        entry("linear_code", randn(variant, "linear_code", bs + 1), code=_LINEAR),
+        entry("empty", torch.empty(0, 4), _uniform(variant, "empty", _MIN_CYCLIC_RAND)),
+    ]
+
+
+#: Independent draws per element in the statistical check of stochastic rounding.
+STOCHASTIC_DRAWS = 1000
+#: Every element's mean dequantized value lies within this many standard errors of the input...
+STOCHASTIC_MAX_SE = 5.0
+#: ...and at least :data:`STOCHASTIC_SHARE_WITHIN` of the elements within this many.
+STOCHASTIC_TYPICAL_SE = 3.0
+STOCHASTIC_SHARE_WITHIN = 0.99
+
+
+def _stochastic_statistics(call: Caller, variant: Variant) -> list[str]:
+    """Over :data:`STOCHASTIC_DRAWS` draws: only the two neighbouring codes, and unbiased.
+
+    The test tensor repeats 512 values (in chunks of 64 that each start with 1.0, so every
+    block of every blocksize has absmax exactly 1) once per draw, with fresh uniform values
+    for every copy: one call holds all the draws.
+    """
+    bs, dtype = variant["blocksize"], variant.dtype
+    chunk = 64
+    values = torch.rand(512, generator=seeded(variant, "statistics")) * 2 - 1
+    values[::chunk] = 1.0
+    values[1:chunk:9] = _DYNAMIC[100:107]  # exactly on codes: never moved
+    base = values.to(dtype)
+    A = base.repeat(STOCHASTIC_DRAWS)
+    rand = _uniform(variant, "statistics", A.numel())
+    codes, absmax = call("quantize_blockwise", A, _DYNAMIC.clone(), bs, rand)
+    if not torch.equal(absmax, torch.ones_like(absmax)):
+        return [f"absmax should be exactly 1 in every block, got values in [{float(absmax.min())}, {float(absmax.max())}]"]
+    x = base.double()
+    code = _DYNAMIC.double()
+    above = torch.searchsorted(code, x, right=True)
+    lo = (above - 1).clamp(0, 255)
+    hi = torch.searchsorted(code, x).clamp(max=255)
+    codes = codes.reshape(STOCHASTIC_DRAWS, -1).long()
+    problems = []
+    strays = ~((codes == lo) | (codes == hi))
+    if bool(strays.any()):
+        element = int(strays.any(0).nonzero()[0])
+        problems.append(
+            f"{int(strays.any(0).sum())} of {x.numel()} values were rounded to a code other than their two neighbours "
+            f"(element {element}: x={float(x[element])!r} got codes {sorted(set(codes[:, element].tolist()))[:5]}, "
+            f"neighbours {int(lo[element])} and {int(hi[element])})"
+        )
+    spread = code[hi] - code[lo]
+    fraction = torch.where(spread > 0, (x - code[lo]) / torch.where(spread > 0, spread, 1.0), 0.0)
+    stderr = spread * (fraction * (1 - fraction) / STOCHASTIC_DRAWS).sqrt()
+    mean = code[codes].mean(0)
+    deviation = (mean - x).abs()
+    exact = stderr == 0  # on a code value, or outside the table: no draw may move it
+    moved = (codes[:, exact] != lo[exact]).any(0)
+    if bool(moved.any()):
+        problems.append(f"{int(moved.sum())} values on a code (or outside the table) did not always keep it")
+    z = deviation[~exact] / stderr[~exact]
+    if z.numel() and float(z.max()) > STOCHASTIC_MAX_SE:
+        problems.append(
+            f"the mean of {STOCHASTIC_DRAWS} draws is {float(z.max()):.1f} standard errors from the input for some "
+            f"element (at most {STOCHASTIC_MAX_SE:g} allowed): the rounding is biased"
+        )
+    within = float((z <= STOCHASTIC_TYPICAL_SE).double().mean()) if z.numel() else 1.0
+    if within < STOCHASTIC_SHARE_WITHIN:
+        problems.append(
+            f"only {within:.1%} of the elements' means are within {STOCHASTIC_TYPICAL_SE:g} standard errors of the "
+            f"input (at least {STOCHASTIC_SHARE_WITHIN:.0%} required)"
+        )
+    return problems
 
 
 def _zero_block_mask(absmax: Tensor, numel: int, blocksize: int) -> Tensor:
@@ -245,10 +352,13 @@ def _histogram_inputs(variant: Variant) -> list[InputSet]:
 CASES = (
     OpCases(
         "quantize_blockwise",
-        _BLOCKWISE_UNIVERSE,
+        _QUANTIZE_BLOCKWISE_UNIVERSE,
         _quantize_blockwise_inputs,
         returns("codes", "absmax"),
         _compare_codes_and_absmax,
+        # rand changes the schema's optional argument, so opcheck runs for each rounding.
+        opcheck_axes=("dtype", "rounding"),
+        statistics=StatisticalCheck(lambda variant: variant["rounding"] == "stochastic", _stochastic_statistics),
     ),
     OpCases("dequantize_blockwise", _BLOCKWISE_UNIVERSE, _dequantize_blockwise_inputs, returns("out")),
     OpCases("quantize", _DTYPE_UNIVERSE, _quantize_inputs, returns("codes", "absmax"), _compare_codes_and_absmax),

@@ -34,7 +34,7 @@ import torch
 
 from ..._formats import FLOAT_DTYPE_NAMES, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ...functional._codebooks import create_dynamic_map
-from ...functional._optim import OPTIMIZER_KINDS, OptimizerKind, static_8bit_kind_names
+from ..._optim_step import OPTIMIZER_KINDS, STATE_LAYOUTS, OptimizerKind, OptimizerStep
 from ..tolerances import (
     EXACT,
     OPTIMIZER_GOLDEN_CODE_EXCEPTIONS,
@@ -58,42 +58,51 @@ _QMAP_UNSIGNED = create_dynamic_map(signed=False)
 
 
 # ------------------------------------------------------------------------ argument layout
+#: The flat arguments an :class:`OptimizerStep` becomes at the op boundary, in order.
+_STEP_ARGUMENTS = ("kind", "step", "scalars", "skip_zeros")
+
+
 class _Layout:
     """Where an update op keeps its arguments, and which ones a trajectory records.
 
-    ``positions`` maps argument names to positional indices of ``torch.ops.kbit.<op>``;
-    ``scales`` are the per-step scale tensors recorded after each step; ``swaps`` are the
-    (old, new) scale pairs the caller exchanges between steps (whole-tensor 8-bit state).
+    ``positions`` maps argument names to positional indices of ``torch.ops.kbit.<op>``,
+    read from the op's schema (so the layout cannot drift from the op); ``scales`` are the
+    per-step scale tensors recorded after each step; ``swaps`` are the (old, new) scale
+    pairs the caller exchanges between steps (whole-tensor 8-bit state).
     """
 
-    def __init__(self, names: str, scales: tuple[str, ...], swaps: tuple[tuple[str, str], ...] = ()) -> None:
-        self.names = tuple(names.split())
-        self.positions = {name: index for index, name in enumerate(self.names)}
+    def __init__(self, op: str, scales: tuple[str, ...], swaps: tuple[tuple[str, str], ...] = ()) -> None:
+        self.op = op
         self.scales = scales
         self.swaps = swaps
 
-    def build(self, **values: Any) -> tuple:
-        return tuple(values[name] for name in self.names)
+    @property
+    def names(self) -> tuple[str, ...]:
+        schema = getattr(torch.ops.kbit, self.op).default._schema
+        return tuple(argument.name for argument in schema.arguments)
+
+    @property
+    def positions(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.names)}
+
+    def build(self, update: OptimizerStep, **tensors: Any) -> tuple:
+        """The op's arguments: ``tensors`` by name, then the flat form of ``update``."""
+        values = dict(zip(_STEP_ARGUMENTS, update.to_op_args(), strict=True))
+        return tuple(tensors[name] if name in tensors else values[name] for name in self.names)
 
 
 _LAYOUTS = {
-    "optimizer_update_32bit": _Layout(
-        "optimizer_name g p state1 state2 unorm_vec max_unorm beta1 beta2 beta3 alpha eps weight_decay step lr "
-        "gnorm_scale skip_zeros",
-        scales=(),
-    ),
+    "optimizer_update_32bit": _Layout("optimizer_update_32bit", scales=()),
     "optimizer_update_8bit": _Layout(
-        "optimizer_name g p state1 state2 beta1 beta2 eps step lr qmap1 qmap2 max1 max2 new_max1 new_max2 "
-        "weight_decay gnorm_scale unorm_vec max_unorm",
+        "optimizer_update_8bit",
         scales=("new_max1", "new_max2"),
         swaps=(("max1", "new_max1"), ("max2", "new_max2")),
     ),
-    "optimizer_update_8bit_blockwise": _Layout(
-        "optimizer_name g p state1 state2 beta1 beta2 beta3 alpha eps step lr qmap1 qmap2 absmax1 absmax2 "
-        "weight_decay gnorm_scale skip_zeros",
-        scales=("absmax1", "absmax2"),
-    ),
+    "optimizer_update_8bit_blockwise": _Layout("optimizer_update_8bit_blockwise", scales=("absmax1", "absmax2")),
 }
+
+#: What each update op's state layout can honour (``max_unorm`` / ``skip_zeros``).
+_LAYOUT_OPTIONS = {layout.op: layout.options for layout in STATE_LAYOUTS.values()}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -103,21 +112,11 @@ def _hyper(kind: OptimizerKind, **overrides: float) -> dict[str, float]:
     beta1 and beta2 differ clearly, so a backend that swaps them is caught.
     """
     hyper = dict(
-        beta1=0.9 if kind.uses_beta1 else 0.0,
-        beta2=0.99 if kind.uses_beta2 else 0.0,
-        beta3=0.999 if kind.uses_beta3_alpha else 0.0,
-        alpha=2.0 if kind.uses_beta3_alpha else 0.0,
-        eps=1e-8 if kind.uses_eps else 0.0,
-        weight_decay=0.0,
-        lr=1e-2,
-        gnorm_scale=1.0,
-        max_unorm=0.0,
-        skip_zeros=False,
-    )
+        beta1=0.9, beta2=0.99, beta3=0.999, alpha=2.0, eps=1e-8,
+        weight_decay=0.0, lr=1e-2, gnorm_scale=1.0, max_unorm=0.0, skip_zeros=False,
+    )  # fmt: skip
     hyper.update(overrides)
-    if not kind.uses_eps:
-        hyper["eps"] = 0.0
-    return hyper
+    return {name: value if kind.reads_param(name) else 0.0 for name, value in hyper.items()}
 
 
 def _start(op: str, kind: OptimizerKind, p: Tensor, g: Tensor, **hyper: Any) -> tuple:
@@ -143,13 +142,14 @@ def _start(op: str, kind: OptimizerKind, p: Tensor, g: Tensor, **hyper: Any) -> 
             state.update({f"max{which}": torch.zeros(1) if live else None,
                           f"new_max{which}": torch.zeros(1) if live else None})  # fmt: skip
     unorm_vec = torch.zeros(1) if hyper.get("max_unorm", 0.0) > 0 else None
-    values = dict(optimizer_name=kind.name, g=g, p=p, step=1, unorm_vec=unorm_vec, **state, **hyper)
-    return _LAYOUTS[op].build(**values)
+    skip_zeros = bool(hyper.pop("skip_zeros", False))
+    update = OptimizerStep(kind, 1, skip_zeros=skip_zeros, **hyper)
+    return _LAYOUTS[op].build(update, g=g, p=p, unorm_vec=unorm_vec, **state)
 
 
 def _update_inputs(op: str) -> Callable[[Variant], list[InputSet]]:
-    has_unorm = "max_unorm" in _LAYOUTS[op].positions
-    has_skip = "skip_zeros" in _LAYOUTS[op].positions
+    has_unorm = "max_unorm" in _LAYOUT_OPTIONS[op]
+    has_skip = "skip_zeros" in _LAYOUT_OPTIONS[op]
 
     def inputs(variant: Variant) -> list[InputSet]:
         kind, dtype = OPTIMIZER_KINDS[variant["optimizer"]], variant.dtype
@@ -330,7 +330,7 @@ def _update_cases(op: str, kinds: tuple[str, ...]) -> OpCases:
 CASES = (
     _update_cases("optimizer_update_32bit", _ALL_KINDS),
     # Whole-tensor 8-bit state has no slot for AdEMAMix's third moment: the API refuses it.
-    _update_cases("optimizer_update_8bit", static_8bit_kind_names()),
+    _update_cases("optimizer_update_8bit", tuple(name for name, kind in OPTIMIZER_KINDS.items() if kind.static_8bit)),
     _update_cases("optimizer_update_8bit_blockwise", _ALL_KINDS),
     OpCases("percentile_clipping", {"dtype": FLOAT_DTYPE_NAMES}, _clipping_inputs, _clipping_run),
 )
