@@ -16,11 +16,12 @@ from typing import Optional, Sequence
 import torch
 from kbit._formats import num_blocks
 from kbit._ops.quant4 import packed_rows
-from kbit.backend import Backend
+from kbit.backend import Backend, OptimizerStep
 from kbit.functional._codebooks import cached_code
 
 from ._codebook import CodebookCache
-from ._library import LibraryUnavailable, NativeLibrary, load
+from ._library import LibraryUnavailable, NativeLibrary, OptimizerTensors, load
+from ._library import OptimizerStep as StepStruct
 
 __all__ = ["CpuBackend"]
 
@@ -28,6 +29,10 @@ Tensor = torch.Tensor
 
 #: dtype codes of the C ABI (KB_F32, KB_F16, KB_BF16).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: Optimizer kind codes of the C ABI (KB_OPT_*).
+_KIND_CODES = {"adam": 0, "momentum": 1, "rmsprop": 2, "lion": 3, "adagrad": 4, "lamb": 5, "lars": 6, "ademamix": 7}
+#: State layout codes of the C ABI.
+_FLOAT32_STATE, _BLOCKWISE_STATE, _TENSOR_STATE = 0, 1, 2
 
 #: Above this many rows of A the 4-bit matmul dequantizes the weight in row tiles and lets
 #: torch multiply (its GEMM re-uses each weight element across many rows better than the
@@ -82,16 +87,26 @@ class CpuBackend(Backend):
         return self._codebooks.get(op, code)
 
     # ------------------------------------------------------------------ 8-bit
-    def quantize_blockwise(self, A: Tensor, *, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    def quantize_blockwise(
+        self, A: Tensor, *, code: Tensor, blocksize: int, rand: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         A = A.contiguous()
         n = A.numel()
         codes = torch.empty(A.shape, dtype=torch.uint8)
         absmax = torch.empty((num_blocks(n, blocksize),), dtype=torch.float32)
-        if n:
-            cb = self._codebook("quantize_blockwise", code)
+        if n == 0:
+            return codes, absmax
+        cb = self._codebook("quantize_blockwise", code)
+        if rand is None:
             self.library.kb_quantize_blockwise(
                 A.data_ptr(), _DTYPE_CODES[A.dtype], n, blocksize, ctypes.addressof(cb), absmax.data_ptr(),
                 codes.data_ptr(), self._threads(),
+            )  # fmt: skip
+        else:
+            rand = rand.to(torch.float32).contiguous()
+            self.library.kb_quantize_blockwise_stochastic(
+                A.data_ptr(), _DTYPE_CODES[A.dtype], n, blocksize, ctypes.addressof(cb), rand.data_ptr(),
+                rand.numel(), absmax.data_ptr(), codes.data_ptr(), self._threads(),
             )  # fmt: skip
         return codes, absmax
 
@@ -282,6 +297,91 @@ class CpuBackend(Backend):
             )  # fmt: skip
         return out
 
+    # ------------------------------------------------------------------ optimizers
+    def optimizer_update_32bit(
+        self,
+        step: OptimizerStep,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        unorm_vec: Optional[Tensor],
+    ) -> None:
+        if p.numel() == 0:
+            return
+        tensors = _optimizer_tensors(g, p, state1, state2)
+        self._update(step, _FLOAT32_STATE, p.dtype, tensors, unorm_vec)
+
+    def optimizer_update_8bit(
+        self,
+        step: OptimizerStep,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        *,
+        qmap1: Tensor,
+        qmap2: Optional[Tensor],
+        max1: Tensor,
+        max2: Optional[Tensor],
+        new_max1: Tensor,
+        new_max2: Optional[Tensor],
+        unorm_vec: Optional[Tensor],
+    ) -> None:
+        if p.numel() == 0:
+            return
+        tensors, keep = self._eight_bit_tensors("optimizer_update_8bit", g, p, state1, state2, qmap1, qmap2)
+        tensors.max1 = float(max1.reshape(-1)[0])
+        tensors.max2 = float(max2.reshape(-1)[0]) if max2 is not None else 0.0
+        self._update(step, _TENSOR_STATE, p.dtype, tensors, unorm_vec)
+        new_max1.fill_(tensors.new_max1)
+        if new_max2 is not None:
+            new_max2.fill_(tensors.new_max2)
+        del keep
+
+    def optimizer_update_8bit_blockwise(
+        self,
+        step: OptimizerStep,
+        g: Tensor,
+        p: Tensor,
+        state1: Tensor,
+        state2: Optional[Tensor],
+        *,
+        qmap1: Tensor,
+        qmap2: Optional[Tensor],
+        absmax1: Tensor,
+        absmax2: Optional[Tensor],
+    ) -> None:
+        if p.numel() == 0:
+            return
+        tensors, keep = self._eight_bit_tensors("optimizer_update_8bit_blockwise", g, p, state1, state2, qmap1, qmap2)
+        tensors.absmax1 = absmax1.data_ptr()
+        tensors.absmax2 = absmax2.data_ptr() if absmax2 is not None else None
+        self._update(step, _BLOCKWISE_STATE, p.dtype, tensors, None)
+        del keep
+
+    def _eight_bit_tensors(self, op: str, g: Tensor, p: Tensor, state1: Tensor, state2: Optional[Tensor],
+                           qmap1: Tensor, qmap2: Optional[Tensor]) -> tuple[OptimizerTensors, list]:  # fmt: skip
+        """The tensors of an 8-bit update, and what must stay alive until the call returns."""
+        tensors = _optimizer_tensors(g, p, state1, state2)
+        table1 = qmap1.to(torch.float32).contiguous()
+        keep: list = [table1, self._codebook(op, table1)]
+        tensors.qmap1, tensors.cb1 = table1.data_ptr(), ctypes.addressof(keep[1])
+        if qmap2 is not None:
+            table2 = qmap2.to(torch.float32).contiguous()
+            keep += [table2, self._codebook(op, table2)]
+            tensors.qmap2, tensors.cb2 = table2.data_ptr(), ctypes.addressof(keep[3])
+        return tensors, keep
+
+    def _update(self, step: OptimizerStep, layout: int, dtype: torch.dtype, tensors: OptimizerTensors,
+                unorm_vec: Optional[Tensor]) -> None:  # fmt: skip
+        unorm = ctypes.c_float(0.0)
+        self.library.kb_optimizer_update(
+            ctypes.byref(_step_struct(step, layout, dtype)), ctypes.byref(tensors), ctypes.byref(unorm), self._threads()
+        )
+        if step.max_unorm > 0 and unorm_vec is not None:
+            unorm_vec.fill_(unorm.value)
+
 
 _UNIT_SCALE = torch.ones(1, dtype=torch.float32)
 
@@ -301,3 +401,44 @@ def _full_table(code: Tensor) -> Tensor:
 def _bytes_of(packed: Tensor) -> Tensor:
     """The bytes of packed 4-bit data, whatever dtype it is stored as."""
     return packed.contiguous().view(-1).view(torch.uint8)
+
+
+def _optimizer_tensors(g: Tensor, p: Tensor, state1: Tensor, state2: Optional[Tensor]) -> OptimizerTensors:
+    """The data pointers of an update (kbit hands over contiguous tensors, updated in place)."""
+    tensors = OptimizerTensors()
+    tensors.p, tensors.g = p.data_ptr(), g.data_ptr()
+    tensors.state1 = state1.data_ptr()
+    tensors.state2 = state2.data_ptr() if state2 is not None else None
+    tensors.n = p.numel()
+    return tensors
+
+
+def _step_struct(step: OptimizerStep, layout: int, dtype: torch.dtype) -> StepStruct:
+    """The C form of ``step``: compound scalars derived in double precision and rounded once,
+    as the reference backend's PyTorch expressions do (docs/formats.md section 5)."""
+    kind = step.kind.name
+    t = step.step
+    c1 = 1.0 - step.beta1**t
+    c2 = math.sqrt(1.0 - step.beta2**t)
+    factor = c2 / c1 if kind in ("adam", "lamb") else 1.0
+    s = StepStruct()
+    s.kind, s.layout, s.dtype = _KIND_CODES[kind], layout, _DTYPE_CODES[dtype]
+    s.first_step = t == 1
+    s.decoupled_decay = step.kind.decoupled_decay
+    s.skip_zeros = step.skip_zeros
+    s.has_weight_decay = step.weight_decay > 0
+    s.has_gnorm_scale = step.gnorm_scale != 1.0
+    s.clip = step.max_unorm > 0
+    s.beta1, s.beta2, s.beta3, s.alpha, s.eps = step.beta1, step.beta2, step.beta3, step.alpha, step.eps
+    s.weight_decay, s.gnorm_scale = step.weight_decay, step.gnorm_scale
+    s.one_minus_beta1, s.one_minus_beta2, s.one_minus_beta3 = 1.0 - step.beta1, 1.0 - step.beta2, 1.0 - step.beta3
+    s.decay = 1.0 - step.lr * step.weight_decay
+    s.update_factor = factor
+    s.step_size = -step.lr * factor
+    s.neg_lr = -step.lr
+    s.eps_scaled = step.eps * c2
+    s.inv_c1 = 1.0 / c1 if c1 else 0.0
+    s.c2 = c2
+    s.max_unorm = step.max_unorm
+    s.update_scale = 1.0
+    return s
