@@ -4,7 +4,8 @@ Preparing a table for the exact nearest-code search (``kb_codebook_init``: the d
 bounds and a 64K-entry bucket index) costs far more than quantizing a small tensor, and
 callers pass the same few tables over and over (the dynamic map, the optimizer maps, NF4,
 FP4). The cache is keyed by the table's bytes, so a table rebuilt by the caller, or the
-same values in another tensor, hits the same entry.
+same values in another tensor, hits the same entry; the table object last seen (same
+tensor, same version counter, so unmodified) skips even the hashing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class CodebookCache:
         self._capacity = capacity
         self._entries: collections.OrderedDict[bytes, ctypes.Array] = collections.OrderedDict()
         self._lock = threading.Lock()
+        # (tensor, its version counter, data pointer, entry) of the last lookup
+        self._last: tuple = (None, -1, 0, None)
 
     def get(self, op: str, code: torch.Tensor) -> ctypes.Array:
         """The prepared form of ``code`` (a 1-D float32 CPU table of at most 256 values).
@@ -36,6 +39,10 @@ class CodebookCache:
         Pass ``ctypes.addressof(result)`` to the library, and hold ``result`` until the call
         returns: an entry evicted meanwhile stays alive through that reference.
         """
+        last, version, pointer, entry = self._last
+        if code is last and code._version == version and code.data_ptr() == pointer:
+            return entry
+        source = code
         code = code.detach()
         if code.dtype != torch.float32 or not code.is_contiguous():
             code = code.to(torch.float32).contiguous()
@@ -44,6 +51,7 @@ class CodebookCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                self._last = (source, source._version, source.data_ptr(), entry)
                 return entry
         entry = ctypes.create_string_buffer(self._library.codebook_size)
         if self._library.kb_codebook_init(ctypes.addressof(entry), code.data_ptr(), code.numel()) != 0:
@@ -52,4 +60,5 @@ class CodebookCache:
             self._entries[key] = entry
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
+            self._last = (source, source._version, source.data_ptr(), entry)
         return entry

@@ -20,13 +20,14 @@ supports; by default the best one is used.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import re
 from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 __all__ = ["ABI_VERSION", "LibraryUnavailable", "NativeLibrary", "OptimizerStep", "OptimizerTensors", "load"]
 
@@ -209,6 +210,18 @@ class NativeLibrary:
     def supported_isas(self) -> str:
         """Instruction sets this CPU and build support, best first."""
         return self.kb_supported_isas().decode()
+
+    @contextlib.contextmanager
+    def use_isa(self, name: str) -> Iterator[None]:
+        """Run the kernels with instruction set ``name`` inside the block (tests compare
+        every path this CPU can run); raises ValueError when it cannot run here."""
+        previous = self.isa
+        if self.kb_set_isa(name.encode()) != 0:
+            raise ValueError(f"instruction set {name!r} is not supported here (supported: {self.supported_isas})")
+        try:
+            yield
+        finally:
+            self.kb_set_isa(previous.encode())
 
     @property
     def openmp(self) -> str:
