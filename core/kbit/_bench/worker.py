@@ -29,8 +29,12 @@ from typing import Any, Iterator
 
 import torch
 
-import cases as bench_cases  # noqa: E402  (this script's directory is on sys.path)
-import timing  # noqa: E402
+if __package__:  # imported as kbit._bench.worker (the tests do)
+    from . import cases as bench_cases
+    from . import timing
+else:  # run as a script, by any interpreter: its directory is on sys.path
+    import cases as bench_cases
+    import timing
 
 _CASES = {case.id: case for case in bench_cases.CASES}
 
