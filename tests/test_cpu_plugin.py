@@ -234,6 +234,20 @@ def test_matmul_4bit_matches_the_reference(isa, rows, K, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_row_sums_each_block_before_scaling_it(isa, blocksize, dtype):
+    # The single-row kernel scales whole blocks; odd row counts exercise the remainder rows.
+    N, K = 37, 4096
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(blocksize)), blocksize=blocksize,
+                                    quant_type="fp4", backend="reference")  # fmt: skip
+    A = (torch.randn(1, K, generator=_generator(1)) / 64).to(dtype)
+    got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state)
+    want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state)
+    tolerance = CONFORMANCE["gemv_4bit"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
+
+
 # ------------------------------------------------------------------------------ int8
 @pytest.mark.parametrize("threshold", [0.0, 2.5])
 def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):

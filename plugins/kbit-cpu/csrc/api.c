@@ -361,7 +361,7 @@ void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
         for (int t = 0; t < nt; ++t) {
             int64_t o0, o1;
-            share(N, t, nt, 4, &o0, &o1);
+            share(N, t, nt, 8, &o0, &o1);
             k->gemm4(A32, M, K, packed, absmax, bs, table, o0, o1, N, out, out_dtype);
         }
     }
