@@ -114,7 +114,7 @@ def test_a_run_times_each_backend_and_writes_json(tmp_path, capsys):
         assert row["best"] > 0 and row["median"] >= row["best"] and row["repeats"] >= 3 and "error" not in row
     bandwidth = [row for row in rows if row["kind"] == "bandwidth"]
     assert all(row["gbps"] > 0 and 0 < row["memcpy_share"] for row in bandwidth)
-    assert report["memcpy_gbps"]["1"] > 0 and report["subject"] == "reference"
+    assert report["memcpy_gbps"]["1"] > 0 and report["clone_gbps"]["1"] > 0 and report["subject"] == "reference"
     assert "bitsandbytes: not importable here; pass --bnb-python" in " ".join(report["notes"])
     small = next(t for t in report["targets"]["1"] if t["case"] == "small_call")
     assert small["value"] > 0 and small["met"] in (True, False)
@@ -220,6 +220,7 @@ def test_the_report_renders_errors_targets_and_notes():
         "versions": {"kbit": {"torch": "2.x", "kbit": "0.x"}},
         "subject": "cpu",
         "memcpy_gbps": {"1": 10.0},
+        "clone_gbps": {"1": 2.0},
         "rows": [
             {"threads": 1, "case": "small_call", "op": "small call", "variant": "v", "kind": "latency",
              "impl": "cpu", "best": 20e-6, "median": 25e-6},
@@ -255,4 +256,4 @@ def test_the_worker_runs_as_a_script_without_kbit_on_its_path(tmp_path):
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["seconds"] > 0 and answer["bytes"] == 2 * 65536 * 4
+    assert answer["seconds"] > 0 and answer["fresh_seconds"] > 0 and answer["bytes"] == 2 * 65536 * 4

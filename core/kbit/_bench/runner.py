@@ -199,6 +199,7 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
         total = len(plan) + len(config.threads)
         done = 0
         memcpy: dict[int, float] = {}
+        fresh: dict[int, float] = {}
         rows: list[dict] = []
         for threads in config.threads:
             if progress:
@@ -207,6 +208,7 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
             if "error" in answer:
                 raise WorkerFailed(f"memcpy: {answer['error']}")
             memcpy[threads] = answer["bytes"] / answer["seconds"] / 1e9
+            fresh[threads] = answer["bytes"] / answer["fresh_seconds"] / 1e9
             done += 1
             for case in selected:
                 for impl in implementations:
@@ -228,6 +230,7 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
         "versions": hello,
         "subject": subject,
         "memcpy_gbps": {str(threads): value for threads, value in memcpy.items()},
+        "clone_gbps": {str(threads): value for threads, value in fresh.items()},
         "rows": rows,
         "targets": {
             str(threads): bench_targets.evaluate(rows_by_case(rows, threads), subject) for threads in config.threads

@@ -90,8 +90,8 @@ class Worker:
         torch.set_num_threads(int(request["threads"]))
         device = torch.device(request.get("device", "cpu"))
         if kind == "memcpy":
-            seconds, moved = timing.memcpy_seconds(int(request["size"]), device)
-            return {"seconds": seconds, "bytes": moved}
+            seconds, fresh, moved = timing.memcpy_seconds(int(request["size"]), device)
+            return {"seconds": seconds, "fresh_seconds": fresh, "bytes": moved}
         if kind == "case":
             return self._case(request, device)
         raise ValueError(f"unknown request kind {kind!r}")

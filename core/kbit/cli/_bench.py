@@ -229,8 +229,9 @@ def render_report(report: dict, stream: Optional[TextIO] = None) -> str:
     headers = ("OP", "VARIANT", "IMPL", "BEST", "MEDIAN", "GB/S", "MEMCPY", "VS BNB", "VS REF", "/ TORCH", "PEAK EXTRA",
                "NOTE")
     for threads in config["threads"]:
-        memcpy = report["memcpy_gbps"][str(threads)]
-        lines += ["", f"{threads} thread(s); memcpy {memcpy:.2f} GB/s (read + write)", ""]
+        memcpy, clone = report["memcpy_gbps"][str(threads)], report["clone_gbps"][str(threads)]
+        lines += ["", f"{threads} thread(s); memcpy {memcpy:.2f} GB/s (read + write, into an existing tensor; "
+                  f"into a fresh one, as ops return: {clone:.2f} GB/s)", ""]  # fmt: skip
         lines.append(render_table(headers, _table_rows(report, threads)))
         targets = _target_rows(report, threads)
         if targets:

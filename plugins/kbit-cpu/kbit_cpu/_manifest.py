@@ -18,7 +18,7 @@ from kbit._formats import (
 from kbit._manifest import ROUNDINGS
 from kbit.backend import API_VERSION, OPTIMIZER_KINDS, BackendManifest, OpSupport
 
-#: The kinds the C kernels implement (csrc/kbit_cpu.h, KB_OPT_*).
+#: The kinds the C kernels implement, in the order of their codes (csrc/kbit_cpu.h, KB_OPT_*).
 KINDS = ("adam", "momentum", "rmsprop", "lion", "adagrad", "lamb", "lars", "ademamix")
 _SERVED = tuple(name for name in OPTIMIZER_KINDS if name in KINDS)
 _STATIC_8BIT = tuple(name for name in _SERVED if OPTIMIZER_KINDS[name].static_8bit)

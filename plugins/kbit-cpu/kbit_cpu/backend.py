@@ -22,6 +22,7 @@ from kbit.functional._codebooks import cached_code
 from ._codebook import CodebookCache
 from ._library import LibraryUnavailable, NativeLibrary, OptimizerTensors, load
 from ._library import OptimizerStep as StepStruct
+from ._manifest import KINDS
 
 __all__ = ["CpuBackend"]
 
@@ -29,8 +30,8 @@ Tensor = torch.Tensor
 
 #: dtype codes of the C ABI (KB_F32, KB_F16, KB_BF16).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-#: Optimizer kind codes of the C ABI (KB_OPT_*).
-_KIND_CODES = {"adam": 0, "momentum": 1, "rmsprop": 2, "lion": 3, "adagrad": 4, "lamb": 5, "lars": 6, "ademamix": 7}
+#: Optimizer kind codes of the C ABI (KB_OPT_*: the order of ``KINDS``).
+_KIND_CODES = {name: code for code, name in enumerate(KINDS)}
 #: State layout codes of the C ABI.
 _FLOAT32_STATE, _BLOCKWISE_STATE, _TENSOR_STATE = 0, 1, 2
 
@@ -49,7 +50,8 @@ def _rows(shape: Sequence[int]) -> int:
 
 
 class CpuBackend(Backend):
-    """kbit's 8-bit, 4-bit and int8 quantization in native C kernels for CPU tensors."""
+    """kbit's 8-bit, 4-bit and int8 quantization and optimizer updates in native C kernels
+    for CPU tensors."""
 
     def __init__(self) -> None:
         self._library: Optional[NativeLibrary] = None
