@@ -130,10 +130,12 @@ def kbit_implementations(config: BenchConfig) -> list[Implementation]:
     if config.backends is not None:
         names = [name for name in config.backends if name not in (BITSANDBYTES, TORCH)]
     else:
+        device_type = config.device.split(":")[0]
         names = [
             record.name
             for record in kbit.backends.list()
-            if record.state == "available" and config.device.split(":")[0] in record.device_types
+            # the reference serves every device type, as the fallback
+            if record.state == "available" and (device_type in record.device_types or record.name == "reference")
         ]
     return [Implementation(name, "kbit", name) for name in names]
 

@@ -65,8 +65,9 @@ def _kbit_backend(family: str, backend: str | None) -> Iterator[None]:
         return
     import kbit
 
-    # No fallback: a row names the backend that computed it, or says it could not.
-    with kbit.backends.use_backend(backend, fallback="error"):
+    # No fallback: a row names the backend that computed it, or says it could not. The
+    # reference is itself the fallback, which is how it serves devices it does not list.
+    with kbit.backends.use_backend(backend, fallback="reference" if backend == "reference" else "error"):
         yield
 
 
