@@ -115,7 +115,8 @@ def test_a_run_times_each_backend_and_writes_json(tmp_path, capsys):
     bandwidth = [row for row in rows if row["kind"] == "bandwidth"]
     assert all(row["gbps"] > 0 and 0 < row["memcpy_share"] for row in bandwidth)
     assert report["memcpy_gbps"]["1"] > 0 and report["clone_gbps"]["1"] > 0 and report["subject"] == "reference"
-    assert "bitsandbytes: not importable here; pass --bnb-python" in " ".join(report["notes"])
+    # No incumbent here (at most kbit's own compatibility package): a note says how to add one.
+    assert "pass --bnb-python" in " ".join(report["notes"])
     small = next(t for t in report["targets"]["1"] if t["case"] == "small_call")
     assert small["value"] > 0 and small["met"] in (True, False)
     speedups = [t for t in report["targets"]["1"] if "bitsandbytes" in t["target"]]
@@ -174,6 +175,16 @@ def test_an_interpreter_without_bitsandbytes_is_a_note(tmp_path):
                     "--bnb-python", sys.executable)  # fmt: skip
     assert {row["impl"] for row in report["rows"]} == {"reference"}
     assert any(note.startswith("bitsandbytes: not installed in") for note in report["notes"])
+
+
+def test_kbits_own_bitsandbytes_package_is_never_timed_as_the_incumbent(tmp_path, fake_bnb_python):
+    # plugins/bitsandbytes-compat provides the import name, versioned "<api level>+kbit".
+    init = Path(fake_bnb_python).parent / "site" / "bitsandbytes" / "__init__.py"
+    init.write_text(init.read_text().replace('"0.0-stand-in"', '"0.50.2+kbit"'))
+    report = _bench(tmp_path, "--ops", "small_call", "--backends", "reference,bitsandbytes",
+                    "--bnb-python", fake_bnb_python)  # fmt: skip
+    assert {row["impl"] for row in report["rows"]} == {"reference"}
+    assert any("is kbit's compatibility package (0.50.2+kbit), not the incumbent" in note for note in report["notes"])
 
 
 def test_a_missing_interpreter_is_a_note(tmp_path):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from kbit._formats import BLOCKSIZES_8BIT_ALL
 from kbit.cli import build_parser
 from kbit.testing._goldens import find_goldens
 
@@ -74,9 +75,10 @@ def test_wrong_plugin_fails_and_exits_one(tmp_path, make_plugin):
     # Both declared variants and the goldens fail; dequantize is fine.
     assert run["ops"]["quantize_blockwise"]["failed"] == 2 + GOLDEN_CHECKS_RUN
     assert run["ops"]["dequantize_blockwise"]["failed"] == 0
-    # Everything it does not declare was refused: 5 blocksizes x 3 dtypes + 2 other dtypes x 2,
-    # and each of those 21 variants again with stochastic rounding.
-    assert run["ops"]["quantize_blockwise"]["refused"] == 19 + 21
+    # Everything it does not declare was refused: every other (dtype, blocksize) with nearest
+    # rounding, and every variant with stochastic rounding.
+    variants = 3 * len(BLOCKSIZES_8BIT_ALL)
+    assert run["ops"]["quantize_blockwise"]["refused"] == (variants - 2) + variants
     assert "NOT CONFORMANT" in result.stdout
 
 

@@ -88,7 +88,8 @@ def test_linear_map_padding():
     [
         (lambda: F.get_4bit_type("nf5"), "typename"),
         (lambda: F.create_dynamic_map(total_bits=9), "total_bits"),
-        (lambda: F.create_dynamic_map(max_exponent_bits=8), "max_exponent_bits"),
+        (lambda: F.create_dynamic_map(max_exponent_bits=9), "max_exponent_bits"),
+        (lambda: F.create_dynamic_map(signed=False, max_exponent_bits=8), "max_exponent_bits"),  # 257 values
         (lambda: F.create_fp8_map(exponent_bits=4, precision_bits=4), "exponent_bits"),
         (lambda: F.create_normal_map(offset=1.5), "offset"),
     ],
@@ -96,3 +97,14 @@ def test_linear_map_padding():
 def test_bad_codebook_arguments_name_the_value(call, argument):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+def test_dynamic_map_with_as_many_exponent_bits_as_total_bits():
+    # bitsandbytes' tests build this map: the smallest decade's 2**-1 + 1 points truncate to
+    # one boundary (no value); the other decades hold 1, 2, ..., 64 magnitudes per sign.
+    table = F.create_dynamic_map(signed=True, max_exponent_bits=8)
+    assert table.shape == (256,) and table.dtype == torch.float32
+    assert bool((table[1:] >= table[:-1]).all()) and table[127] == 0 and table[-1] == 1.0
+    positive = table[table > 0]
+    assert positive.numel() == 1 + sum(2**k for k in range(7))  # 1.0 plus 127 midpoints
+    assert positive.min() < 1e-6 and torch.equal(table[table < 0].neg().sort().values, positive[:-1])

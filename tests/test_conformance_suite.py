@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kbit.functional as F
+from kbit._formats import BLOCKSIZES_8BIT_ALL
 from kbit.testing._cases import golden_checks, op_cases
 from kbit.testing._goldens import find_goldens
 from kbit.testing._plan import plan
@@ -266,8 +267,9 @@ def test_claimed_dtype_that_is_mishandled_fails_for_that_dtype(pytester):
     assert all("large_values" in p["message"] for p in run["problems"] if p["status"] == "failed")
     # The undeclared blocksizes were refused, one test each, and so was every stochastic
     # variant: a manifest silent about roundings rounds to nearest only.
-    assert run["ops"]["quantize_blockwise"]["refused"] == 3 * 5 + 3 * 7
-    assert run["ops"]["dequantize_blockwise"]["refused"] == 3 * 7
+    blocksizes = len(BLOCKSIZES_8BIT_ALL)
+    assert run["ops"]["quantize_blockwise"]["refused"] == 3 * (blocksizes - 2) + 3 * blocksizes
+    assert run["ops"]["dequantize_blockwise"]["refused"] == 3 * len(BLOCKSIZES_8BIT_ALL)
 
 
 def test_stochastic_rounding_that_is_not_or_is_biased_fails(pytester):

@@ -1,6 +1,8 @@
 """Documentation that runs: every Python block in README.md and docs/*.md executes.
 
-A block whose first line is ``# requires: gpu`` is skipped on machines without CUDA.
+A block whose first line is ``# requires: gpu`` is skipped on machines without CUDA; one
+whose first line is ``# requires: integration`` needs transformers, peft, accelerate and
+kbit's bitsandbytes package (skipped without them, a failure under CI).
 """
 
 import re
@@ -8,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests._ecosystem import require, require_compat
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -24,6 +28,10 @@ def _python_blocks():
 def test_python_block_runs(source, tmp_path, monkeypatch):
     if source.startswith("# requires: gpu") and not torch.cuda.is_available():
         pytest.skip("example needs a CUDA device")
+    if source.startswith("# requires: integration"):
+        for name in ("transformers", "peft", "accelerate"):
+            require(name)
+        require_compat()
     monkeypatch.chdir(tmp_path)
     exec(compile(source, "<doc block>", "exec"), {"__name__": "__doc_example__"})
 

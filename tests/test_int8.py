@@ -353,6 +353,26 @@ def test_matmul_caches_a_frozen_float_weight_quantization():
     assert state.CB is cached
 
 
+def test_matmul_with_frozen_codes_in_the_state_ignores_B():
+    # bitsandbytes semantics: with has_fp16_weights=False and state.CB set, B is not used;
+    # code written for it passes CB.t() (shape [K, N]) or a stale tensor there.
+    w = torch.randn(48, 32, generator=_gen(60))
+    CB, SCB, _ = F.int8_vectorwise_quant(w)
+    x = torch.randn(64, 32, generator=_gen(61), requires_grad=True)
+    expected = kbit.matmul(x, CB, state=kbit.MatmulLtState(SCB=SCB, has_fp16_weights=False))
+    for B in (CB.t(), torch.zeros(3, 5)):
+        state = kbit.MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False)
+        y = kbit.matmul(x, B, state=state)
+        assert torch.equal(y, expected) and state.CB is CB
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, F.int8_vectorwise_dequant(CB, SCB).sum(0).expand(64, 32), rtol=1e-5, atol=1e-5)
+    # The state's codes are then what is checked against A.
+    with pytest.raises(kbit.KbitValueError, match="last dimension of 32 to match state.CB"):
+        kbit.matmul(torch.randn(2, 48), CB.t(), state=kbit.MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False))
+    with pytest.raises(kbit.KbitTypeError, match="state.CB"):
+        kbit.matmul(x, w, state=kbit.MatmulLtState(CB=w, SCB=SCB, has_fp16_weights=False))
+
+
 def test_matmul_out_buffer():
     x, w = torch.randn(3, 16, generator=_gen(42)), torch.randn(8, 16, generator=_gen(43))
     out = torch.empty(3, 8)

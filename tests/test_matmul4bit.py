@@ -1,5 +1,7 @@
 """matmul_4bit: gradients through a frozen 4-bit weight, and QLoRA in miniature."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def test_forward_and_gradients_match_the_dequantized_weight(shape, dtype):
     bias_ref = bias.detach().clone().requires_grad_()
     for B in (packed, packed.t()):  # stored orientation and bitsandbytes' weight.t()
         y = kbit.matmul_4bit(x, B, state, bias=bias)
-        y_ref = torch.nn.functional.linear(x_ref, weight) + bias_ref
+        y_ref = torch.nn.functional.linear(x_ref, weight, bias_ref)  # one rounding, bias included
         assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
         torch.testing.assert_close(y, y_ref)
         upstream = _seeded(*y.shape, seed=4, dtype=dtype)
@@ -152,3 +154,32 @@ def test_qlora_in_miniature():
         losses.append(loss.item())
     assert losses[-1] * 10 <= losses[0], (losses[0], losses[-1])
     assert all(torch.equal(layer.base.weight.data, b) for layer, b in zip(layers, frozen_bytes, strict=True))
+
+
+@pytest.mark.parametrize("orientation", ["stored", "transposed"])
+def test_weight_quantized_as_in_out_still_multiplies_with_a_deprecation_warning(orientation):
+    # Old code quantized W as [in_features, out_features] and computed A @ W.
+    W = _seeded(64, 24, seed=6)  # [in, out]
+    packed, state = F.quantize_4bit(W, quant_type="nf4")
+    B = packed if orientation == "stored" else packed.t()
+    x = _seeded(5, 64, seed=7).requires_grad_()
+    bias = _seeded(24, seed=8)
+    with pytest.warns(DeprecationWarning, match=r"\[64, 24\] = \[in_features, out_features\]"):
+        y = kbit.matmul_4bit(x, B, state, bias=bias)
+    dequantized = F.dequantize_4bit(packed, state)
+    torch.testing.assert_close(y, x @ dequantized + bias)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, dequantized.sum(1).expand(5, 64))
+    with pytest.raises(KbitValueError, match="bias.shape"):
+        with pytest.warns(DeprecationWarning):
+            kbit.matmul_4bit(x, B, state, bias=torch.zeros(64))
+
+
+def test_a_square_weight_is_taken_as_out_in():
+    # [K, K] cannot tell its orientation: it is read as torch.nn.Linear's [out, in], no warning.
+    packed, state = F.quantize_4bit(_seeded(64, 64, seed=9), quant_type="nf4")
+    x = _seeded(2, 64, seed=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        y = kbit.matmul_4bit(x, packed, state)
+    torch.testing.assert_close(y, x @ F.dequantize_4bit(packed, state).T)

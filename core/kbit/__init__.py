@@ -9,7 +9,7 @@ Importing kbit imports no backend and probes no device: backends are discovered 
 use.
 """
 
-from . import autograd, backends, functional, nn, optim
+from . import autograd, backends, cextension, functional, nn, optim, utils
 from ._errors import (
     BackendError,
     BackendNotFoundError,
@@ -37,9 +37,11 @@ __all__ = [
     "features",
     "autograd",
     "backends",
+    "cextension",
     "functional",
     "nn",
     "optim",
+    "utils",
     "matmul",
     "matmul_4bit",
     "MatmulLtState",

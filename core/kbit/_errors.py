@@ -35,14 +35,16 @@ class KbitValueError(KbitError, ValueError):
 
     The message names the op, the argument and the offending value, e.g.
     ``quantize_blockwise: blocksize=100 is not supported (expected a power of two in 64..4096)``.
+    Where that template reads badly (the value is a description, not a Python value),
+    ``message`` replaces it; the attributes stay.
     """
 
-    def __init__(self, op: str, argument: str, value: object, expected: str) -> None:
+    def __init__(self, op: str, argument: str, value: object, expected: str, *, message: str | None = None) -> None:
         self.op = op
         self.argument = argument
         self.value = value
         self.expected = expected
-        super().__init__(f"{op}: {argument}={value!r} is not supported ({expected})")
+        super().__init__(message or f"{op}: {argument}={value!r} is not supported ({expected})")
 
 
 class KbitTypeError(KbitError, TypeError):

@@ -14,6 +14,8 @@ __all__ = [
     "FLOAT_DTYPES",
     "FLOAT_DTYPE_NAMES",
     "BLOCKSIZES_8BIT",
+    "BLOCKSIZES_8BIT_LARGE",
+    "BLOCKSIZES_8BIT_ALL",
     "BLOCKSIZES_4BIT",
     "QUANT_TYPES_4BIT",
     "QUANT_STORAGES_4BIT",
@@ -47,8 +49,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: :data:`FLOAT_DTYPES` as manifest names.
 FLOAT_DTYPE_NAMES = tuple(dtype_name(dtype) for dtype in FLOAT_DTYPES)
 
-#: Blocksizes of 8-bit blockwise quantization.
+#: Entries of an 8-bit code table: one value per byte.
+CODE_TABLE_SIZE = 256
+#: Blocksizes of 8-bit blockwise quantization (what every backend of the format serves).
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+#: Larger 8-bit blocksizes: bitsandbytes accepts them on CPU (its tests use 16384) and the
+#: format's rules hold for any power of two >= 64. The reference backend serves these on
+#: every device; other backends need not (kbit then falls back, with a warning).
+BLOCKSIZES_8BIT_LARGE = (8192, 16384, 32768, 65536)
+#: Every 8-bit blocksize the public API accepts.
+BLOCKSIZES_8BIT_ALL = BLOCKSIZES_8BIT + BLOCKSIZES_8BIT_LARGE
 #: Blocksizes of 4-bit quantization (32 is 4-bit only).
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: 4-bit value types.

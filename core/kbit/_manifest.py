@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ._opnames import ALL_OPS
 
-__all__ = ["API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS", "CAPABILITY_DEFAULTS", "ROUNDINGS"]
+__all__ = [
+    "API_VERSION", "BackendManifest", "OpSupport", "DTYPE_NAMES", "CAPABILITY_PARAMS", "CAPABILITY_DEFAULTS",
+    "ROUNDINGS", "is_backend_name",
+]  # fmt: skip
 
 #: Version of the backend contract (``Backend`` methods and their arguments) this core speaks.
 #: A manifest built for another version is rejected as ``invalid`` instead of failing later.
@@ -47,6 +50,11 @@ ROUNDINGS = ("nearest", "stochastic")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def is_backend_name(value: str) -> bool:
+    """Whether ``value`` is spelled like a backend name (lowercase, digits, ``_``)."""
+    return bool(_NAME.match(value))
 
 
 class OpSupport(BaseModel):

@@ -58,6 +58,8 @@ class OptimizerKind:
         reads: the entries of :data:`HYPERPARAMETERS` the rule reads; the others must be 0.
         options: the entries of :data:`OPTIONS` the kind supports (a state layout may still
             refuse one; see :data:`STATE_LAYOUTS`).
+        squared_states: the states (1-based) holding sums or averages of squared
+            gradients: never negative, and the rule divides by their square root.
         static_8bit: whole-tensor 8-bit state (``optimizer_update_8bit``) can serve it.
         stacked_state1: ``state1`` stacks two moments on a leading axis of 2 (shape
             ``(2, *p.shape)``, blockwise absmax ``(2, nblocks)``).
@@ -69,6 +71,7 @@ class OptimizerKind:
     weight_decay: str
     reads: frozenset[str]
     options: frozenset[str] = frozenset(OPTIONS)
+    squared_states: frozenset[int] = frozenset()
     static_8bit: bool = True
     stacked_state1: bool = False
     rule: str = ""
@@ -108,19 +111,21 @@ def _kind(name: str, states: str, weight_decay: str, reads: str, **more: object)
     )
 
 
+_FIRST, _SECOND = frozenset({1}), frozenset({2})
+
 #: Every optimizer kind, by name. The update rules are ``docs/formats.md`` section 5.
 OPTIMIZER_KINDS: Mapping[str, OptimizerKind] = {
     kind.name: kind
     for kind in (
-        _kind("adam", "first moment m,second moment v", "decoupled", "beta1 beta2 eps"),
-        _kind("lamb", "first moment m,second moment v", "decoupled", "beta1 beta2 eps"),
+        _kind("adam", "first moment m,second moment v", "decoupled", "beta1 beta2 eps", squared_states=_SECOND),
+        _kind("lamb", "first moment m,second moment v", "decoupled", "beta1 beta2 eps", squared_states=_SECOND),
         _kind("ademamix", "fast and slow first moments (m1; m2) stacked,second moment nu", "decoupled",
-              "beta1 beta2 beta3 alpha eps", static_8bit=False, stacked_state1=True),  # fmt: skip
+              "beta1 beta2 beta3 alpha eps", squared_states=_SECOND, static_8bit=False, stacked_state1=True),  # fmt: skip
         _kind("lion", "momentum", "decoupled", "beta1 beta2"),
         _kind("momentum", "momentum buffer", "l2", "beta1"),
         _kind("lars", "momentum buffer", "l2", "beta1"),
-        _kind("rmsprop", "mean square (decay rate beta1)", "l2", "beta1 eps"),
-        _kind("adagrad", "sum of squares", "l2", "eps"),
+        _kind("rmsprop", "mean square (decay rate beta1)", "l2", "beta1 eps", squared_states=_FIRST),
+        _kind("adagrad", "sum of squares", "l2", "eps", squared_states=_FIRST),
     )
 }
 

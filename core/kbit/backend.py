@@ -186,10 +186,14 @@ class Backend(abc.ABC):
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
-        """``A @ dequant(B).T`` for a single input row (``A`` has one row, any leading
-        dims of size 1), dequantizing ``B`` (logical ``shape`` ``[out, in]``, float32
-        ``absmax``) on the fly. Output ``(*A.shape[:-1], out)`` in ``A``'s dtype."""
+        """``A @ dequant(B).T (+ bias)`` for a single input row (``A`` has one row, any
+        leading dims of size 1), dequantizing ``B`` (logical ``shape`` ``[out, in]``, float32
+        ``absmax``) on the fly. Output ``(*A.shape[:-1], out)`` in ``A``'s dtype.
+
+        ``bias`` (``(out,)``, ``A``'s dtype, or None) is added before the result is rounded
+        to ``A``'s dtype, once, as ``torch.nn.functional.linear`` does."""
         raise self._refuse("gemv_4bit")
 
     def matmul_4bit(
@@ -201,8 +205,10 @@ class Backend(abc.ABC):
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
-        """``A @ dequant(B).T`` for any leading dimensions of ``A``; output in ``A``'s dtype."""
+        """``A @ dequant(B).T (+ bias)`` for any leading dimensions of ``A``; output in
+        ``A``'s dtype, the bias added before that one rounding (as for :meth:`gemv_4bit`)."""
         raise self._refuse("matmul_4bit")
 
     # ------------------------------------------------------------------------- int8

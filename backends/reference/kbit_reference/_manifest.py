@@ -6,7 +6,7 @@ type and storage the public API accepts, so it can serve as the oracle for all o
 
 from kbit._formats import (
     BLOCKSIZES_4BIT,
-    BLOCKSIZES_8BIT,
+    BLOCKSIZES_8BIT_ALL,
     FLOAT_DTYPE_NAMES,
     QUANT_STORAGE_NAMES_4BIT,
     QUANT_TYPES_4BIT,
@@ -15,8 +15,8 @@ from kbit._manifest import ROUNDINGS
 from kbit.backend import API_VERSION, OPTIMIZER_KINDS, BackendManifest, OpSupport
 
 _blockwise8 = {
-    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT, roundings=ROUNDINGS),
-    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT),
+    "quantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT_ALL, roundings=ROUNDINGS),
+    "dequantize_blockwise": OpSupport(dtypes=FLOAT_DTYPE_NAMES, blocksizes=BLOCKSIZES_8BIT_ALL),
     "quantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "dequantize": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
     "quantize_no_absmax": OpSupport(dtypes=FLOAT_DTYPE_NAMES),
@@ -58,11 +58,13 @@ _optimizer = {
 MANIFEST = BackendManifest(
     name="reference",
     api_version=API_VERSION,
-    # Lowest priority: any native backend for a device wins; the reference also serves
-    # every other device type as the fallback (see KBIT_FALLBACK).
+    # Lowest priority: any native backend for a device wins. Being pure PyTorch it computes
+    # on any device PyTorch supports, but it is the native choice only on CPU; on every
+    # other device type it serves as the fallback, with a KbitFallbackWarning that tells the
+    # user no native backend took the call (and KBIT_FALLBACK=error turns that off).
     priority=0,
     device_types=("cpu",),
     factory="kbit_reference.backend:ReferenceBackend",
     ops={**_blockwise8, **_quant4, **_int8, **_optimizer},
-    description="pure PyTorch; the correctness oracle and universal fallback",
+    description="pure PyTorch: native on CPU and the fallback on any other device; the correctness oracle",
 )

@@ -271,12 +271,18 @@ class OptimizerOps:
         self, grad: Tensor, gnorm_vec: Tensor, *, step: int, percentile: int
     ) -> tuple[Tensor, Tensor, Tensor]:
         norm_sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-        slot = step % gnorm_vec.numel()
-        if step == 1:
-            gnorm_vec.copy_(norm_sq.expand_as(gnorm_vec))  # no history yet: every slot
-        else:
-            gnorm_vec[slot] = norm_sq
-        current = gnorm_vec[slot].sqrt()
-        clip = torch.sort(gnorm_vec).values[percentile].sqrt()
-        scale = torch.where(current > clip, clip / current, torch.ones_like(current))
-        return current, clip, scale
+        return clip_by_history(norm_sq, gnorm_vec, step=step, percentile=percentile)
+
+
+def clip_by_history(norm_sq: Tensor, gnorm_vec: Tensor, *, step: int, percentile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Percentile clipping once ``||grad||^2`` is known (any backend computes that part):
+    record it in ``gnorm_vec`` (in place) and return ``(current_gnorm, clip_value, gnorm_scale)``."""
+    slot = step % gnorm_vec.numel()
+    if step == 1:
+        gnorm_vec.copy_(norm_sq.expand_as(gnorm_vec))  # no history yet: every slot
+    else:
+        gnorm_vec[slot] = norm_sq
+    current = gnorm_vec[slot].sqrt()
+    clip = torch.sort(gnorm_vec).values[percentile].sqrt()
+    scale = torch.where(current > clip, clip / current, torch.ones_like(current))
+    return current, clip, scale

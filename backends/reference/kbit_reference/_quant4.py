@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -89,11 +89,12 @@ class Quant4Ops:
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
         weight = self.dequantize_4bit(
             B, absmax=absmax, blocksize=blocksize, quant_type=quant_type, shape=shape, dtype=A.dtype
         )
-        return torch.nn.functional.linear(A, weight)
+        return torch.nn.functional.linear(A, weight, bias)
 
     # One row: the reference has no faster way than the general product.
     gemv_4bit = matmul_4bit

@@ -24,7 +24,7 @@ from . import targets as bench_targets
 from .cases import CASES, Case, case_ids
 from .timing import MEMORY_WORKER_ENV
 
-__all__ = ["BenchConfig", "Implementation", "WorkerFailed", "rows_by_case", "run_bench"]
+__all__ = ["BenchConfig", "Implementation", "WorkerFailed", "is_kbit_compat", "rows_by_case", "run_bench"]
 
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 BITSANDBYTES = "bitsandbytes"
@@ -114,6 +114,12 @@ class Worker:
         self._log.close()
 
 
+def is_kbit_compat(version: str) -> bool:
+    """Whether a ``bitsandbytes`` version is kbit's compatibility package (plugins/bitsandbytes-compat,
+    versioned ``<api level>+kbit``), which must never be timed as the incumbent."""
+    return version.endswith("+kbit")
+
+
 def find_bitsandbytes_python(explicit: Optional[str]) -> Optional[str]:
     """The interpreter for the incumbent's rows: ``explicit``, else ``KBIT_BENCH_BNB_PYTHON``,
     else this one when bitsandbytes is importable here, else None."""
@@ -182,6 +188,11 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
                     version = hello[BITSANDBYTES].get("bitsandbytes")
                     if version is None or str(version).startswith("unusable"):
                         notes.append(f"bitsandbytes: {version or 'not installed'} in {bnb_python}")
+                        worker.close()
+                    elif is_kbit_compat(str(version)):
+                        notes.append(f"bitsandbytes in {bnb_python} is kbit's compatibility package ({version}), "
+                                     "not the incumbent; pass --bnb-python (or set KBIT_BENCH_BNB_PYTHON) to an "
+                                     "interpreter with the real bitsandbytes")  # fmt: skip
                         worker.close()
                     else:
                         workers[BITSANDBYTES] = worker

@@ -5,13 +5,13 @@ nibble) stored as a ``(rows, 1)`` tensor of the storage dtype; see ``docs/quant4
 The matmul ops take float32 per-block scales: a nested (compressed) absmax is expanded by
 the caller first, so backends only ever see plain scales.
 
-``gemv_4bit`` and ``matmul_4bit`` carry an autograd formula (gradient to ``A`` only): the
-packed weight is frozen and integer-typed, so it has no gradient to give.
+``gemv_4bit`` and ``matmul_4bit`` carry an autograd formula (gradients to ``A`` and the
+optional bias): the packed weight is frozen and integer-typed, so it has no gradient to give.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -73,23 +73,41 @@ def dequantize_4bit(
 dequantize_4bit.register_fake(fake_from(_dequantize_4bit_out))
 
 
-def _matmul_out(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Out:
+def _matmul_out(
+    A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+) -> Out:  # fmt: skip
     return Out("out", (*A.shape[:-1], shape[0]), A.dtype, A.device)
 
 
 @torch.library.custom_op("kbit::gemv_4bit", mutates_args=())
-def gemv_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
-    """``A @ dequant(B).T`` for a single row ``A`` (``B`` logically ``shape = [out, in]``)."""
+def gemv_4bit(
+    A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+) -> Tensor:  # fmt: skip
+    """``A @ dequant(B).T (+ bias)`` for a single row ``A`` (``B`` logically ``shape = [out, in]``)."""
     backend = backend_for("gemv_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
-    result = backend.gemv_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    result = backend.gemv_4bit(
+        A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type, bias=bias
+    )
     return checked("gemv_4bit", backend, result, _matmul_out(A, B, absmax, blocksize, quant_type, shape))
 
 
 @torch.library.custom_op("kbit::matmul_4bit", mutates_args=())
-def matmul_4bit(A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int]) -> Tensor:
-    """``A @ dequant(B).T`` for any leading dimensions of ``A``; output in ``A``'s dtype."""
+def matmul_4bit(
+    A: Tensor, B: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+) -> Tensor:  # fmt: skip
+    """``A @ dequant(B).T (+ bias)`` for any leading dimensions of ``A``; output in ``A``'s dtype.
+
+    The bias is added inside the op, before the one rounding to ``A``'s dtype (as
+    ``torch.nn.functional.linear`` does): added outside, eager mode would round twice and
+    ``torch.compile``, fusing the add with what follows, once, and the two would differ.
+    """
     backend = backend_for("matmul_4bit", A, blocksize=blocksize, quant_type=quant_type, quant_storage=B.dtype)
-    result = backend.matmul_4bit(A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type)
+    result = backend.matmul_4bit(
+        A, B, shape=shape, absmax=absmax, blocksize=blocksize, quant_type=quant_type, bias=bias
+    )
     return checked("matmul_4bit", backend, result, _matmul_out(A, B, absmax, blocksize, quant_type, shape))
 
 
@@ -98,20 +116,25 @@ matmul_4bit.register_fake(fake_from(_matmul_out))
 
 
 def _setup_matmul_context(ctx, inputs, output) -> None:
-    _, B, absmax, blocksize, quant_type, shape = inputs
+    _, B, absmax, blocksize, quant_type, shape, *rest = inputs
+    bias = rest[0] if rest else None
     ctx.save_for_backward(B, absmax)
     ctx.blocksize, ctx.quant_type, ctx.shape = blocksize, quant_type, shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _matmul_backward(ctx, grad_output: Tensor):
     # d(A @ W.T)/dA = grad @ W, with W dequantized in the gradient's dtype. The packed
-    # weight and its scales are constants: no gradient for them (or for the ints).
+    # weight and its scales are constants: no gradient for them (or for the ints). The
+    # bias gets the gradient summed over every leading dimension.
     B, absmax = ctx.saved_tensors
-    grad_A = None
+    grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = dequantize_4bit(B, absmax, ctx.blocksize, ctx.quant_type, ctx.shape, grad_output.dtype)
         grad_A = torch.matmul(grad_output, weight)
-    return grad_A, None, None, None, None, None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, None, None, None, grad_bias
 
 
 gemv_4bit.register_autograd(_matmul_backward, setup_context=_setup_matmul_context)

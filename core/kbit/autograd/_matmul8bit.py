@@ -102,10 +102,23 @@ class _Int8Matmul(torch.autograd.Function):
         return grad_A, grad_weight, None, None, grad_bias, None, None, None, None
 
 
-def _weight_codes(op: str, B: Tensor, state: MatmulLtState) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(CB, SCB, float weight or None)`` for ``B``, quantizing a float ``B`` when needed."""
+def _uses_state_codes(state: MatmulLtState) -> bool:
+    """Whether the call multiplies by ``state.CB`` and ignores ``B`` (a frozen int8 weight)."""
+    return not state.has_fp16_weights and state.CB is not None
+
+
+def _weight_codes(
+    op: str, B: Tensor, state: MatmulLtState, scales_holder: Tensor
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(CB, SCB, float weight or None)`` for ``B``, quantizing a float ``B`` when needed.
+
+    Scales of int8 codes come from ``state.SCB``, else from ``scales_holder.SCB`` (an
+    :class:`kbit.nn.Int8Params` carries its own).
+    """
     if B.dtype == torch.int8:
-        name, SCB = ("state.SCB", state.SCB) if state.SCB is not None else ("B.SCB", getattr(B, "SCB", None))
+        name, SCB = (
+            ("state.SCB", state.SCB) if state.SCB is not None else ("B.SCB", getattr(scales_holder, "SCB", None))
+        )
         if SCB is None:
             raise KbitValueError(op, "state.SCB", None, "an int8 B needs its per-row absmax in state.SCB (or B.SCB)")
         # Integer scales are a caller's mix-up (codes passed as scales), not something to cast.
@@ -132,7 +145,9 @@ def matmul(
         A: float16, bfloat16 or float32 activations ``[..., K]``.
         B: the weight ``[N, K]``: a float tensor (quantized on the fly, and trainable when
             it requires grad), or int8 codes with their scales in ``state.SCB`` (or
-            ``B.SCB``, as on :class:`kbit.nn.Int8Params`).
+            ``B.SCB``, as on :class:`kbit.nn.Int8Params`). When ``state`` holds a frozen
+            weight (``state.has_fp16_weights`` False and ``state.CB`` set), ``state.CB``
+            is the weight and ``B`` is not used, as in bitsandbytes.
         out: optional buffer ``[..., N]`` in ``A``'s dtype to receive the result.
         state: a :class:`MatmulLtState` carrying the weight's quantization between calls.
         threshold: when > 0 (or ``state.threshold`` > 0), activation columns holding a value
@@ -151,23 +166,26 @@ def matmul(
     requested = check_threshold(op, threshold)
     threshold = requested if requested > 0.0 else check_threshold(op, state.threshold)
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    check_tensor(op, "B", B)
-    if B.dim() != 2:
-        raise KbitValueError(op, "B.shape", tuple(B.shape), "expected a 2-D weight [out_features, in_features]")
-    if A.dim() == 0 or A.shape[-1] != B.shape[1]:
-        raise KbitValueError(op, "A.shape", tuple(A.shape), f"expected a last dimension of {B.shape[1]} to match B")
-    if A.device != B.device:
-        raise KbitValueError(op, "B.device", str(B.device), f"expected A's device {A.device}")
-    if B.dtype != torch.int8 and B.dtype not in FLOAT_DTYPES:
-        raise KbitTypeError(op, "B", f"dtype {B.dtype}", "int8 codes or a float16, bfloat16 or float32 weight")
+    # A frozen weight in the state is what gets multiplied; B may then be anything (code
+    # written for bitsandbytes passes CB.t() or a stale tensor there).
+    name, W = ("state.CB", state.CB) if _uses_state_codes(state) else ("B", B)
+    check_tensor(op, name, W)
+    if W.dim() != 2:
+        raise KbitValueError(op, f"{name}.shape", tuple(W.shape), "expected a 2-D weight [out_features, in_features]")
+    if A.dim() == 0 or A.shape[-1] != W.shape[1]:
+        raise KbitValueError(op, "A.shape", tuple(A.shape), f"expected a last dimension of {W.shape[1]} to match {name}")
+    if A.device != W.device:
+        raise KbitValueError(op, f"{name}.device", str(W.device), f"expected A's device {A.device}")
+    if W.dtype != torch.int8 and (W is state.CB or W.dtype not in FLOAT_DTYPES):
+        raise KbitTypeError(op, name, f"dtype {W.dtype}", "int8 codes or a float16, bfloat16 or float32 weight")
     if bias is not None:
         check_bias(op, bias, A.device)
-        check_numel(op, "bias", bias, B.shape[0])
-    check_buffer(op, "out", out, (*A.shape[:-1], B.shape[0]), A.dtype, A.device)
+        check_numel(op, "bias", bias, W.shape[0])
+    check_buffer(op, "out", out, (*A.shape[:-1], W.shape[0]), A.dtype, A.device)
     # Only valid calls change the state: a rejected one must leave it as it was.
     if requested > 0.0:
         state.threshold = requested
-    CB, SCB, weight = _weight_codes(op, B, state)
+    CB, SCB, weight = _weight_codes(op, W, state, scales_holder=B)
     CA, SCA, outlier_cols = ops.int8_vectorwise_quant(A.detach().reshape(-1, A.shape[-1]).contiguous(), threshold)
     if threshold > 0.0:
         state.idx = outlier_cols

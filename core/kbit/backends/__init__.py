@@ -19,6 +19,10 @@ Environment variables (read at call time unless noted):
 ``KBIT_FALLBACK=reference|error``
     What happens when no preferred or native backend can serve a call: use the reference
     backend with one warning per op (default), or raise ``NoBackendError``.
+
+A value these do not accept (an entry that is not a backend name, such as
+``KBIT_DISABLE_PLUGINS=1``; another fallback policy) makes every call raise
+``KbitValueError`` instead of being guessed at; ``kbit info`` flags it.
 """
 
 from __future__ import annotations

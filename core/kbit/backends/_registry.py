@@ -22,6 +22,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import os
 import threading
@@ -29,6 +30,7 @@ import warnings
 from importlib import metadata
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import pydantic
 import torch
 
 from .._errors import (
@@ -40,7 +42,7 @@ from .._errors import (
     NoBackendError,
 )
 from .._formats import dtype_name
-from .._manifest import CAPABILITY_PARAMS, BackendManifest
+from .._manifest import CAPABILITY_PARAMS, BackendManifest, is_backend_name
 from .._opnames import ALL_OPS
 from ..backend import Backend
 
@@ -48,6 +50,20 @@ ENTRY_POINT_GROUP = "kbit.backends"
 REFERENCE = "reference"
 FIRST_PARTY_DISTRIBUTION = "kbit"
 FALLBACK_POLICIES = ("reference", "error")
+
+#: The environment variables the registry reads.
+BACKEND_VAR = "KBIT_BACKEND"
+DISABLE_VAR = "KBIT_DISABLE_PLUGINS"
+FALLBACK_VAR = "KBIT_FALLBACK"
+#: The ``KBIT_DISABLE_PLUGINS`` entry meaning every backend not shipped with kbit.
+DISABLE_ALL = "all"
+#: What each variable accepts: the one definition error messages, ``kbit info`` and
+#: docs/configuration.md repeat.
+SETTINGS: dict[str, str] = {
+    BACKEND_VAR: "backend names separated by commas, the most preferred first",
+    DISABLE_VAR: f"backend names separated by commas, or {DISABLE_ALL!r} (every backend not shipped with kbit)",
+    FALLBACK_VAR: " or ".join(repr(policy) for policy in FALLBACK_POLICIES),
+}
 
 #: What plugin code may raise that kbit contains. ``SystemExit`` is included because a
 #: plugin that calls ``sys.exit()`` at import must not end the user's program;
@@ -136,8 +152,83 @@ _fallback_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextV
 )
 
 
-def _split_names(value: str | None) -> tuple[str, ...]:
-    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+#: Values that read as an on/off switch. ``KBIT_DISABLE_PLUGINS=true`` means "disable
+#: plugins", not "disable the backend called true", so they are refused there.
+_SWITCH_WORDS = frozenset({"0", "1", "true", "false", "yes", "no", "on", "off"})
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_names(variable: str, raw: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(names, invalid entries)`` of a comma-separated backend list (cached: read per call)."""
+    names: list[str] = []
+    invalid: list[str] = []
+    for part in raw.split(","):
+        entry = part.strip()
+        if not entry:
+            continue
+        if variable == DISABLE_VAR:
+            valid = entry == DISABLE_ALL or (is_backend_name(entry) and entry.lower() not in _SWITCH_WORDS)
+        else:
+            valid = is_backend_name(entry)
+        (names if valid else invalid).append(entry)
+    return tuple(names), tuple(invalid)
+
+
+def _entry_problem(variable: str, entry: str) -> str:
+    if variable == DISABLE_VAR and entry.lower() in _SWITCH_WORDS:
+        return f"{entry!r} is a switch, not a backend name (use {DISABLE_ALL!r} to disable every plugin)"
+    return f"{entry!r} is not a backend name"
+
+
+def _not_a_name(variable: str, raw: str, entry: str, op: str) -> KbitValueError:
+    return KbitValueError(op, variable, raw, f"expected {SETTINGS[variable]}; {_entry_problem(variable, entry)}")
+
+
+def setting_names(variable: str, op: str = "kbit") -> tuple[str, ...]:
+    """The backend names listed in environment variable ``variable`` (``KBIT_BACKEND`` or
+    ``KBIT_DISABLE_PLUGINS``); raises :class:`~kbit.KbitValueError` naming ``op`` for an entry
+    that cannot be one (``KBIT_DISABLE_PLUGINS=1`` is not taken as a backend called "1")."""
+    raw = os.environ.get(variable, "")
+    names, invalid = _parse_names(variable, raw)
+    if invalid:
+        raise _not_a_name(variable, raw, invalid[0], op)
+    return names
+
+
+def fallback_policy(op: str = "kbit") -> str:
+    """The fallback policy in force: ``use_backend(fallback=...)``, else ``KBIT_FALLBACK``
+    (default ``reference``); raises :class:`~kbit.KbitValueError` naming ``op`` for another value."""
+    override = _fallback_override.get()
+    if override is not None:
+        return override
+    policy = os.environ.get(FALLBACK_VAR, "").strip() or FALLBACK_POLICIES[0]
+    if policy not in FALLBACK_POLICIES:
+        raise KbitValueError(op, FALLBACK_VAR, policy, f"expected {SETTINGS[FALLBACK_VAR]}")
+    return policy
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingProblem:
+    """An environment setting that is invalid or matches nothing (``kbit info`` lists them).
+
+    ``fatal`` ones make kbit calls fail while they stand; the others only have no effect.
+    """
+
+    variable: str
+    value: str
+    problem: str
+    fatal: bool
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``Type: message`` on one line; a manifest's validation errors as ``field: problem; ...``."""
+    if isinstance(exc, pydantic.ValidationError):
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'manifest'}: {error['msg']}" for error in exc.errors()
+        )
+    else:
+        detail = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {detail}"
 
 
 def _normalise_params(op: str, params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -160,6 +251,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._records: Optional[dict[str, BackendRecord]] = None
+        self._disable_setting = ""  # KBIT_DISABLE_PLUGINS as the last discovery read it
         self._cache: dict[tuple, Resolution] = {}
         self._warned_fallback: set[str] = set()
         self._warned_plugins: set[str] = set()
@@ -181,7 +273,10 @@ class Registry:
             return self._records
 
     def _discover(self) -> dict[str, BackendRecord]:
-        disabled = _split_names(os.environ.get("KBIT_DISABLE_PLUGINS"))
+        # Entries that are not names disable nothing; calls refuse to run while they stand
+        # (see _settings_error), but discovery goes on so `kbit info` can show them.
+        self._disable_setting = os.environ.get(DISABLE_VAR, "")
+        disabled, _ = _parse_names(DISABLE_VAR, self._disable_setting)
         records: dict[str, BackendRecord] = {}
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
@@ -202,9 +297,9 @@ class Registry:
                 records[f"{ep.name}@{record.distribution}"] = record
                 continue
             records[ep.name] = record
-            if ep.name in disabled or ("all" in disabled and not record.first_party):
+            if ep.name in disabled or (DISABLE_ALL in disabled and not record.first_party):
                 record.state = DISABLED
-                record.reason = "disabled by KBIT_DISABLE_PLUGINS"
+                record.reason = f"disabled by {DISABLE_VAR}"
                 continue
             try:
                 record.manifest = _as_manifest(ep.load())
@@ -215,7 +310,7 @@ class Registry:
             except PLUGIN_FAILURES as exc:  # a plugin may raise anything; none of it may escape
                 record.manifest = None
                 record.state = INVALID
-                record.reason = f"manifest failed to load: {type(exc).__name__}: {exc}"
+                record.reason = f"manifest failed to load: {describe_failure(exc)}"
                 self._warn_plugin(record)
         return records
 
@@ -252,14 +347,14 @@ class Registry:
                 backend.manifest = record.manifest
             except PLUGIN_FAILURES as exc:
                 record.state = INVALID
-                record.reason = f"factory {record.manifest.factory!r} failed: {type(exc).__name__}: {exc}"
+                record.reason = f"factory {record.manifest.factory!r} failed: {describe_failure(exc)}"
                 self._warn_plugin(record)
                 return record
             try:
                 answer = backend.is_available()
             except PLUGIN_FAILURES as exc:
                 record.state = UNAVAILABLE
-                record.reason = f"is_available() raised {type(exc).__name__}: {exc}"
+                record.reason = f"is_available() raised {describe_failure(exc)}"
                 self._warn_plugin(record)
                 return record
             if answer is True:
@@ -297,6 +392,9 @@ class Registry:
 
     def _usable_or_raise(self, name: str) -> BackendRecord:
         records = self.records()
+        error = self._settings_error("kbit.backends.get")
+        if error is not None:
+            raise error
         record = records.get(name)
         if record is None:
             known = ", ".join(sorted(records)) or "none"
@@ -307,9 +405,56 @@ class Registry:
             raise BackendUnavailableError(f"kbit backend {name!r} is {record.state}: {record.reason}")
         return record
 
-    def preference(self) -> tuple[str, ...]:
+    def preference(self, op: str = "kbit") -> tuple[str, ...]:
         """The active preference: ``use_backend`` if inside one, else ``KBIT_BACKEND``."""
-        return _preference.get() or _split_names(os.environ.get("KBIT_BACKEND"))
+        return _preference.get() or setting_names(BACKEND_VAR, op)
+
+    def setting_problems(self) -> list[SettingProblem]:
+        """Every ``KBIT_*`` setting that is invalid or matches no discovered backend."""
+        records = self.records()
+        installed = ", ".join(sorted(records)) or "none"
+        problems: list[SettingProblem] = []
+
+        # KBIT_DISABLE_PLUGINS as discovery read it: that is the value in effect.
+        values = {BACKEND_VAR: os.environ.get(BACKEND_VAR, ""), DISABLE_VAR: self._disable_setting,
+                  FALLBACK_VAR: os.environ.get(FALLBACK_VAR, "")}  # fmt: skip
+
+        def flag(variable: str, problem: str, fatal: bool) -> None:
+            problems.append(SettingProblem(variable, values[variable], problem, fatal))
+
+        for variable in (BACKEND_VAR, DISABLE_VAR):
+            names, invalid = _parse_names(variable, values[variable])
+            for entry in invalid:
+                flag(variable, f"{_entry_problem(variable, entry)} (expected {SETTINGS[variable]})", True)
+            for name in names:
+                record = records.get(name)
+                if record is None and name != DISABLE_ALL:
+                    effect = "calls fail" if variable == BACKEND_VAR else "nothing to disable"
+                    flag(variable, f"{name!r} matches no installed backend ({effect}; installed: {installed})",
+                         variable == BACKEND_VAR)  # fmt: skip
+                elif variable == BACKEND_VAR and record.state in (INVALID, DISABLED):
+                    flag(variable, f"{name!r} is {record.state}: {record.reason} (calls fail)", True)
+        try:
+            fallback_policy()
+        except KbitValueError as exc:
+            flag(FALLBACK_VAR, exc.expected, True)
+        return problems
+
+    def _settings_error(self, op: str) -> Optional[KbitValueError]:
+        """The error every call gets while ``KBIT_DISABLE_PLUGINS`` (as discovery read it)
+        holds an entry that is not a name: the user meant to disable something, and it is not."""
+        self.records()
+        _, invalid = _parse_names(DISABLE_VAR, self._disable_setting)
+        return _not_a_name(DISABLE_VAR, self._disable_setting, invalid[0], op) if invalid else None
+
+    def fallback_backend(self) -> Optional[str]:
+        """The backend that serves calls no other backend can under the current policy:
+        the reference for ``KBIT_FALLBACK=reference`` (the default), None otherwise."""
+        try:
+            policy = fallback_policy()
+        except KbitValueError:
+            return None
+        return REFERENCE if policy == "reference" and REFERENCE in self.records() else None
 
     def resolve(
         self,
@@ -325,10 +470,8 @@ class Registry:
             raise KbitValueError("resolve", "op", op, f"known ops: {sorted(ALL_OPS)}")
         wanted_dtype = None if dtype is None else dtype_name(dtype)
         norm_params = _normalise_params(op, params)
-        policy = _fallback_override.get() or os.environ.get("KBIT_FALLBACK", "reference").strip() or "reference"
-        if policy not in FALLBACK_POLICIES:
-            raise KbitValueError(op, "KBIT_FALLBACK", policy, f"expected one of {list(FALLBACK_POLICIES)}")
-        preference = self.preference()
+        policy = fallback_policy(op)
+        preference = self.preference(op)
         key = (op, device_type, wanted_dtype, norm_params, preference, policy)
         resolution = self._cache.get(key)
         if resolution is None:
@@ -358,6 +501,9 @@ class Registry:
         policy: str,
     ) -> Resolution:
         records = self.records()
+        error = self._settings_error(op)
+        if error is not None:
+            raise error
         for name in preference:
             record = records.get(name)
             # A named backend that cannot work is an error, never a silent fallback. An

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -117,6 +118,22 @@ def write_plot(report: dict, path: str) -> None:
     pyplot.close(figure)
 
 
+def _output_problem(path: str) -> str | None:
+    """Why the report cannot be written to ``path`` once the run is over, or None.
+
+    Checked before the run: a typo in a directory name must not cost the whole run.
+    """
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a directory"
+    directory = target.parent
+    if not directory.is_dir():
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{path} is not writable"
+    return None
+
+
 def _device_problem(device: str) -> str | None:
     """Why PyTorch cannot allocate on ``device`` (a bad name, a build without it), or None."""
     try:
@@ -152,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 5:
         print(f"kbit demo: --steps must be at least 5, got {args.steps}", file=sys.stderr)
         return 2
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        to_stdout = option == "--json" and path == "-"
+        problem = _output_problem(path) if path and not to_stdout else None
+        if problem:
+            print(f"kbit demo: {option} {path}: {problem}", file=sys.stderr)
+            return 2
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("kbit demo: --plot needs matplotlib; install it with: pip install 'kbit[plot]'", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ from ._quant4 import (
     quantize_nf4,
 )
 from ._quant_state import QuantState
-from ._utils import get_ptr, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
+from ._utils import get_paged, get_ptr, has_avx512bf16, is_on_gpu, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
     "QuantState",
@@ -64,7 +64,9 @@ __all__ = [
     "estimate_quantiles",
     "gemv_4bit",
     "get_4bit_type",
+    "get_paged",
     "get_ptr",
+    "has_avx512bf16",
     "histogram_scatter_add_2d",
     "int8_double_quant",
     "int8_linear_matmul",

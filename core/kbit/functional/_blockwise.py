@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .._errors import KbitValueError, QuantStateError
-from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
+from .._formats import BLOCKSIZES_8BIT_ALL, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
 from .._ops import call_with_backend
 from ._codebooks import cached_code
@@ -45,10 +45,19 @@ __all__ = [
     "histogram_scatter_add_2d",
 ]
 
-def _code_for(op: str, code: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _code_for(
+    op: str, code: Optional[torch.Tensor], device: torch.device, *, given: bool = True, for_search: bool = False
+) -> torch.Tensor:
+    """The table to use: the signed dynamic map by default, else ``code``, checked.
+
+    A table the caller passed in (``given``) has its values inspected too (finite, and
+    sorted when it is searched); the table of an existing state only its shape, since
+    kbit built it or its checkpoint reader checked it, and a per-call read would cost a
+    device synchronisation.
+    """
     if code is None:
         return cached_code("dynamic", device)
-    return check_code(op, code).to(device)
+    return check_code(op, code, inspect_values=given, for_search=for_search).to(device)
 
 
 #: Shortest ``rand`` buffer that may be read cyclically (``docs/formats.md`` section 2).
@@ -100,7 +109,8 @@ def quantize_blockwise(
         code: 256-entry sorted float32 table; the signed dynamic map by default.
         absmax: optional float32 buffer of ``ceil(numel / blocksize)`` to receive the scales.
         out: optional uint8 buffer shaped like ``A`` to receive the codes.
-        blocksize: a power of two in 64..4096.
+        blocksize: a power of two in 64..4096, or 8192..65536 (served by the reference
+            backend, as bitsandbytes serves them on CPU).
         nested: also quantize the absmax values (8-bit, blocks of 256, mean-centred).
         rand: stochastic rounding instead of nearest: float32 uniform [0, 1) values, one
             per element or at least 1024 read cyclically, or a ``torch.Generator`` to draw
@@ -116,8 +126,8 @@ def quantize_blockwise(
     """
     op = "quantize_blockwise"
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
-    code = _code_for(op, code, A.device)
+    check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT_ALL)
+    code = _code_for(op, code, A.device, for_search=True)
     check_buffer(op, "out", out, A.shape, torch.uint8, A.device)
     check_buffer(op, "absmax", absmax, (num_blocks(A.numel(), blocksize),), torch.float32, A.device)
     rand = _check_rand(op, rand, A, code)
@@ -155,7 +165,9 @@ def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.T
     absmax = check_tensor(op, "absmax", state.absmax)
     if not absmax.is_floating_point():
         raise QuantStateError("absmax", f"dtype {absmax.dtype} is not a float scale and the state is not nested", op=op)
-    return absmax.to(torch.float32).contiguous()
+    # Flattened: states stacked along a first axis (AdEMAMix's two first moments) keep a
+    # (2, blocks) absmax whose blocks follow each other in the flattened codes.
+    return absmax.to(torch.float32).reshape(-1).contiguous()
 
 
 def dequantize_blockwise(
@@ -172,32 +184,58 @@ def dequantize_blockwise(
     """Dequantize 8-bit blockwise codes.
 
     Pass the ``quant_state`` returned by :func:`quantize_blockwise`, or ``absmax`` (plus
-    optionally ``code`` and ``blocksize``) for a plain state. The result has ``A``'s shape
+    optionally ``code`` and ``blocksize``) for a plain state. A stacked ``(rows, blocks)``
+    absmax (AdEMAMix's two first moments) is read row by row: flattened when the rows
+    fill whole blocks, each row on its own otherwise. The result has ``A``'s shape
     and the original dtype (``out.dtype`` when ``out`` is given, float32 when only
     ``absmax`` is known). ``nested`` is accepted for API compatibility; nesting is read
     from the state.
     """
     op = "dequantize_blockwise"
     check_codes(op, "A", A, (torch.uint8,))
+    given = quant_state is None
     if quant_state is None:
         if absmax is None:
             raise KbitValueError(op, "quant_state", None, "pass quant_state, or absmax for a plain state")
-        check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+        check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT_ALL)
         quant_state = QuantState(absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=torch.float32)
-    check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT)
+    check_choice(op, "quant_state.blocksize", quant_state.blocksize, BLOCKSIZES_8BIT_ALL)
     if quant_state.shape is not None:
         check_payload_numel(op, "A", A, quant_state.shape.numel(), f"quant_state.shape {tuple(quant_state.shape)}")
+    if _blocks_per_row(A, quant_state):
+        # Rows of whole blocks are one stream of blocks; ragged rows each start a block.
+        rows = [dequantize_blockwise(row, _row_state(quant_state, i, row), backend=backend) for i, row in enumerate(A)]
+        dtype = out.dtype if out is not None else rows[0].dtype
+        return store_into(op, "out", torch.stack(rows).to(dtype), out)
     scales = _float_absmax(op, quant_state, backend)
     check_payload_numel(
         op, "absmax", scales, num_blocks(A.numel(), quant_state.blocksize), f"blocksize {quant_state.blocksize}"
     )
     dtype = out.dtype if out is not None else (quant_state.dtype or torch.float32)
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
-    table = _code_for(op, quant_state.code, A.device)
+    table = _code_for(op, quant_state.code, A.device, given=given)
     result = call_with_backend(
         backend, ops.dequantize_blockwise, A.contiguous(), scales.to(A.device), table, quant_state.blocksize, dtype
     )
     return store_into(op, "out", result, out)
+
+
+def _blocks_per_row(A: torch.Tensor, state: QuantState) -> bool:
+    """Whether ``state`` holds a stacked ``(rows, blocks per row)`` absmax of rows that do not
+    fill whole blocks (so each row of ``A`` must be dequantized on its own)."""
+    absmax = state.absmax
+    if state.nested or not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or A.dim() < 2:
+        return False
+    row_numel = A[0].numel() if A.shape[0] else 0
+    return (
+        A.shape[0] == absmax.shape[0]
+        and row_numel % state.blocksize != 0
+        and absmax.shape[1] == num_blocks(row_numel, state.blocksize)
+    )
+
+
+def _row_state(state: QuantState, index: int, row: torch.Tensor) -> QuantState:
+    return QuantState(state.absmax[index], shape=row.shape, code=state.code, blocksize=state.blocksize, dtype=state.dtype)
 
 
 def quantize(
@@ -209,7 +247,7 @@ def quantize(
     """
     op = "quantize"
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    code = _code_for(op, code, A.device)
+    code = _code_for(op, code, A.device, for_search=True)
     codes, absmax = call_with_backend(backend, ops.quantize, A.contiguous(), code)
     return store_into(op, "out", codes, out), (absmax, code)
 
@@ -226,6 +264,7 @@ def dequantize(
     """Inverse of :func:`quantize`; returns float32 (or ``out``'s dtype)."""
     op = "dequantize"
     check_codes(op, "A", A, (torch.uint8,))
+    given = quant_state is None
     if quant_state is not None:
         absmax, code = quant_state
     if absmax is None:
@@ -234,7 +273,7 @@ def dequantize(
     check_payload_numel(op, "absmax", absmax, 1, "whole-tensor quantization")
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
-    table = _code_for(op, code, A.device)
+    table = _code_for(op, code, A.device, given=given)
     result = call_with_backend(
         backend, ops.dequantize, A.contiguous(), absmax.to(A.device, torch.float32).reshape(1), table, dtype
     )
@@ -251,7 +290,7 @@ def quantize_no_absmax(
     """
     op = "quantize_no_absmax"
     check_dtype(op, "A", A, FLOAT_DTYPES)
-    table = check_code(op, code).to(A.device)
+    table = check_code(op, code, inspect_values=True, for_search=True).to(A.device)
     result = call_with_backend(backend, ops.quantize_no_absmax, A.contiguous(), table)
     return store_into(op, "out", result, out)
 
@@ -262,7 +301,7 @@ def dequantize_no_absmax(
     """Look codes up in ``code``; float32 (or ``out``'s dtype)."""
     op = "dequantize_no_absmax"
     check_dtype(op, "A", A, (torch.uint8,))
-    table = check_code(op, code).to(A.device)
+    table = check_code(op, code, inspect_values=True).to(A.device)
     dtype = out.dtype if out is not None else torch.float32
     check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     result = call_with_backend(backend, ops.dequantize_no_absmax, A.contiguous(), table, dtype)

@@ -62,9 +62,15 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     Values are spread over ``max_exponent_bits`` decades (``1e-6 .. 1`` by default) with
     more fraction points at larger magnitudes. This is the default 8-bit code and the
     optimizer state maps (signed for first moments, unsigned for second moments).
+
+    ``max_exponent_bits`` may equal ``total_bits``: the smallest decade's point count
+    ``2**-1 + 1`` is then truncated to 1, so that decade adds no value (the signed map
+    still has 256). A combination giving more than 256 values (unsigned with
+    ``max_exponent_bits == total_bits == 8``: 257) is refused.
     """
-    check_int("create_dynamic_map", "total_bits", total_bits, low=1, high=8)
-    check_int("create_dynamic_map", "max_exponent_bits", max_exponent_bits, low=1, high=total_bits - 1)
+    op = "create_dynamic_map"
+    check_int(op, "total_bits", total_bits, low=1, high=8)
+    check_int(op, "max_exponent_bits", max_exponent_bits, low=1, high=total_bits)
     non_sign_bits = total_bits - 1
     values: list[float] = []
 
@@ -80,11 +86,16 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
     for i in range(max_exponent_bits):
         extra_bit = 0 if signed else 1
-        add_decade(2 ** (i + non_sign_bits - max_exponent_bits + extra_bit) + 1, i)
+        # int(): a negative exponent (max_exponent_bits == total_bits) gives 1.5 points -> 1.
+        add_decade(int(2.0 ** (i + non_sign_bits - max_exponent_bits + extra_bit) + 1), i)
     additional = 2 ** (non_sign_bits - max_exponent_bits) - 1
     if additional > 0:
         add_decade(additional + 1, max_exponent_bits - 1)
     values += [0.0, 1.0]
+    if len(values) > 256:
+        raise KbitValueError(
+            op, "max_exponent_bits", max_exponent_bits, f"at most {total_bits - 1} for this map ({len(values)} values > 256)"
+        )
     table = torch.tensor(sorted(values), dtype=torch.float64).to(torch.float32)
     return _pad_to_256(table)
 

@@ -21,14 +21,16 @@ import torch
 from .._errors import KbitValueError, QuantStateError
 from .._formats import (
     BLOCKSIZES_4BIT,
-    BLOCKSIZES_8BIT,
+    BLOCKSIZES_8BIT_ALL,
+    CODE_TABLE_SIZE,
     FLOAT_DTYPES,
     QUANT_TYPES_4BIT,
     dtype_name,
     num_blocks,
 )
-from ._codebooks import get_4bit_type
+from ._codebooks import cached_code, get_4bit_type
 from ._utils import pack_dict_to_tensor, unpack_tensor_to_dict
+from ._validate import check_scales, stored_values_problem
 
 __all__ = ["QuantState"]
 
@@ -91,10 +93,34 @@ class QuantState:
         self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
         self.blocksize = blocksize
-        self.quant_type = quant_type
+        self._quant_type = quant_type  # not through the setter: nothing to contradict yet
         self.dtype = dtype
         self.offset = offset
         self.state2 = state2
+
+    @property
+    def quant_type(self) -> Optional[str]:
+        """``"nf4"`` / ``"fp4"`` for 4-bit states, ``None`` for 8-bit ones.
+
+        It picks the table codes decode with, so once the state holds a code table it can
+        only change to a type whose table that is: relabelling NF4 codes as FP4 would
+        decode every weight to a wrong value without any error.
+        """
+        return self._quant_type
+
+    @quant_type.setter
+    def quant_type(self, value: Optional[str]) -> None:
+        current, code = self._quant_type, self.code
+        if value != current and code is not None and code.device.type != "meta":
+            table = get_4bit_type(value) if value in QUANT_TYPES_4BIT else None
+            if table is None or code.shape != table.shape or not bool((code.cpu() == table).all()):
+                held = f"the {current} table" if current is not None else f"a table of {code.numel()} values"
+                raise QuantStateError(
+                    "quant_state.quant_type",
+                    f"{value!r} contradicts the state's code table ({held}): its codes would decode to wrong "
+                    f"values; quantize again with quant_type={value!r} instead",
+                )
+        self._quant_type = value
 
     @property
     def nested(self) -> bool:
@@ -154,7 +180,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: Mapping[str, Any], device: Optional[torch.device | str] = None) -> "QuantState":
-        """Rebuild a 4-bit state from :meth:`as_dict` output, packed or not.
+        """Rebuild a state from :meth:`as_dict` output: 4-bit packed or not, 8-bit unpacked.
 
         Keys may carry any prefix (everything up to the last ``.`` is ignored, and the
         JSON tensor is found by its ``quant_state.bitsandbytes__<type>`` ending), so a
@@ -303,29 +329,38 @@ class _StateReader:
             )
         return value
 
+    def _code(self, quant_type: Optional[str]) -> torch.Tensor:
+        """The ``quant_map``: a 4-bit type's own table, or any sorted 256-entry 8-bit table."""
+        if quant_type is None:
+            code = self.tensor("quant_map", torch.float32, CODE_TABLE_SIZE)
+            if code.device.type != "meta" and not bool((code[1:] >= code[:-1]).all()):
+                raise self.fail("quant_map", "an 8-bit code table must be sorted ascending")
+            return code
+        return self.table("quant_map", 16, get_4bit_type(quant_type), f"the {quant_type} table")
+
     def read(self) -> QuantState:
         state = self._validated()
         return state.to(self.device) if self.device is not None else state
 
     def _validated(self) -> QuantState:
         quant_type = self.get("quant_type")
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise self.fail("quant_type", f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)})")
-        blocksize = self.integer("blocksize", BLOCKSIZES_4BIT)
+        if quant_type is not None and quant_type not in QUANT_TYPES_4BIT:
+            raise self.fail(
+                "quant_type",
+                f"unknown quant type {quant_type!r} (expected one of {list(QUANT_TYPES_4BIT)}, or None for 8-bit)",
+            )
+        # quant_type None: an 8-bit blockwise state (its unpacked as_dict form).
+        blocksize = self.integer("blocksize", BLOCKSIZES_4BIT if quant_type else BLOCKSIZES_8BIT_ALL)
         dtype = self.dtype("dtype")
         shape = self.shape()
         blocks = num_blocks(shape.numel(), blocksize)
         per_block = f" (one per block of {blocksize} in shape {list(shape)})"
-        code = self.tensor("quant_map", torch.float32, 16)
-        table = get_4bit_type(quant_type, device=code.device)
-        # Value comparison (FP4's -0 equals 0); meta tensors hold no values to compare.
-        if code.device.type != "meta" and not bool((code == table).all()):
-            raise self.fail("quant_map", f"does not hold the {quant_type} table; it would decode to wrong values")
+        code = self._code(quant_type)
         if not any(name.startswith("nested_") for name in self.fields):
-            absmax = self.tensor("absmax", torch.float32, blocks, per_block)
+            absmax = self.scales("absmax", blocks, per_block)
             return QuantState(absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
         codes = self.tensor("absmax", torch.uint8, blocks, per_block)
-        nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT)
+        nested_blocksize = self.integer("nested_blocksize", BLOCKSIZES_8BIT_ALL)
         nested_dtype = self.dtype("nested_dtype")
         offset = self.get("nested_offset")
         # Finite in float32, where it is stored: 1e308 would become inf and poison every scale.
@@ -336,14 +371,16 @@ class _StateReader:
             or not math.isfinite(offset)
         ):
             raise self.fail("nested_offset", f"{offset!r} is not a finite float32 number")
+        # The absmax was nested with the signed dynamic map (docs/formats.md section 4).
+        dynamic = cached_code("dynamic")
         state2 = QuantState(
-            self.tensor("nested_absmax", torch.float32, num_blocks(blocks, nested_blocksize)),
+            self.scales("nested_absmax", num_blocks(blocks, nested_blocksize)),
             shape=(blocks,),
-            code=self.tensor("nested_quant_map", torch.float32, 256),
+            code=self.table("nested_quant_map", CODE_TABLE_SIZE, dynamic, "the signed dynamic map"),
             blocksize=nested_blocksize,
             dtype=nested_dtype,
         )
-        return QuantState(
+        state = QuantState(
             codes,
             shape=shape,
             code=code,
@@ -353,3 +390,38 @@ class _StateReader:
             offset=torch.tensor(float(offset), dtype=torch.float32, device=codes.device),
             state2=state2,
         )
+        self.check_nested_scales(state)
+        return state
+
+    def table(self, name: str, size: int, expected: torch.Tensor, what: str) -> torch.Tensor:
+        """The code table ``name``, which must hold the values of ``expected`` (``what``)."""
+        code = self.tensor(name, torch.float32, size)
+        # Value comparison (FP4's -0 equals 0); meta tensors hold no values to compare.
+        if code.device.type != "meta" and not bool((code == expected.to(code.device)).all()):
+            raise self.fail(name, f"does not hold {what}; it would decode to wrong values")
+        return code
+
+    def scales(self, name: str, numel: int, why: str = "") -> torch.Tensor:
+        """The float32 scales ``name``: ``numel`` of them, finite and >= 0."""
+        scales = self.tensor(name, torch.float32, numel, why)
+        check_scales(self.origin.get(name, self.prefix + name), scales)
+        return scales
+
+    def check_nested_scales(self, state: QuantState) -> None:
+        """Refuse a nested absmax that dequantizes to NaN/inf or negative scales.
+
+        Each stored tensor may look fine while their combination does not (an offset that
+        pushes every scale below zero), so the scales the state will use are checked.
+        """
+        from ._blockwise import dequantize_blockwise  # imports this module
+
+        if state.absmax.device.type == "meta":
+            return
+        scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
+        problem = stored_values_problem(scales, nonnegative=True)
+        if problem:
+            raise self.fail(
+                "absmax",
+                f"the nested absmax (these codes x nested_absmax + nested_offset={float(state.offset)!r}) "
+                f"dequantizes to scales that are impossible: it {problem}; per-block scales are finite and >= 0",
+            )

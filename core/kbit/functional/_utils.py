@@ -10,7 +10,7 @@ import torch
 
 from .._errors import KbitValueError, QuantStateError
 
-__all__ = ["get_ptr", "is_on_gpu", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
+__all__ = ["get_paged", "get_ptr", "has_avx512bf16", "is_on_gpu", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
 
 
 def get_ptr(A: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
@@ -18,6 +18,33 @@ def get_ptr(A: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     if A is None:
         return None
     return ctypes.c_void_p(A.data_ptr())
+
+
+def has_avx512bf16() -> bool:
+    """Whether this CPU has the AVX512-BF16 instructions (a probe downstream code branches on).
+
+    kbit's reference backend computes the same results either way; the answer is only
+    information about the machine.
+    """
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def get_paged(
+    *shape: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None
+) -> torch.Tensor:
+    """A zero-filled tensor of ``shape`` in paged (managed) memory, for paged optimizer state.
+
+    ``device`` defaults to the first CUDA device when CUDA is available, else the CPU. The
+    memory comes from a backend that declares the ``"paged_memory"`` feature for that
+    device; where none does the tensor is ordinary memory, with a
+    :class:`~kbit.KbitPagedMemoryWarning`. ``result.is_paged`` says which it got.
+    """
+    from ..optim._paging import paged_zeros  # the optimizers' allocator (imports the registry)
+
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return paged_zeros(tuple(shape), dtype, torch.device(device))
 
 
 def is_on_gpu(tensors: Iterable[Optional[torch.Tensor]]) -> bool:

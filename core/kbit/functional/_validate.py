@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .._errors import KbitTypeError, KbitValueError, QuantStateError
-from .._formats import FLOAT_DTYPES, dtype_name
+from .._formats import CODE_TABLE_SIZE, FLOAT_DTYPES, dtype_name
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
@@ -130,12 +130,62 @@ def check_numel(op: str, name: str, tensor: torch.Tensor, expected: int) -> None
         raise KbitValueError(op, f"{name}.numel()", tensor.numel(), f"expected {expected}")
 
 
-def check_code(op: str, code: object, max_size: int = 256) -> torch.Tensor:
-    """Require a 1-D float32 code table with at most ``max_size`` entries."""
+def check_code(op: str, code: object, *, inspect_values: bool = False, for_search: bool = False) -> torch.Tensor:
+    """Require an 8-bit code table: 1-D float32 with one value per code (256 entries).
+
+    Codes are bytes, so a shorter table would let a stored code index past its end. With
+    ``inspect_values`` the values must also be finite and, when the table is searched for
+    the nearest code (``for_search``: quantizing), sorted ascending. Reading values costs a
+    device synchronisation, so callers inspect the tables a user passes in, not the ones of
+    a state kbit built or its checkpoint reader already checked.
+    """
     code = check_dtype(op, "code", code, (torch.float32,))
-    if code.dim() != 1 or not 0 < code.numel() <= max_size:
-        raise KbitValueError(op, "code.shape", tuple(code.shape), f"expected a 1-D table of 1..{max_size} values")
+    if tuple(code.shape) != (CODE_TABLE_SIZE,):
+        raise KbitValueError(
+            op, "code.shape", tuple(code.shape), f"expected ({CODE_TABLE_SIZE},): one value per 8-bit code"
+        )
+    if inspect_values and code.device.type != "meta":
+        if not bool(torch.isfinite(code).all()):
+            bad = int((~torch.isfinite(code)).sum())
+            raise KbitValueError(op, "code", f"a table with {bad} NaN/inf value(s)", "expected finite values")
+        if for_search and not bool((code[1:] >= code[:-1]).all()):
+            raise KbitValueError(
+                op, "code", "an unsorted table", "expected values sorted ascending (the nearest-code search needs it)"
+            )
     return code
+
+
+def stored_values_problem(values: torch.Tensor, *, nonnegative: bool) -> Optional[str]:
+    """What makes stored float ``values`` impossible (NaN/inf, or negative ones when
+    ``nonnegative``), or None. One reduction, one synchronisation when nothing is wrong."""
+    if values.device.type == "meta" or values.numel() == 0:
+        return None
+    finite = torch.isfinite(values)
+    bad = ~finite | (values < 0) if nonnegative else ~finite
+    if not bool(bad.any()):
+        return None
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        return f"holds {nonfinite} NaN/inf value(s) of {values.numel()}"
+    return f"holds {int((values < 0).sum())} negative value(s) of {values.numel()}"
+
+
+def check_stored_values(key: str, values: torch.Tensor, *, nonnegative: bool, meaning: str) -> None:
+    """Refuse a checkpoint tensor whose values no valid save could hold.
+
+    ``key`` names the entry, ``meaning`` says what the values are and so why they cannot be
+    that (``"per-block scales: absolute maxima, finite and >= 0"``). Raises
+    :class:`~kbit.QuantStateError`: such a tensor would load and then turn every output
+    it touches into NaN, or flip signs, without any error.
+    """
+    problem = stored_values_problem(values, nonnegative=nonnegative)
+    if problem:
+        raise QuantStateError(key, f"{problem}; these are {meaning}")
+
+
+def check_scales(key: str, scales: torch.Tensor) -> None:
+    """:func:`check_stored_values` for quantization scales (absmax, ``SCB``, ``max1`` ...)."""
+    check_stored_values(key, scales, nonnegative=True, meaning="quantization scales (absolute maxima: finite, >= 0)")
 
 
 def check_buffer(

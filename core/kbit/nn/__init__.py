@@ -23,3 +23,6 @@ __all__ = [
     "Params4bit",
     "StableEmbedding",
 ]
+
+# The bitsandbytes import path ``nn.modules`` (after __all__: it re-exports these names).
+from . import modules  # noqa: E402

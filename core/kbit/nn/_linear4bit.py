@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
+from .._errors import KbitWarning
 from .._formats import FLOAT_DTYPES
 from ..autograd._matmul4bit import matmul_4bit
 from ..functional._validate import check_choice, check_dtype
@@ -55,18 +57,39 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
             compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
         )
         self.compute_dtype = compute_dtype
+        #: Whether ``compute_dtype`` is settled; while False the next input's dtype sets it
+        #: (float16 input keeps an explicit ``compute_dtype``, as in bitsandbytes).
+        self.compute_type_is_set = compute_dtype is not None
 
     def _weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def _compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        if self.compute_type_is_set and self.compute_dtype is not None:
+            compute_dtype = self.compute_dtype
+        elif x.dtype == torch.float16 and self.compute_dtype is not None:
+            compute_dtype = self.compute_dtype
+        else:
+            compute_dtype = x.dtype
+        if x.dtype == torch.float16 and compute_dtype == torch.float32:
+            warnings.warn(
+                "Linear4bit: float16 input is computed in float32 (compute_dtype=torch.float32, transformers' "
+                "bnb_4bit_compute_dtype default), which makes inference and training slower than needed; "
+                "pass compute_dtype=torch.float16 to compute in the input's dtype",
+                KbitWarning,
+                stacklevel=3,
+            )
+        return compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
         check_dtype("Linear4bit", "x", x, FLOAT_DTYPES)
         weight = self._quantized_weight()
-        compute_dtype = self.compute_dtype or x.dtype
+        compute_dtype = self._compute_dtype_for(x)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
         out = matmul_4bit(x.to(compute_dtype), weight, weight.quant_state, bias=bias)
-        self.compute_dtype = compute_dtype  # the first input that worked picks it
+        # The first input that worked settles the compute dtype.
+        self.compute_dtype, self.compute_type_is_set = compute_dtype, True
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 from .._errors import KbitTypeError, QuantStateError
 from ..autograd._matmul8bit import MatmulLtState, matmul
 from ..functional._int8 import check_threshold, int8_vectorwise_dequant, int8_vectorwise_quant
+from ..functional._validate import check_scales
 from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
 __all__ = ["Int8Params", "Linear8bitLt", "Embedding8bit"]
@@ -54,7 +55,11 @@ class Int8Params(QuantizedParameter):
     never casts its codes: a requested dtype only applies to float weights.
 
     Constructing with ``CB`` (int8 codes) makes those codes the data, whatever ``data`` is.
+    Other keyword arguments become attributes, kept through copies and moves (tooling
+    rebuilds weights as ``Int8Params(data, **weight.__dict__)``).
     """
+
+    _OWN_ATTRIBUTES = ("has_fp16_weights", "SCB")
 
     def __new__(
         cls,
@@ -63,6 +68,7 @@ class Int8Params(QuantizedParameter):
         has_fp16_weights: bool = False,
         CB: Optional[torch.Tensor] = None,
         SCB: Optional[torch.Tensor] = None,
+        **kwargs: Any,
     ) -> "Int8Params":
         if CB is not None:
             data = _checked_codes(CB)
@@ -72,6 +78,7 @@ class Int8Params(QuantizedParameter):
         param = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
         param.SCB = SCB
         param.has_fp16_weights = has_fp16_weights
+        param._keep_attributes("Int8Params", kwargs)
         return param
 
     def _quantize(self, device: torch.device) -> "Int8Params":
@@ -124,9 +131,6 @@ class Int8Params(QuantizedParameter):
     def cuda(self, device: Optional[Any] = None, non_blocking: bool = False) -> "Int8Params":  # type: ignore[override]
         """Same as ``.to("cuda")`` (quantizes a frozen float weight)."""
         return self.to("cuda" if device is None else device, non_blocking=non_blocking)
-
-    def _attributes(self) -> dict[str, Any]:
-        return {"has_fp16_weights": self.has_fp16_weights, "SCB": self.SCB}
 
     def _follow_data_device(self) -> None:
         self.SCB = follow_device(self.SCB, self.device)
@@ -182,23 +186,36 @@ class _Int8WeightModule(QuantizedWeightModule):
     ) -> None:
         weight_key, scb_key, format_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"
         incoming = state_dict.get(weight_key)
+        if incoming is None and (scb_key in state_dict or format_key in state_dict):
+            present = scb_key if scb_key in state_dict else format_key
+            raise QuantStateError(weight_key, f"missing, although {present!r} (which describes its codes) is there")
+        if scb_key in state_dict and not isinstance(self.weight, Int8Params):
+            # Tied weights (or other tooling) replaced the Int8Params by a plain parameter,
+            # which has nowhere to keep int8 codes and their scales.
+            raise QuantStateError(
+                scb_key,
+                f"holds int8 scales, but this module's weight is a plain {type(self.weight).__name__}, not an "
+                "Int8Params (was it tied to another module's weight?); it cannot hold int8 codes",
+            )
         # Validate and convert first, so a malformed checkpoint leaves the module untouched.
-        install = None
+        converted = None
         if incoming is not None:
-            install = self._converted_weight(incoming, state_dict.get(scb_key), state_dict.get(format_key), prefix)
+            converted = self._converted_weight(incoming, state_dict.get(scb_key), state_dict.get(format_key), prefix)
         rest = {k: v for k, v in state_dict.items() if k not in (weight_key, scb_key, format_key)}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if install is None:
-            return
-        if weight_key in missing_keys:
-            missing_keys.remove(weight_key)
-        data, scb = install
-        if scb is not None:
-            self.weight._install_codes(data, scb)
-        else:
-            with torch.no_grad():
-                self.weight.copy_(data)
-        self._after_weight_change()
+
+        def install() -> None:
+            data, scb = converted
+            if scb is not None:
+                self.weight._install_codes(data, scb)
+            else:
+                with torch.no_grad():
+                    self.weight.copy_(data)
+            self._after_weight_change()
+
+        self._load_rest_then_install(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+            install if converted is not None else None,
+        )  # fmt: skip
 
     def _converted_weight(
         self, incoming: object, scb: object, weight_format: object, prefix: str
@@ -218,6 +235,12 @@ class _Int8WeightModule(QuantizedWeightModule):
             )
         device = self.weight.device
         if incoming.is_floating_point():
+            if scb is not None:
+                raise QuantStateError(
+                    scb_key,
+                    f"given beside a floating-point weight ({incoming.dtype}): int8 codes cast to float? "
+                    "A float checkpoint has no SCB, an int8 one has int8 codes",
+                )
             if _is_int8(self.weight):
                 CB, SCB, _ = int8_vectorwise_quant(incoming.to(device))
                 return CB, SCB
@@ -233,13 +256,15 @@ class _Int8WeightModule(QuantizedWeightModule):
                 )
         if scb is None:
             raise QuantStateError(scb_key, "missing: int8 weight codes need their per-row absmax")
-        if not isinstance(scb, torch.Tensor) or not scb.is_floating_point():
+        # float32 exactly, as written: a 16-bit copy has already lost digits of every scale.
+        if not isinstance(scb, torch.Tensor) or scb.dtype != torch.float32:
             found = scb.dtype if isinstance(scb, torch.Tensor) else type(scb).__name__
-            raise QuantStateError(scb_key, f"expected a floating-point tensor, got {found}")
+            raise QuantStateError(scb_key, f"expected a float32 tensor, got {found}")
         if scb.numel() != incoming.shape[0]:
             raise QuantStateError(scb_key, f"holds {scb.numel()} values, expected one per row ({incoming.shape[0]})")
+        check_scales(scb_key, scb)
         CB = incoming.to(device).contiguous()
-        SCB = scb.reshape(-1).to(device=device, dtype=torch.float32)
+        SCB = scb.reshape(-1).to(device=device, copy=True)
         if self._int8_trainable:
             return int8_vectorwise_dequant(CB, SCB).to(self.weight.dtype), None
         return CB, SCB

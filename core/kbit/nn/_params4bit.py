@@ -11,7 +11,7 @@ state along and dtype conversions leave the bytes alone (casting them would dest
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,10 +22,51 @@ from ..functional._quant_state import QuantState
 from ..functional._validate import check_choice
 from ._quantized_param import QuantizedParameter, QuantizedWeightModule, follow_device
 
-__all__ = ["Params4bit"]
+__all__ = ["Params4bit", "QuantStateView"]
 
 _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_storage")
-_ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized")
+_ATTRIBUTES = (*_SETTINGS, "quant_state", "bnb_quantized", "module")
+
+#: Blocksize when the constructor is given None (bitsandbytes' default on every device
+#: kbit serves the same way).
+DEFAULT_BLOCKSIZE = 64
+
+
+class QuantStateView:
+    """A read-only attribute of a quantized :class:`Params4bit`, read from its quant state.
+
+    FSDP walks a parameter's tensor attributes by name (``absmax``, ``nested_absmax``,
+    ...); they are views of ``quant_state``, so each value exists once. Reading one while
+    there is no such value (not quantized yet, or not nested) raises ``AttributeError``,
+    so ``hasattr`` is False; assigning one raises too (change the quant state instead).
+    """
+
+    def __init__(self, read: Callable[[QuantState], Any]) -> None:
+        self._read = read
+        self._name = "?"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, param: Optional["Params4bit"], owner: Optional[type] = None) -> Any:
+        if param is None:
+            return self
+        state = param.__dict__.get("quant_state")
+        value = self._read(state) if state is not None else None
+        if value is None:
+            raise AttributeError(f"'Params4bit' object has no attribute {self._name!r} (its quant state has none)")
+        return value
+
+    def __set__(self, param: "Params4bit", value: Any) -> None:
+        raise AttributeError(f"Params4bit.{self._name} is read from quant_state; change the quant state instead")
+
+
+def _nested(read: Callable[[QuantState], Any]) -> Callable[[QuantState], Any]:
+    return lambda state: read(state.state2) if state.state2 is not None else None
+
+
+#: torch functions whose results keep the Params4bit class (see __torch_function__).
+_SHARDING_FUNCTIONS = frozenset({torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split})
 
 
 class Params4bit(QuantizedParameter):
@@ -36,25 +77,38 @@ class Params4bit(QuantizedParameter):
         requires_grad: must stay False once quantized (4-bit weights are frozen).
         quant_state: the :class:`~kbit.functional.QuantState` of packed ``data``.
         blocksize, compress_statistics, quant_type, quant_storage: how to quantize, see
-            :func:`kbit.functional.quantize_4bit`.
-        module: accepted for bitsandbytes compatibility; kbit modules read the state
-            from their weight, so nothing needs a back reference.
+            :func:`kbit.functional.quantize_4bit` (``blocksize=None`` means 64).
+        module: the module holding this weight (kept as ``.module``); kbit modules read
+            the state from their weight, so nothing depends on it.
         bnb_quantized: whether ``data`` already holds packed codes.
+        **kwargs: other attributes to carry (what tooling set on a weight that is rebuilt
+            as ``Params4bit(data, **weight.__dict__)``); kept through copies and moves.
+
+    Once quantized, ``absmax``, ``code`` / ``quant_map``, ``offset`` and ``nested_absmax``,
+    ``nested_code`` / ``nested_quant_map``, ``nested_blocksize``, ``nested_dtype``,
+    ``nested_offset`` read through to the quant state. ``torch.chunk`` and ``torch.split``
+    of a ``Params4bit`` give ``Params4bit`` pieces sharing its settings and state (FSDP
+    shards weights that way).
     """
+
+    _OWN_ATTRIBUTES = _ATTRIBUTES
 
     def __new__(
         cls,
         data: Optional[torch.Tensor] = None,
         requires_grad: bool = False,
         quant_state: Optional[QuantState] = None,
-        blocksize: int = 64,
+        blocksize: Optional[int] = None,
         compress_statistics: bool = True,
         quant_type: str = "fp4",
         quant_storage: torch.dtype = torch.uint8,
         module: Optional[torch.nn.Module] = None,
         bnb_quantized: bool = False,
+        **kwargs: Any,
     ) -> "Params4bit":
         op = "Params4bit"
+        if blocksize is None:
+            blocksize = DEFAULT_BLOCKSIZE
         check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)
         check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
         check_choice(op, "quant_storage", quant_storage, QUANT_STORAGES_4BIT)
@@ -67,10 +121,30 @@ class Params4bit(QuantizedParameter):
         self.quant_storage = quant_storage
         self.quant_state = quant_state
         self.bnb_quantized = bnb_quantized
+        self.module = module
+        self._keep_attributes(op, kwargs)
         return self
 
-    def _attributes(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _ATTRIBUTES}
+    absmax = QuantStateView(lambda state: state.absmax)
+    code = QuantStateView(lambda state: state.code)
+    quant_map = QuantStateView(lambda state: state.code)
+    offset = QuantStateView(lambda state: state.offset)
+    nested_absmax = QuantStateView(_nested(lambda state2: state2.absmax))
+    nested_code = QuantStateView(_nested(lambda state2: state2.code))
+    nested_quant_map = QuantStateView(_nested(lambda state2: state2.code))
+    nested_blocksize = QuantStateView(_nested(lambda state2: state2.blocksize))
+    nested_dtype = QuantStateView(_nested(lambda state2: state2.dtype))
+    nested_offset = QuantStateView(lambda state: state.offset)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Parameter subclasses return plain tensors from every op; chunk and split keep
+        # the class (and share settings and state) because FSDP shards weights with them.
+        with torch._C.DisableTorchFunctionSubclass():  # traceable by torch.compile
+            result = func(*args, **(kwargs or {}))
+        if func in _SHARDING_FUNCTIONS:
+            return tuple(args[0]._with_data(piece) for piece in result)
+        return result
 
     def _follow_data_device(self) -> None:
         # A moved copy rather than QuantState.to (in place): aliases of this parameter
@@ -93,14 +167,21 @@ class Params4bit(QuantizedParameter):
         checkpoint, read by :meth:`QuantState.from_dict`, which validates it. ``device``
         defaults to ``data``'s. Extra keyword arguments are accepted for bitsandbytes
         compatibility and ignored: the state decides blocksize, type and storage.
+        ``module`` is kept as the parameter's ``.module``.
         """
         device = torch.device(device) if device is not None else data.device
         state = QuantState.from_dict(quantized_stats, device=device)
-        return cls._from_state(data, state, device, requires_grad)
+        return cls._from_state(data, state, device, requires_grad, module=module)
 
     @classmethod
     def _from_state(
-        cls, data: torch.Tensor, state: QuantState, device: torch.device, requires_grad: bool = False, key: str = "weight"
+        cls,
+        data: torch.Tensor,
+        state: QuantState,
+        device: torch.device,
+        requires_grad: bool = False,
+        key: str = "weight",
+        module: Optional[torch.nn.Module] = None,
     ) -> "Params4bit":
         if not isinstance(data, torch.Tensor) or data.dtype not in QUANT_STORAGES_4BIT:
             found = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
@@ -116,6 +197,7 @@ class Params4bit(QuantizedParameter):
             compress_statistics=state.nested,
             quant_type=state.quant_type,
             quant_storage=data.dtype,
+            module=module,
             bnb_quantized=True,
         )
 
@@ -225,7 +307,7 @@ class Weight4bitStateDict(QuantizedWeightModule):
     def _init_4bit_weight(self, **settings: Any) -> None:
         """Wrap the float weight the ``torch.nn`` base created; remember how to quantize it."""
         self._quant_settings = settings
-        self.weight = Params4bit(self.weight.data, requires_grad=False, **settings)
+        self.weight = Params4bit(self.weight.data, requires_grad=False, module=self, **settings)
 
     def _settings(self) -> dict[str, Any]:
         """How float weights are quantized: the weight's own settings, else the remembered ones."""
@@ -242,7 +324,7 @@ class Weight4bitStateDict(QuantizedWeightModule):
         """
         weight = self.weight
         if not isinstance(weight, Params4bit):
-            weight = self.weight = Params4bit(weight.data, requires_grad=False, **self._settings())
+            weight = self.weight = Params4bit(weight.data, requires_grad=False, module=self, **self._settings())
         if not weight.bnb_quantized:
             weight._quantize(weight.device)
         return weight
@@ -277,16 +359,20 @@ class Weight4bitStateDict(QuantizedWeightModule):
         # Full keys: QuantState.from_dict strips the prefix itself and names them in errors.
         stats = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        if stats and key not in state_dict:
+            raise QuantStateError(key, f"missing, although its quantization statistics ({sorted(stats)[0]}, ...) are there")
         # Build (and so validate) the new weight before anything else is loaded: a bad
         # checkpoint must leave the module exactly as it was.
         weight = self._weight_from(key, state_dict[key], stats) if key in state_dict else None
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if weight is None:
-            return  # the base class has recorded the weight as missing (when strict)
-        if key in missing_keys:
-            missing_keys.remove(key)
-        self.weight = weight
-        self._quant_settings = self._settings()
+
+        def install() -> None:
+            self.weight = weight
+            self._quant_settings = self._settings()
+
+        self._load_rest_then_install(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+            install if weight is not None else None,
+        )  # fmt: skip
 
     def _weight_from(self, key: str, value: torch.Tensor, stats: dict[str, Any]) -> Params4bit:
         current = self.weight
@@ -297,11 +383,11 @@ class Weight4bitStateDict(QuantizedWeightModule):
             state = QuantState.from_dict(copied, device=device)
             if state.shape != expected:
                 raise QuantStateError(key, f"holds a weight of shape {tuple(state.shape)}; this module needs {tuple(expected)}")
-            return Params4bit._from_state(value.detach().clone(), state, device, key=key)
+            return Params4bit._from_state(value.detach().clone(), state, device, key=key, module=self)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise QuantStateError(key, f"holds {found}: expected a float weight, or packed codes with their quant-state keys")
         if value.shape != expected:
             raise QuantStateError(key, f"holds a weight of shape {tuple(value.shape)}; this module needs {tuple(expected)}")
-        fresh = Params4bit(value.detach().to(device, copy=True), False, **self._settings())
+        fresh = Params4bit(value.detach().to(device, copy=True), False, module=self, **self._settings())
         return fresh._quantize() if device.type != "meta" else fresh

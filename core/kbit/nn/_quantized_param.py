@@ -19,9 +19,11 @@ on the weight's device.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from .._errors import KbitTypeError
 
 __all__ = ["QuantizedParameter", "QuantizedWeightModule", "follow_device"]
 
@@ -43,13 +45,36 @@ def _rebuild(cls: type, data: torch.Tensor, requires_grad: bool, attributes: dic
 class QuantizedParameter(torch.nn.Parameter):
     """Base of parameters whose quantization state lives in attributes beside the data.
 
-    Subclasses list the constructor keywords that rebuild that state in
-    :meth:`_attributes` and move it in :meth:`_follow_data_device`.
+    Subclasses name the constructor keywords that rebuild that state in
+    ``_OWN_ATTRIBUTES`` and move it in :meth:`_follow_data_device`.
+
+    Other keyword arguments of the constructor become attributes too, and every attribute
+    in ``__dict__`` travels with the parameter through copies, ``detach``, moves and
+    pickling: transformers and peft rebuild weights as ``type(p)(data, **p.__dict__)``, so
+    whatever other tooling (DeepSpeed, FSDP, accelerate) set on a weight must be accepted
+    back and kept.
     """
+
+    #: Constructor keywords holding this parameter's quantization state.
+    _OWN_ATTRIBUTES: tuple[str, ...] = ()
+
+    def _keep_attributes(self, op: str, extra: dict[str, Any]) -> None:
+        """Set the constructor's extra keyword arguments as attributes."""
+        for name, value in extra.items():
+            try:
+                setattr(self, name, value)
+            except AttributeError as exc:  # a read-only view of the quantization state
+                raise KbitTypeError(op, name, "a keyword argument", f"no {name!r} ({exc})") from None
 
     def _attributes(self) -> dict[str, Any]:
         """Keyword arguments that, with data and requires_grad, rebuild this parameter."""
-        raise NotImplementedError
+        own = {name: getattr(self, name) for name in self._OWN_ATTRIBUTES}
+        if torch.compiler.is_compiling():
+            # Dynamo cannot read a tensor subclass's __dict__; inside a compiled region
+            # copies are transient (``B.detach()`` to quantize), so they need no extras.
+            return own
+        extra = {name: value for name, value in self.__dict__.items() if name not in self._OWN_ATTRIBUTES}
+        return {**own, **extra}
 
     def _follow_data_device(self) -> None:
         """Put the side information on the data's device (after ``.data`` was swapped)."""
@@ -69,7 +94,12 @@ class QuantizedParameter(torch.nn.Parameter):
     def __deepcopy__(self, memo: dict) -> "QuantizedParameter":
         if id(self) in memo:
             return memo[id(self)]
-        attributes = {name: copy.deepcopy(value, memo) for name, value in self._attributes().items()}
+        # A back reference to a module is not copied: it is the copy of that module when the
+        # module itself is being deep-copied (already in ``memo``), else the same module.
+        attributes = {
+            name: memo.get(id(value), value) if isinstance(value, torch.nn.Module) else copy.deepcopy(value, memo)
+            for name, value in self._attributes().items()
+        }
         result = type(self)(self.data.clone(memory_format=torch.preserve_format), self.requires_grad, **attributes)
         memo[id(self)] = result
         return result
@@ -103,3 +133,43 @@ class QuantizedWeightModule(torch.nn.Module):
 
     def _after_weight_change(self) -> None:
         """Hook for subclasses that mirror the weight elsewhere."""
+
+    def _load_rest_then_install(
+        self,
+        rest: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+        install: Optional[Callable[[], None]],
+    ) -> None:
+        """Let torch load every entry but the weight (``rest``), then run ``install``.
+
+        ``install`` puts the new, already validated weight in place (None: the checkpoint
+        has no weight). All or nothing: when torch reports an error for this module's
+        entries (a bias of the wrong shape), whatever it copied is restored and ``install``
+        does not run, so a failed ``load_state_dict`` leaves the module as it was. Missing
+        keys are not errors here: torch reports them, and ``strict=False`` loads the rest.
+        """
+        own = [(name, t) for name, t in [*self._parameters.items(), *self._buffers.items()] if t is not None]
+        saved = {name: (tensor, tensor.detach().clone()) for name, tensor in own if name != "weight"}
+        errors = len(error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if install is None:
+            return  # the base class has recorded the weight as missing
+        if prefix + "weight" in missing_keys:  # it was there, only not in ``rest``
+            missing_keys.remove(prefix + "weight")
+        if len(error_msgs) > errors:
+            self._restore(saved)
+            return
+        install()
+
+    def _restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back the tensors (objects and values) :meth:`_load_rest_then_install` saved."""
+        for name, (tensor, values) in saved.items():
+            table = self._parameters if name in self._parameters else self._buffers
+            table[name] = tensor  # torch may have assigned a new object (assign=True)
+            with torch.no_grad():
+                tensor.copy_(values)

@@ -21,7 +21,14 @@ from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from ..functional import _optim as F
 from .._optim_step import OptimizerKind, layout_of
 from ..functional._codebooks import cached_code
-from ._checkpoint import check_state_layout, checked_param_state, flat_param_state, nest_quant_state, state_layout
+from ._checkpoint import (
+    STATE_CODES,
+    check_state_layout,
+    checked_param_state,
+    flat_param_state,
+    nest_quant_state,
+    state_layout,
+)
 from ._config import (
     HYPERPARAMETERS,
     check_group_hyperparameters,
@@ -189,10 +196,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         return types.MappingProxyType({name: cached_code(code) for name, code in _QMAP_CODES.items()})
 
-    @staticmethod
-    def _qmap(name: str, device: torch.device) -> torch.Tensor:
-        return cached_code(_QMAP_CODES[name], device)
-
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype, p: torch.Tensor, op: str) -> torch.Tensor:
         if self._allocator is not None:
             return self._allocator.zeros(shape, dtype, p, op)
@@ -221,8 +224,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             state[f"state{which}"] = self._zeros(shape, dtype, p, layout_of(eight_bit, block_wise).op)
             if not eight_bit:
                 continue
-            # First moments (and every single state) are signed; second moments unsigned.
-            state[f"qmap{which}"] = self._qmap("dynamic" if which == 1 else "udynamic", p.device)
+            state[f"qmap{which}"] = cached_code(STATE_CODES[which], p.device)
             if block_wise:
                 nblocks = num_blocks(p.numel(), OPTIMIZER_BLOCKSIZE)
                 rows = stacked if which == 1 else ()
@@ -244,6 +246,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         extremes: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for gindex, pindex, _, p in work:
+            if p.device.type == "meta":
+                where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
+                raise KbitValueError(
+                    where, name, "a meta tensor", "a parameter with values",
+                    message=f"{where}: {name} is on the meta device, which holds shapes but no values to update; "
+                    "materialize the model first (to_empty() or load_state_dict(..., assign=True))",
+                )  # fmt: skip
             if p.grad.is_sparse:
                 raise KbitTypeError(
                     f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", "a sparse layout",
@@ -270,14 +279,17 @@ class Optimizer8bit(torch.optim.Optimizer):
             if not p.grad.numel():
                 continue
             bad = int((~torch.isfinite(p.grad)).sum())
-            what = f"{bad} NaN/inf value(s) of {p.grad.numel()}"
+            what = "are NaN or infinite"
             if not bad:
                 bad = int((p.grad.float().abs() > _MAX_GRAD).sum())
-                what = f"{bad} value(s) of {p.grad.numel()} whose square would overflow float32 (|g| > {_MAX_GRAD:.3g})"
+                what = f"exceed {_MAX_GRAD:.3g} in magnitude, so their squares overflow float32"
             if bad:
+                where, name = f"{self._owner}.step", f"parameter {pindex} of group {gindex}"
                 raise KbitValueError(
-                    f"{self._owner}.step", f"grad of parameter {pindex} in group {gindex}", what,
-                    "finite gradients; nothing was updated, so skipping this batch and stepping again is safe",
+                    where, f"grad of {name}", f"{bad} of {p.grad.numel()} values {what}", "finite gradients",
+                    message=f"{where}: {name}: {bad} of its {p.grad.numel()} gradient values {what}. Nothing was "
+                    "updated, so it is safe to skip this batch (zero_grad()) and step again; if it keeps "
+                    "happening, lower the learning rate or use loss scaling",
                 )  # fmt: skip
 
     @torch.no_grad()
@@ -401,6 +413,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise KbitValueError(where, "param_groups", f"{len(saved_groups)} groups", f"{len(self.param_groups)} like this optimizer")
         id_to_param: dict[Any, tuple[torch.Tensor, str, int, int]] = {}
         for gindex, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            _check_saved_group(where, gindex, saved, group)
             if len(saved["params"]) != len(group["params"]):
                 raise KbitValueError(
                     where, f"param_groups[{gindex}]", f"{len(saved['params'])} parameters",
@@ -414,7 +427,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if saved_id not in id_to_param:
                 raise KbitValueError(where, "state", saved_id, "the index of a parameter in param_groups")
             p, label, gindex, pindex = id_to_param[saved_id]
-            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state))
+            loaded = checked_param_state(self.kind, p, label, flat_param_state(param_state, label))
             if loaded:
                 config = self.get_config(gindex, pindex, self.param_groups[gindex])
                 check_state_layout(label, loaded, config, *self._new_layout(config, p))
@@ -442,6 +455,21 @@ class Optimizer8bit(torch.optim.Optimizer):
             if key in loaded:
                 paged = self._zeros(tuple(loaded[key].shape), loaded[key].dtype, p, op)
                 loaded[key] = paged.copy_(loaded[key])
+
+
+def _check_saved_group(where: str, gindex: int, saved: Any, group: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint's parameter group without a list of integer ``params`` or
+    without a hyperparameter this optimizer's group has (the next step would need it)."""
+    params = saved.get("params") if isinstance(saved, Mapping) else None
+    if not isinstance(params, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in params):
+        found = type(saved).__name__ if not isinstance(saved, Mapping) else f"params={params!r}"
+        raise KbitValueError(where, f"param_groups[{gindex}]", found, "a dict whose 'params' lists parameter indices")
+    missing = [key for key in HYPERPARAMETERS if key in group and key not in saved]
+    if missing:
+        raise KbitValueError(
+            where, f"param_groups[{gindex}]", f"a group without {missing[0]!r}",
+            f"the hyperparameters this optimizer's groups hold: {[k for k in HYPERPARAMETERS if k in group]}",
+        )  # fmt: skip
 
 
 class _KindOptimizer(Optimizer8bit):

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from .._errors import QuantStateError
-from .._formats import GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
+from .._formats import CODE_TABLE_SIZE, GNORM_HISTORY, OPTIMIZER_BLOCKSIZE, num_blocks
 from .._optim_step import OptimizerKind
+from ..functional._codebooks import cached_code
+from ..functional._validate import check_scales, check_stored_values
 
 __all__ = [
     "QUANT_STATE_KEY", "QUANT_STATE_KEYS", "nest_quant_state", "flat_param_state", "checked_param_state",
@@ -34,6 +36,14 @@ QUANT_STATE_KEYS = frozenset(
 )  # fmt: skip
 
 
+#: The code table each 8-bit state indexes (``cached_code`` names), by state number: first
+#: moments and the single state of one-state kinds are signed, second moments unsigned.
+STATE_CODES = {1: "dynamic", 2: "dynamic_unsigned"}
+STATE_CODE_NAMES = {1: "signed dynamic map", 2: "unsigned dynamic map"}
+
+_NORMS = "squared gradient or update norms (finite, >= 0)"
+
+
 def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of one parameter's state with the quantization entries nested."""
     outer = {key: value for key, value in param_state.items() if key not in QUANT_STATE_KEYS}
@@ -43,8 +53,10 @@ def nest_quant_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
     return outer
 
 
-def flat_param_state(param_state: Mapping[str, Any]) -> dict[str, Any]:
+def flat_param_state(param_state: Mapping[str, Any], label: str = "state") -> dict[str, Any]:
     """One parameter's state in the flat form, from either the nested or the flat form."""
+    if not isinstance(param_state, Mapping):
+        raise QuantStateError(label, f"expected a dict of state entries, got {type(param_state).__name__}")
     flat = {key: value for key, value in param_state.items() if key != QUANT_STATE_KEY}
     nested = param_state.get(QUANT_STATE_KEY)
     if nested is not None:
@@ -69,18 +81,46 @@ def _require(prefix: str, state: Mapping[str, Any], key: str, dtype: torch.dtype
         raise QuantStateError(f"{prefix}{key}", f"shape {tuple(value.shape)} does not fit this parameter: expected {shape}")
 
 
+def _require_scales(prefix: str, state: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> None:
+    _require(prefix, state, key, torch.float32, shape)
+    check_scales(f"{prefix}{key}", state[key])
+
+
 def _check_quantized(prefix: str, state: Mapping[str, Any], which: int, rows: int, numel: int) -> list[str]:
     """Check the code table and scales of uint8 state ``which``; return the keys used."""
-    _require(prefix, state, f"qmap{which}", torch.float32, (256,))
+    key = f"qmap{which}"
+    _require(prefix, state, key, torch.float32, (CODE_TABLE_SIZE,))
+    # Another table would decode every stored code to another value, silently.
+    standard = cached_code(STATE_CODES[which])
+    if state[key].device.type != "meta" and not torch.equal(state[key].cpu(), standard):
+        what = f"is not the {STATE_CODE_NAMES[which]} (the table state{which} indexes)"
+        raise QuantStateError(f"{prefix}{key}", what)
     nblocks = num_blocks(numel, OPTIMIZER_BLOCKSIZE)
     if f"absmax{which}" in state:
-        _require(prefix, state, f"absmax{which}", torch.float32, (rows, nblocks) if rows > 1 else (nblocks,))
-        return [f"qmap{which}", f"absmax{which}"]
+        _require_scales(prefix, state, f"absmax{which}", (rows, nblocks) if rows > 1 else (nblocks,))
+        return [key, f"absmax{which}"]
     if f"max{which}" in state:
-        for key in (f"max{which}", f"new_max{which}"):
-            _require(prefix, state, key, torch.float32, (1,))
-        return [f"qmap{which}", f"max{which}", f"new_max{which}"]
+        for scale in (f"max{which}", f"new_max{which}"):
+            _require_scales(prefix, state, scale, (1,))
+        return [key, f"max{which}", f"new_max{which}"]
     raise QuantStateError(f"{prefix}absmax{which}", f"missing: uint8 state{which} needs absmax{which} or max{which}")
+
+
+def _check_state_values(kind: OptimizerKind, prefix: str, state: Mapping[str, Any], which: int) -> None:
+    """Refuse state ``which`` when it holds values no update can produce.
+
+    32-bit states are finite; running sums and averages of squared gradients (their
+    square roots divide the update) are never negative, in 32 bits or decoded from codes.
+    """
+    key = f"state{which}"
+    values = state[key]
+    squared = which in kind.squared_states  # sums of squares: never negative
+    if values.dtype == torch.uint8:
+        if not squared or values.device.type == "meta":
+            return
+        values = state[f"qmap{which}"][values.long()]  # the decoded values' signs
+    meaning = "sums or averages of squared gradients (finite, >= 0)" if squared else "optimizer moments (finite)"
+    check_stored_values(f"{prefix}{key}", values, nonnegative=squared, meaning=meaning)
 
 
 def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,8 +133,10 @@ def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state:
     if not state:
         return {}
     step = state.get("step")
-    if isinstance(step, torch.Tensor) and step.numel() == 1:
-        step = int(step.item())
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype != torch.bool:
+        # torch.optim stores the count as a float tensor: whole numbers only (NaN is not one).
+        value = step.item()
+        step = int(value) if isinstance(value, int) or float(value).is_integer() else value
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise QuantStateError(f"{prefix}step", f"expected a non-negative int, got {step!r}")
     rows = 2 if kind.stacked_state1 else 1
@@ -110,13 +152,16 @@ def checked_param_state(kind: OptimizerKind, p: torch.Tensor, label: str, state:
         known.append(f"state{which}")
         if dtype == torch.uint8:
             known += _check_quantized(prefix, state, which, rows if which == 1 else 1, p.numel())
+        _check_state_values(kind, prefix, state, which)
     if "gnorm_vec" in state:
         _require(prefix, state, "gnorm_vec", torch.float32, (GNORM_HISTORY,))
+        check_stored_values(f"{prefix}gnorm_vec", state["gnorm_vec"], nonnegative=True, meaning=_NORMS)
         known.append("gnorm_vec")
     if "unorm_vec" in state:
         _require(prefix, state, "unorm_vec", torch.float32, tuple(state["unorm_vec"].shape))
         if state["unorm_vec"].numel() != 1:
             raise QuantStateError(f"{prefix}unorm_vec", "expected one element")
+        check_stored_values(f"{prefix}unorm_vec", state["unorm_vec"], nonnegative=True, meaning=_NORMS)
         known.append("unorm_vec")
     # States first: an extra state2 says more about the mismatch than its extra absmax2.
     unknown = sorted(set(state) - set(known), key=lambda key: (not key.startswith("state"), key))

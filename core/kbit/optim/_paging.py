@@ -19,9 +19,9 @@ import torch
 
 from .._errors import KbitPagedMemoryWarning, UnsupportedOpError
 from ..backend import Backend
-from ..backends._registry import REGISTRY
+from ..backends._registry import REGISTRY, iter_records
 
-__all__ = ["PAGED_MEMORY_FEATURE", "PagedAllocator"]
+__all__ = ["PAGED_MEMORY_FEATURE", "PagedAllocator", "paged_zeros"]
 
 #: Manifest feature of backends that can allocate paged state (``Backend.paged_zeros``).
 PAGED_MEMORY_FEATURE = "paged_memory"
@@ -98,3 +98,34 @@ class PagedAllocator:
             self._warn([why] if why else [])
             return torch.zeros(shape, dtype=dtype, device=like.device)
         return backend.paged_zeros(shape, dtype, like.device)
+
+
+def paged_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor in paged memory on ``device``, or an ordinary one with a warning.
+
+    The paged memory comes from the highest-priority available backend for ``device``'s
+    type that declares :data:`PAGED_MEMORY_FEATURE`; without one the tensor is ordinary
+    and one :class:`KbitPagedMemoryWarning` says so. The result's ``is_paged`` attribute
+    tells which it is.
+    """
+    pagers = [
+        record
+        for record in iter_records()
+        if record.state == "available"
+        and device.type in record.device_types
+        and PAGED_MEMORY_FEATURE in record.manifest.features
+    ]
+    if pagers:
+        best = max(pagers, key=lambda record: record.priority)
+        tensor = best.backend.paged_zeros(shape, dtype, device)
+    else:
+        warnings.warn(
+            f"no backend for {device.type} declares {PAGED_MEMORY_FEATURE!r}: returning an ordinary tensor, "
+            "not paged memory",
+            KbitPagedMemoryWarning,
+            stacklevel=_stacklevel_outside_package() + 1,
+        )
+        tensor = torch.zeros(shape, dtype=dtype, device=device)
+    tensor.is_paged = bool(pagers)
+    tensor.page_deviceid = device.index if device.index is not None else 0
+    return tensor

@@ -340,7 +340,8 @@ static void store_scalar(void *y, int dtype, int64_t i, float v) {
 }
 
 void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
-                    int64_t bs, const float *table, int64_t N, void *out, int out_dtype, int nthreads) {
+                    int64_t bs, const float *table, int64_t N, const void *bias, void *out, int out_dtype,
+                    int nthreads) {
     const kb_kernels *k = g_kernels;
     /* A as float32, packed for the vector path (see kernels.c, gemm4): chunk-major, each
      * chunk's even elements then its odd ones. A copy of the activations, never of the weight. */
@@ -356,13 +357,13 @@ void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint
         }
     const int nt = threads_for(N * K * (M < 4 ? 1 : M / 4), nthreads, 1 << 18);
     if (nt <= 1) {
-        k->gemm4(A32, M, K, packed, absmax, bs, table, 0, N, N, out, out_dtype);
+        k->gemm4(A32, M, K, packed, absmax, bs, table, 0, N, N, bias, out, out_dtype);
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
         for (int t = 0; t < nt; ++t) {
             int64_t o0, o1;
             share(N, t, nt, 8, &o0, &o1);
-            k->gemm4(A32, M, K, packed, absmax, bs, table, o0, o1, N, out, out_dtype);
+            k->gemm4(A32, M, K, packed, absmax, bs, table, o0, o1, N, bias, out, out_dtype);
         }
     }
     free(A32);

@@ -142,9 +142,10 @@ typedef struct kb_kernels {
     /* table[nibble i] * absmax[i / bs] for i in [i0, i1), i0 even */
     void (*dequantize4)(const uint8_t *packed, int64_t i0, int64_t i1, int64_t bs, const float *table,
                         const float *absmax, void *out, int dtype);
-    /* out[m, o] = sum_k A[m, k] * W[o, k] for o in [o0, o1), W the 4-bit [N, K] weight */
+    /* out[m, o] = sum_k A[m, k] * W[o, k] (+ bias[o]) for o in [o0, o1), W the 4-bit [N, K]
+     * weight; bias (may be NULL) has out's dtype */
     void (*gemm4)(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                  const float *table, int64_t o0, int64_t o1, int64_t N, void *out, int out_dtype);
+                  const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int out_dtype);
     /* int8 row quantization of rows [r0, r1); outlier columns (colmask != NULL) are zeroed */
     void (*int8_quant_rows)(const void *A, int dtype, int64_t r0, int64_t r1, int64_t K, float threshold,
                             const uint8_t *colmask, int8_t *codes, float *stats);

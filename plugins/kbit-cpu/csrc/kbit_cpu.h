@@ -20,7 +20,7 @@
 #define KB_API __attribute__((visibility("default")))
 #endif
 
-#define KB_ABI_VERSION 1
+#define KB_ABI_VERSION 2
 #define KB_MAX_CODES 256
 
 enum { KB_F32 = 0, KB_F16 = 1, KB_BF16 = 2 };
@@ -122,10 +122,11 @@ KB_API void kb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocks
                              float *absmax, uint8_t *packed, int64_t padded_bytes, int nthreads);
 KB_API void kb_dequantize_4bit(const uint8_t *packed, int64_t n, int64_t blocksize, const float *table,
                                const float *absmax, void *out, int dtype, int nthreads);
-/* out[M, N] (dtype out_dtype) = A[M, K] (dtype a_dtype) @ W[N, K].T, W 4-bit packed. */
+/* out[M, N] (dtype out_dtype) = A[M, K] (dtype a_dtype) @ W[N, K].T (+ bias[N], dtype
+ * out_dtype, added before the one rounding to out_dtype; NULL for none), W 4-bit packed. */
 KB_API void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed,
-                           const float *absmax, int64_t blocksize, const float *table, int64_t N, void *out,
-                           int out_dtype, int nthreads);
+                           const float *absmax, int64_t blocksize, const float *table, int64_t N, const void *bias,
+                           void *out, int out_dtype, int nthreads);
 
 /* ---------------------------------------------------------------- int8 */
 /* Returns the number of outlier columns written to ``outlier_cols`` (capacity K). */

@@ -251,6 +251,12 @@ static void dequantize4(const uint8_t *packed, int64_t i0, int64_t i1, int64_t b
 }
 
 /* ----------------------------------------------------------------------- 4-bit matmul */
+/* Store one result, the bias (out's dtype, or NULL) added first, before the one rounding. */
+KB_INLINE void store_result(void *out, const int odt, int64_t at, float sum, const void *bias, int64_t o) {
+    if (bias) sum += load1_dt(bias, odt, o);
+    store1_dt(out, odt, at, sum);
+}
+
 /* out[m, o] = sum_k A[m, k] * W[o, k] where W[o, k] = table[code] * absmax[block] is decoded
  * on the fly, a few rows at a time: the float weight never exists in memory.
  *
@@ -263,8 +269,8 @@ static void dequantize4(const uint8_t *packed, int64_t i0, int64_t i1, int64_t b
  * L1 cache). A register tile of ROWS weight rows by BATCH rows of A is accumulated at
  * once, so each decoded weight is used BATCH times and each loaded activation ROWS times. */
 KB_INLINE void gemm4_tile(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                          vtab16 tab, int64_t o, int64_t m0, const int ROWS, const int BATCH, int64_t N, void *out,
-                          const int odt) {
+                          vtab16 tab, int64_t o, int64_t m0, const int ROWS, const int BATCH, int64_t N, const void *bias,
+                          void *out, const int odt) {
     const int64_t half = K / 2;
     const int shift = __builtin_ctzll((unsigned long long)bs); /* blocksizes are powers of two */
     vf acc[4][4];
@@ -287,13 +293,13 @@ KB_INLINE void gemm4_tile(const float *A, int64_t M, int64_t K, const uint8_t *p
         }
     }
     for (int r = 0; r < ROWS; ++r)
-        for (int b = 0; b < BATCH; ++b) store1_dt(out, odt, (m0 + b) * N + o + r, vf_reduce_add(acc[r][b]));
+        for (int b = 0; b < BATCH; ++b) store_result(out, odt, (m0 + b) * N + o + r, vf_reduce_add(acc[r][b]), bias, o + r);
 }
 
 /* Any shape: element by element (K odd, or not a multiple of the vector chunk). A is
  * row-major here, as given. */
 static void gemm4_general(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                          const float *table, int64_t o0, int64_t o1, int64_t N, void *out, int odt) {
+                          const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int odt) {
     for (int64_t o = o0; o < o1; ++o)
         for (int64_t m = 0; m < M; ++m) {
             float sum = 0.0f;
@@ -301,7 +307,7 @@ static void gemm4_general(const float *A, int64_t M, int64_t K, const uint8_t *p
                 const int64_t flat = o * K + k;
                 sum += A[m * K + k] * (table[nibble_at(packed, flat)] * absmax[flat / bs]);
             }
-            store1_dt(out, odt, m * N + o, sum);
+            store_result(out, odt, m * N + o, sum, bias, o);
         }
 }
 
@@ -314,7 +320,7 @@ static void gemm4_general(const float *A, int64_t M, int64_t K, const uint8_t *p
  * multiplies per chunk over decoding scaled weights. Blocks are whole chunks (the
  * blocksize is a multiple of 2 * KB_W). */
 KB_INLINE void gemv4_tile(const float *A, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                          vtab16 tab, int64_t o, const int ROWS, int64_t N, void *out, const int odt) {
+                          vtab16 tab, int64_t o, const int ROWS, const void *bias, void *out, const int odt) {
     const int64_t half = K / 2, block_bytes = bs / 2;
     const int shift = __builtin_ctzll((unsigned long long)bs);
     const vi low4 = vi_set1(15);
@@ -335,40 +341,41 @@ KB_INLINE void gemv4_tile(const float *A, int64_t K, const uint8_t *packed, cons
         for (int r = 0; r < ROWS; ++r)
             acc[r] = vf_fmadd(sum[r], vf_set1(absmax[((o + r) * K + 2 * start) >> shift]), acc[r]);
     }
-    for (int r = 0; r < ROWS; ++r) store1_dt(out, odt, o + r, vf_reduce_add(acc[r]));
+    for (int r = 0; r < ROWS; ++r) store_result(out, odt, o + r, vf_reduce_add(acc[r]), bias, o + r);
 }
 
 KB_INLINE void gemm4_rows_batch(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
-                                int64_t bs, vtab16 tab, int64_t o, const int ROWS, int64_t N, void *out, int odt) {
+                                int64_t bs, vtab16 tab, int64_t o, const int ROWS, int64_t N, const void *bias, void *out,
+                                int odt) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 4, N, out, odt);
+    for (; m + 4 <= M; m += 4) gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 4, N, bias, out, odt);
     switch (M - m) {
-    case 3: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 3, N, out, odt); break;
-    case 2: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 2, N, out, odt); break;
-    case 1: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 1, N, out, odt); break;
+    case 3: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 3, N, bias, out, odt); break;
+    case 2: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 2, N, bias, out, odt); break;
+    case 1: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 1, N, bias, out, odt); break;
     default: break;
     }
 }
 
 static void gemm4(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                  const float *table, int64_t o0, int64_t o1, int64_t N, void *out, int odt) {
+                  const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int odt) {
     if (K % (2 * KB_W) != 0) {
-        gemm4_general(A, M, K, packed, absmax, bs, table, o0, o1, N, out, odt);
+        gemm4_general(A, M, K, packed, absmax, bs, table, o0, o1, N, bias, out, odt);
         return;
     }
     const vtab16 tab = vtab16_load(table);
     int64_t o = o0;
     if (M == 1 && K % bs == 0 && bs % (2 * KB_W) == 0) { /* blocks never straddle rows or chunks */
         for (; o + KB_GEMV_ROWS <= o1; o += KB_GEMV_ROWS)
-            gemv4_tile(A, K, packed, absmax, bs, tab, o, KB_GEMV_ROWS, N, out, odt);
-        for (; o < o1; ++o) gemv4_tile(A, K, packed, absmax, bs, tab, o, 1, N, out, odt);
+            gemv4_tile(A, K, packed, absmax, bs, tab, o, KB_GEMV_ROWS, bias, out, odt);
+        for (; o < o1; ++o) gemv4_tile(A, K, packed, absmax, bs, tab, o, 1, bias, out, odt);
         return;
     }
     /* 4 weight rows x 4 rows of A: wider batch tiles re-read more activations per decoded
      * weight than the caches deliver (measured: 2 x 8 was 35% slower at batch 16). */
     for (; o + KB_GEMM_ROWS <= o1; o += KB_GEMM_ROWS)
-        gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, KB_GEMM_ROWS, N, out, odt);
-    for (; o < o1; ++o) gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, 1, N, out, odt);
+        gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, KB_GEMM_ROWS, N, bias, out, odt);
+    for (; o < o1; ++o) gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, 1, N, bias, out, odt);
 }
 
 /* ============================================================================= int8 */

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 __all__ = ["ABI_VERSION", "LibraryUnavailable", "NativeLibrary", "OptimizerStep", "OptimizerTensors", "load"]
 
 #: The C ABI version (``KB_ABI_VERSION`` in csrc/kbit_cpu.h) this package calls.
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: The environment variable that forces an instruction set.
 ISA_VARIABLE = "KBIT_CPU_ISA"
 
@@ -126,7 +126,8 @@ _SIGNATURES = {
     "kb_dequantize_4bit": (None, [c_void_p, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int, c_int]),
     "kb_matmul_4bit": (
         None,
-        [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_int, c_int],
+        [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_int,
+         c_int],
     ),
     "kb_int8_vectorwise_quant": (
         c_int64,

@@ -208,24 +208,28 @@ class CpuBackend(Backend):
         absmax: Tensor,
         blocksize: int,
         quant_type: str,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
         N, K = int(shape[0]), int(shape[1])
         out = torch.empty((*A.shape[:-1], N), dtype=A.dtype)
         M = _rows(A.shape)
         if out.numel() == 0:
             return out
+        if bias is not None:
+            bias = bias.to(A.dtype).contiguous()
         if K == 0:
-            return out.zero_()
+            return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
         A = A.contiguous()
         scales = absmax.to(torch.float32).contiguous()
         packed = _bytes_of(B)
         table = cached_code(quant_type)
         if M > FUSED_MATMUL_MAX_ROWS and self._tiles_align(N, K, blocksize):
-            self._matmul_in_tiles(A.view(M, K), packed, scales, blocksize, table, N, K, out.view(M, N))
+            self._matmul_in_tiles(A.view(M, K), packed, scales, blocksize, table, N, K, bias, out.view(M, N))
             return out
         self.library.kb_matmul_4bit(
             A.data_ptr(), _DTYPE_CODES[A.dtype], M, K, packed.data_ptr(), scales.data_ptr(), blocksize,
-            table.data_ptr(), N, out.data_ptr(), _DTYPE_CODES[A.dtype], self._threads(),
+            table.data_ptr(), N, None if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_CODES[A.dtype],
+            self._threads(),
         )  # fmt: skip
         return out
 
@@ -238,7 +242,7 @@ class CpuBackend(Backend):
         return K % blocksize == 0 and K % 2 == 0
 
     def _matmul_in_tiles(self, A: Tensor, packed: Tensor, scales: Tensor, blocksize: int, table: Tensor, N: int,
-                         K: int, out: Tensor) -> None:  # fmt: skip
+                         K: int, bias: Optional[Tensor], out: Tensor) -> None:  # fmt: skip
         rows_per_tile = max(1, MATMUL_TILE_ELEMENTS // K)
         weight = torch.empty((min(rows_per_tile, N), K), dtype=A.dtype)
         threads = self._threads()
@@ -249,7 +253,10 @@ class CpuBackend(Backend):
                 packed.data_ptr() + first * K // 2, rows * K, blocksize, table.data_ptr(),
                 scales.data_ptr() + 4 * (first * K // blocksize), tile.data_ptr(), _DTYPE_CODES[A.dtype], threads,
             )  # fmt: skip
-            out[:, first : first + rows] = A @ tile.t()
+            # linear adds the bias before its one rounding, as the fused kernel does
+            out[:, first : first + rows] = torch.nn.functional.linear(
+                A, tile, None if bias is None else bias[first : first + rows]
+            )
 
     # ------------------------------------------------------------------ int8
     def int8_vectorwise_quant(self, A: Tensor, *, threshold: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._formats import BLOCKSIZES_8BIT, FLOAT_DTYPE_NAMES, num_blocks
+from ..._formats import BLOCKSIZES_8BIT_ALL, FLOAT_DTYPE_NAMES, num_blocks
 from ..._manifest import ROUNDINGS
 from ...functional._codebooks import create_dynamic_map, create_linear_map
 from ..tolerances import EXACT, Tolerance
@@ -37,7 +37,7 @@ Tensor = torch.Tensor
 
 FAMILY = "blockwise8"
 
-_BLOCKWISE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES, "blocksize": BLOCKSIZES_8BIT}
+_BLOCKWISE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES, "blocksize": BLOCKSIZES_8BIT_ALL}
 _QUANTIZE_BLOCKWISE_UNIVERSE = {**_BLOCKWISE_UNIVERSE, "rounding": ROUNDINGS}
 _DTYPE_UNIVERSE = {"dtype": FLOAT_DTYPE_NAMES}
 

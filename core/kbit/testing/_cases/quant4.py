@@ -161,7 +161,8 @@ def _dequantize_inputs(variant: Variant) -> list[InputSet]:
 
 # ------------------------------------------------------------------ gemv_4bit, matmul_4bit
 def _product_inputs(variant: Variant, shapes: dict[str, tuple[tuple[int, ...], int, int]]) -> list[InputSet]:
-    """Inputs ``(A, B, absmax, blocksize, quant_type, [out, in])`` for each named shape.
+    """Inputs ``(A, B, absmax, blocksize, quant_type, [out, in])`` for each named shape
+    (and a ``bias`` for the shape named ``with_bias``).
 
     ``shapes`` maps a name to ``(A's leading dimensions, out_features, in_features)``;
     ``B`` holds random codes. ``A`` is scaled
@@ -177,6 +178,8 @@ def _product_inputs(variant: Variant, shapes: dict[str, tuple[tuple[int, ...], i
             scales[0] = 0.0
         A = randn(variant, name, *leading, in_features) * (2 / math.sqrt(in_features))
         args = (A.to(dtype), _packed(variant, name, numel), scales, bs, quant_type, [out_features, in_features])
+        if name == "with_bias":  # added inside the op, before its one rounding to A's dtype
+            args = (*args, randn(variant, f"{name}/bias", out_features).to(dtype))
         cases.append(InputSet(name, args))
     return cases
 
@@ -192,6 +195,7 @@ def _gemv_inputs(variant: Variant) -> list[InputSet]:
             "vector_input": ((), 5, 33),  # A without a leading dimension
             "rows_across_blocks": ((1, 1), 3, bs + 3),
             "all_zero_block": ((1,), 4, bs // 2 + 5),
+            "with_bias": ((1,), 6, bs + 1),
         },
     )
 
@@ -207,6 +211,7 @@ def _matmul_inputs(variant: Variant) -> list[InputSet]:
             "rows_across_blocks": ((3,), 3, bs + 3),
             "all_zero_block": ((2,), 4, bs // 2 + 5),
             "empty_batch": ((0,), 6, 40),
+            "with_bias": ((3,), 6, bs + 1),
         },
     )
 
