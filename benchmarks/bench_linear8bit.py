@@ -14,9 +14,9 @@ import argparse
 import contextlib
 
 import torch
-from _timing import best_time
 
 import kbit
+from kbit._bench.timing import time_call
 from kbit.nn import Linear8bitLt
 
 
@@ -59,10 +59,11 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
             dense = reference.to(dtype)
-            baseline = best_time(lambda d=dense, x=x: d(x), repeats=args.repeats)
+            repeats = {"min_repeats": args.repeats, "max_repeats": args.repeats}
+            baseline = time_call(lambda d=dense, x=x: d(x), **repeats).best
             print(f"{dtype_name:<10} {'nn.Linear':<18} {baseline * 1e3:>9.2f} {1.0:>7.2f}")
             for label, layer in variants.items():
-                seconds = best_time(lambda m=layer, x=x: m(x), repeats=args.repeats)
+                seconds = time_call(lambda m=layer, x=x: m(x), **repeats).best
                 print(f"{dtype_name:<10} {label:<18} {seconds * 1e3:>9.2f} {seconds / baseline:>7.2f}")
 
 

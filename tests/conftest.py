@@ -51,6 +51,23 @@ INSTALLED_PLUGINS = sorted(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def installed_plugins_disabled():
+    """Installed plugins stay disabled for module- and session-scoped fixtures too: they are
+    set up before ``fresh_registry`` runs for a test, and a run split between a fixture
+    and its test must not be served by two backends (kbit-cpu, installed by the README's
+    commands, would otherwise serve the fixture's half)."""
+    if not INSTALLED_PLUGINS:
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KBIT_DISABLE_PLUGINS", ",".join(INSTALLED_PLUGINS))
+    kbit.backends.reset()
+    yield
+    patch.undo()
+    kbit.backends.reset()
+
+
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch: pytest.MonkeyPatch):
     """Every test starts from a clean registry, no KBIT_* variables and no installed plugins."""

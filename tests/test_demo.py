@@ -170,26 +170,3 @@ def test_ranks_that_cannot_split_the_batch_are_a_clear_error(capsys):
         assert main(["demo", "--steps", "5", "--device", "cpu", "--ranks", ranks]) == 2
         assert f"--ranks {ranks}: must be a divisor of the batch of 16" in capsys.readouterr().err
 
-
-def test_the_optimizer_benchmark_counts_state_bytes_with_the_demo_helper():
-    import importlib.util
-    from pathlib import Path
-
-    import torch
-
-    import kbit
-    from kbit._demo._accounting import optimizer_state_bytes
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optimizers.py"
-    spec = importlib.util.spec_from_file_location("bench_optimizers_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    params = [torch.nn.Parameter(torch.randn(5000)) for _ in range(2)]
-    optimizer = kbit.optim.Adam8bit(params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    # Both parameters' states index the same two code tables: counted once, not per parameter.
-    codes, scales = 2 * 2 * 5000, 2 * 2 * 20 * 4
-    assert optimizer_state_bytes(optimizer) == codes + scales + 2 * 256 * 4
-    assert bench.optimizer_state_bytes(optimizer) == optimizer_state_bytes(optimizer)

@@ -14,6 +14,7 @@ import torch
 
 from .._errors import KbitValueError
 from .._formats import FLOAT_DTYPES
+from .._ops import call_with_backend
 from .._ops import quant4 as ops
 from ..functional._quant4 import check_4bit_matmul, dequantize_4bit
 from ..functional._quant_state import QuantState
@@ -66,7 +67,9 @@ def matmul_4bit(
     check_buffer(op, "out", out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     # A single row takes the gemv op, which a backend may serve with a faster kernel.
     product = ops.gemv_4bit if A.numel() == A.shape[-1] else ops.matmul_4bit
-    result = product(A.contiguous(), B.contiguous(), scales, quant_state.blocksize, quant_state.quant_type, shape, bias)
+    result = call_with_backend(
+        None, product, A.contiguous(), B.contiguous(), scales, quant_state.blocksize, quant_state.quant_type, shape, bias
+    )
     return store_into(op, "out", result, out)
 
 

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 from .._errors import KbitError
 from .._version import __version__
 from ..backends._registry import REGISTRY
-from . import _check, _conformance, _demo, _info
+from . import _bench, _check, _conformance, _demo, _info
 
-_COMMANDS = (_info, _check, _conformance, _demo)
+_COMMANDS = (_info, _check, _conformance, _demo, _bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

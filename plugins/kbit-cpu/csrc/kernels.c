@@ -1,0 +1,792 @@
+/* kbit's CPU kernels, written once against kb_simd.h and compiled once per instruction set.
+ *
+ * The build compiles this file three times (AVX-512, AVX2, portable) with -DKB_ISA=<name>;
+ * each object exports one table, kb_kernels_<name>, and api.c picks the best table the CPU
+ * supports at run time. Every function here runs on the calling thread over the range it
+ * is given; api.c does the threading.
+ *
+ * Exactness (docs/formats.md): values are normalised as x * (1 / absmax) in float32, the
+ * code search is exact (see codebook.c), dequantization is one float32 multiply, and the
+ * 16-bit outputs round to nearest even. Only the 4-bit matmul and the optimizer rules use
+ * fused multiply-adds, where the format leaves the order of float operations free.
+ */
+#include "kb_simd.h"
+
+#ifndef KB_ISA
+#error "compile with -DKB_ISA=<instruction set name>"
+#endif
+
+#define KB_CAT2(a, b) a##_##b
+#define KB_CAT(a, b) KB_CAT2(a, b)
+#define KB_STR2(x) #x
+#define KB_STR(x) KB_STR2(x)
+
+#define KB_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* ====================================================================== code search */
+/* Code index of one float32 value (scalar, exact; NaN -> the largest value's code). */
+KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
+    int32_t c;
+    if (x != x) {
+        c = cb->nbounds;
+    } else if (cb->steps >= 0) {
+        c = cb->start[kb_bits(x) >> 16];
+        for (int32_t k = 0; k < cb->steps; ++k) c += cb->bounds[c] < x;
+    } else {
+        c = 0;
+        for (int32_t step = 128; step > 0; step >>= 1)
+            if (cb->bounds[c + step - 1] < x) c += step;
+    }
+    return cb->index[c];
+}
+
+/* What the vector code search keeps in registers across a loop. */
+typedef struct {
+#ifdef KB_HAVE_TREE
+    vtree tree;
+#else
+    int unused;
+#endif
+} searcher;
+
+KB_INLINE searcher searcher_load(const kb_codebook *cb) {
+    searcher s;
+#ifdef KB_HAVE_TREE
+    s.tree = vtree_load(cb->tree);
+#else
+    (void)cb;
+    s.unused = 0;
+#endif
+    return s;
+}
+
+/* Code indices of KB_W values (same result as code_one lane by lane): the register tree
+ * where the instruction set has one, else the bucket lookup and its refinement steps. */
+KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
+    vi c;
+#ifdef KB_HAVE_TREE
+    c = vtree_count(&sr->tree, x);
+#else
+    (void)sr;
+    const int32_t steps = cb->steps;
+    if (steps >= 0) {
+        c = vi_gather_u8(cb->start, vi_srli(vf_bits(x), 16));
+        for (int32_t k = 0; k < steps; ++k) c = vi_inc_if(c, vf_lt(vf_gather(cb->bounds, c), x));
+    } else {
+        c = vi_set1(0);
+        for (int32_t step = 128; step > 0; step >>= 1) {
+            vi probe = vi_add(c, vi_set1(step - 1));
+            c = vi_blend(vf_lt(vf_gather(cb->bounds, probe), x), c, vi_add(c, vi_set1(step)));
+        }
+    }
+#endif
+    c = vi_blend(vf_isnan(x), c, vi_set1(cb->nbounds));
+    return cb->identity ? c : vi_gather(cb->index, c);
+}
+
+/* max |x| over [i0, i1) as float32; NaN when any element is NaN. Non-negative floats order
+ * like their bit patterns, and NaN patterns lie above inf's, so an integer maximum of the
+ * magnitude bits finds the largest magnitude and lets NaN win. */
+KB_INLINE float absmax_seg(const void *x, const int dt, int64_t i0, int64_t i1) {
+    const vi magnitude = vi_set1(0x7fffffff);
+    vi m0 = vi_set1(0), m1 = vi_set1(0);
+    int64_t i = i0;
+    for (; i + 2 * KB_W <= i1; i += 2 * KB_W) {
+        m0 = vi_max(m0, vi_and(vf_bits(vf_load_dt(x, dt, i)), magnitude));
+        m1 = vi_max(m1, vi_and(vf_bits(vf_load_dt(x, dt, i + KB_W)), magnitude));
+    }
+    int32_t best = vi_reduce_max(vi_max(m0, m1));
+    for (; i < i1; ++i) {
+        int32_t bits = (int32_t)(kb_bits(load1_dt(x, dt, i)) & 0x7fffffffu);
+        if (bits > best) best = bits;
+    }
+    return kb_float((uint32_t)best);
+}
+
+KB_INLINE float reciprocal_or_zero(float absmax) { return absmax == 0.0f ? 0.0f : 1.0f / absmax; }
+
+/* ============================================================================ 8-bit */
+KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                             const kb_codebook *cb, uint8_t *codes) {
+    const vf s = vf_set1(scale);
+    const searcher sr = searcher_load(cb);
+    int64_t i = i0;
+    /* Two independent vectors per iteration: each search is a chain of dependent steps, and
+     * interleaving two chains keeps the vector units busy. */
+    for (; i + 2 * KB_W <= i1; i += 2 * KB_W) {
+        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s));
+        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s));
+        vi_store_u8(codes + i, first);
+        vi_store_u8(codes + i + KB_W, second);
+    }
+    for (; i + KB_W <= i1; i += KB_W) vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s)));
+    for (; i < i1; ++i) codes[i] = (uint8_t)code_one(cb, load1_dt(x, dt, i) * scale);
+}
+
+KB_INLINE void quantize8_blocks_dt(const void *x, const int dt, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                                   const kb_codebook *cb, float *absmax, uint8_t *codes) {
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t i0 = b * bs, i1 = KB_MIN(n, i0 + bs);
+        float am = absmax_seg(x, dt, i0, i1);
+        absmax[b] = am;
+        quantize8_seg(x, dt, i0, i1, reciprocal_or_zero(am), cb, codes);
+    }
+}
+
+static void quantize8_blocks(const void *x, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                             const kb_codebook *cb, float *absmax, uint8_t *codes) {
+    KB_DTYPE_SWITCH(dtype, quantize8_blocks_dt(x, DT, n, bs, b0, b1, cb, absmax, codes));
+}
+
+static float absmax_range(const void *x, int dtype, int64_t i0, int64_t i1) {
+    float result = 0.0f;
+    KB_DTYPE_SWITCH(dtype, result = absmax_seg(x, DT, i0, i1));
+    return result;
+}
+
+static void quantize8_scaled(const void *x, int dtype, int64_t i0, int64_t i1, float scale, const kb_codebook *cb,
+                             uint8_t *codes) {
+    KB_DTYPE_SWITCH(dtype, quantize8_seg(x, DT, i0, i1, scale, cb, codes));
+}
+
+KB_INLINE void dequantize8_dt(const uint8_t *codes, int64_t i0, int64_t i1, int64_t bs, const float *code,
+                              const float *absmax, void *out, const int dt) {
+    int64_t i = i0;
+    while (i < i1) {
+        int64_t b = i / bs;
+        int64_t end = KB_MIN(i1, (b + 1) * bs);
+        const float a = absmax[b];
+        const vf av = vf_set1(a);
+        for (; i + KB_W <= end; i += KB_W) vf_store_dt(out, dt, i, vf_mul(vf_gather(code, vi_load_u8(codes + i)), av));
+        for (; i < end; ++i) store1_dt(out, dt, i, code[codes[i]] * a);
+    }
+}
+
+static void dequantize8(const uint8_t *codes, int64_t i0, int64_t i1, int64_t bs, const float *code,
+                        const float *absmax, void *out, int dtype) {
+    KB_DTYPE_SWITCH(dtype, dequantize8_dt(codes, i0, i1, bs, code, absmax, out, DT));
+}
+
+/* ============================================================================ 4-bit */
+/* Code index of one value against a table of at most 16 entries: the bisection over the
+ * codebook's 16-slot heap (tree16), four compares. */
+KB_INLINE int32_t code4_one(const kb_codebook *cb, float x) {
+    int32_t h = 1;
+    for (int level = 0; level < 4; ++level) h = 2 * h + (cb->tree16[h] < x);
+    int32_t c = x != x ? cb->nbounds : h - 16;
+    return cb->index[c];
+}
+
+KB_INLINE vi code4_lanes(const kb_codebook *cb, vtab16 heap, vf x) {
+    vi h = vi_set1(1);
+    for (int level = 0; level < 4; ++level) {
+        vi twice = vi_add(h, h);
+        h = vi_inc_if(twice, vf_lt(vf_lookup16(heap, h), x));
+    }
+    vi c = vi_blend(vf_isnan(x), vi_add(h, vi_set1(-16)), vi_set1(cb->nbounds));
+    return cb->identity ? c : vi_lookup16(cb->index, c);
+}
+
+KB_INLINE void quantize4_block_dt(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                                  const kb_codebook *cb, int32_t zero_code, uint8_t *packed) {
+    const int64_t len = i1 - i0;
+    int64_t i = 0;
+#if KB_W > 1
+    const vf s = vf_set1(scale);
+    const vtab16 heap = vtab16_load(cb->tree16);
+    for (; i + KB_W <= len; i += KB_W)
+        vi_store_nibble_pairs(packed + i / 2, code4_lanes(cb, heap, vf_mul(vf_load_dt(x, dt, i0 + i), s)));
+#endif
+    for (; i < len; i += 2) {
+        const int32_t high = code4_one(cb, load1_dt(x, dt, i0 + i) * scale);
+        const int32_t low = i + 1 < len ? code4_one(cb, load1_dt(x, dt, i0 + i + 1) * scale) : zero_code;
+        packed[i / 2] = (uint8_t)((high << 4) | low); /* an odd count pads with zero's code */
+    }
+}
+
+KB_INLINE void quantize4_blocks_dt(const void *x, const int dt, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                                   const kb_codebook *cb, float *absmax, uint8_t *packed) {
+    const int32_t zero_code = code4_one(cb, 0.0f);
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t i0 = b * bs, i1 = KB_MIN(n, i0 + bs);
+        float am = absmax_seg(x, dt, i0, i1);
+        absmax[b] = am;
+        quantize4_block_dt(x, dt, i0, i1, reciprocal_or_zero(am), cb, zero_code, packed + i0 / 2);
+    }
+}
+
+static void quantize4_blocks(const void *x, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                             const kb_codebook *cb, float *absmax, uint8_t *packed) {
+    KB_DTYPE_SWITCH(dtype, quantize4_blocks_dt(x, DT, n, bs, b0, b1, cb, absmax, packed));
+}
+
+KB_INLINE uint8_t nibble_at(const uint8_t *packed, int64_t i) {
+    uint8_t byte = packed[i >> 1];
+    return (i & 1) ? (uint8_t)(byte & 15u) : (uint8_t)(byte >> 4);
+}
+
+KB_INLINE void dequantize4_dt(const uint8_t *packed, int64_t i0, int64_t i1, int64_t bs, const float *table,
+                              const float *absmax, void *out, const int dt) {
+#if KB_W > 1
+    const vtab16 tab = vtab16_load(table);
+#endif
+    int64_t i = i0;
+    while (i < i1) {
+        int64_t b = i / bs;
+        int64_t end = KB_MIN(i1, (b + 1) * bs);
+        const float a = absmax[b];
+#if KB_W > 1
+        /* i is even here (i0 is, and blocks start at multiples of the even blocksize) */
+        const vf av = vf_set1(a);
+        for (; i + KB_W <= end; i += KB_W)
+            vf_store_dt(out, dt, i, vf_mul(vf_lookup16(tab, vi_load_nibbles(packed + i / 2)), av));
+#endif
+        for (; i < end; ++i) store1_dt(out, dt, i, table[nibble_at(packed, i)] * a);
+    }
+}
+
+static void dequantize4(const uint8_t *packed, int64_t i0, int64_t i1, int64_t bs, const float *table,
+                        const float *absmax, void *out, int dtype) {
+    KB_DTYPE_SWITCH(dtype, dequantize4_dt(packed, i0, i1, bs, table, absmax, out, DT));
+}
+
+/* ----------------------------------------------------------------------- 4-bit matmul */
+/* Store one result, the bias (out's dtype, or NULL) added first, before the one rounding. */
+KB_INLINE void store_result(void *out, const int odt, int64_t at, float sum, const void *bias, int64_t o) {
+    if (bias) sum += load1_dt(bias, odt, o);
+    store1_dt(out, odt, at, sum);
+}
+
+/* out[m, o] = sum_k A[m, k] * W[o, k] where W[o, k] = table[code] * absmax[block] is decoded
+ * on the fly, a few rows at a time: the float weight never exists in memory.
+ *
+ * Fast path (K a multiple of 2 * KB_W): A arrives packed by api.c, chunk-major: for chunk c
+ * of 2 * KB_W elements and row m, KB_W even elements then KB_W odd ones at
+ * A[(c * M + m) * 2 * KB_W]. One packed byte's high nibble (element 2j) meets the even
+ * half and its low nibble (element 2j + 1) the odd half, so KB_W bytes give 2 * KB_W
+ * weights with one load, one shift, one mask and two 16-entry lookups; and every row of A
+ * an iteration reads is in one contiguous block (rows K floats apart would alias in the
+ * L1 cache). A register tile of ROWS weight rows by BATCH rows of A is accumulated at
+ * once, so each decoded weight is used BATCH times and each loaded activation ROWS times. */
+KB_INLINE void gemm4_tile(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
+                          vtab16 tab, int64_t o, int64_t m0, const int ROWS, const int BATCH, int64_t N, const void *bias,
+                          void *out, const int odt) {
+    const int64_t half = K / 2;
+    const int shift = __builtin_ctzll((unsigned long long)bs); /* blocksizes are powers of two */
+    vf acc[4][4];
+    for (int r = 0; r < ROWS; ++r)
+        for (int b = 0; b < BATCH; ++b) acc[r][b] = vf_zero();
+    const vi low4 = vi_set1(15);
+    for (int64_t kb = 0; kb < half; kb += KB_W) { /* kb: byte offset within a row */
+        vf even[4], odd[4];
+        for (int r = 0; r < ROWS; ++r) {
+            const int64_t first = (o + r) * K + 2 * kb; /* flat index of the chunk's first element */
+            const vi bytes = vi_load_u8(packed + first / 2);
+            const vf scale = vf_set1(absmax[first >> shift]);
+            even[r] = vf_mul(vf_lookup16(tab, vi_srli(bytes, 4)), scale);
+            odd[r] = vf_mul(vf_lookup16(tab, vi_and(bytes, low4)), scale);
+        }
+        const float *chunk = A + ((kb / KB_W) * M + m0) * 2 * KB_W;
+        for (int b = 0; b < BATCH; ++b) {
+            const vf a_even = vf_load(chunk + b * 2 * KB_W), a_odd = vf_load(chunk + b * 2 * KB_W + KB_W);
+            for (int r = 0; r < ROWS; ++r) acc[r][b] = vf_fmadd(odd[r], a_odd, vf_fmadd(even[r], a_even, acc[r][b]));
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int b = 0; b < BATCH; ++b) store_result(out, odt, (m0 + b) * N + o + r, vf_reduce_add(acc[r][b]), bias, o + r);
+}
+
+/* Any shape: element by element (K odd, or not a multiple of the vector chunk). A is
+ * row-major here, as given. */
+static void gemm4_general(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
+                          const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int odt) {
+    for (int64_t o = o0; o < o1; ++o)
+        for (int64_t m = 0; m < M; ++m) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t flat = o * K + k;
+                sum += A[m * K + k] * (table[nibble_at(packed, flat)] * absmax[flat / bs]);
+            }
+            store_result(out, odt, m * N + o, sum, bias, o);
+        }
+}
+
+#define KB_GEMM_ROWS 4
+
+#define KB_GEMV_ROWS 8
+
+/* One row of A (a matrix-vector product): ROWS weight rows at a time, the products of a
+ * block summed unscaled and multiplied by the block's scale once, which saves two
+ * multiplies per chunk over decoding scaled weights. Blocks are whole chunks (the
+ * blocksize is a multiple of 2 * KB_W). */
+KB_INLINE void gemv4_tile(const float *A, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
+                          vtab16 tab, int64_t o, const int ROWS, const void *bias, void *out, const int odt) {
+    const int64_t half = K / 2, block_bytes = bs / 2;
+    const int shift = __builtin_ctzll((unsigned long long)bs);
+    const vi low4 = vi_set1(15);
+    vf acc[KB_GEMV_ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = vf_zero();
+    for (int64_t start = 0; start < half; start += block_bytes) {
+        vf sum[KB_GEMV_ROWS];
+        for (int r = 0; r < ROWS; ++r) sum[r] = vf_zero();
+        for (int64_t kb = start; kb < start + block_bytes; kb += KB_W) {
+            const float *chunk = A + (kb / KB_W) * 2 * KB_W;
+            const vf a_even = vf_load(chunk), a_odd = vf_load(chunk + KB_W);
+            for (int r = 0; r < ROWS; ++r) {
+                const vi bytes = vi_load_u8(packed + (o + r) * half + kb);
+                sum[r] = vf_fmadd(vf_lookup16(tab, vi_srli(bytes, 4)), a_even, sum[r]);
+                sum[r] = vf_fmadd(vf_lookup16(tab, vi_and(bytes, low4)), a_odd, sum[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; ++r)
+            acc[r] = vf_fmadd(sum[r], vf_set1(absmax[((o + r) * K + 2 * start) >> shift]), acc[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) store_result(out, odt, o + r, vf_reduce_add(acc[r]), bias, o + r);
+}
+
+KB_INLINE void gemm4_rows_batch(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
+                                int64_t bs, vtab16 tab, int64_t o, const int ROWS, int64_t N, const void *bias, void *out,
+                                int odt) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 4, N, bias, out, odt);
+    switch (M - m) {
+    case 3: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 3, N, bias, out, odt); break;
+    case 2: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 2, N, bias, out, odt); break;
+    case 1: gemm4_tile(A, M, K, packed, absmax, bs, tab, o, m, ROWS, 1, N, bias, out, odt); break;
+    default: break;
+    }
+}
+
+static void gemm4(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
+                  const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int odt) {
+    if (K % (2 * KB_W) != 0) {
+        gemm4_general(A, M, K, packed, absmax, bs, table, o0, o1, N, bias, out, odt);
+        return;
+    }
+    const vtab16 tab = vtab16_load(table);
+    int64_t o = o0;
+    if (M == 1 && K % bs == 0 && bs % (2 * KB_W) == 0) { /* blocks never straddle rows or chunks */
+        for (; o + KB_GEMV_ROWS <= o1; o += KB_GEMV_ROWS)
+            gemv4_tile(A, K, packed, absmax, bs, tab, o, KB_GEMV_ROWS, bias, out, odt);
+        for (; o < o1; ++o) gemv4_tile(A, K, packed, absmax, bs, tab, o, 1, bias, out, odt);
+        return;
+    }
+    /* 4 weight rows x 4 rows of A: wider batch tiles re-read more activations per decoded
+     * weight than the caches deliver (measured: 2 x 8 was 35% slower at batch 16). */
+    for (; o + KB_GEMM_ROWS <= o1; o += KB_GEMM_ROWS)
+        gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, KB_GEMM_ROWS, N, bias, out, odt);
+    for (; o < o1; ++o) gemm4_rows_batch(A, M, K, packed, absmax, bs, tab, o, 1, N, bias, out, odt);
+}
+
+/* ============================================================================= int8 */
+/* Row-wise int8: stat = max |a| over the row's inliers; code = round_half_even(a * 127 /
+ * stat) computed as (a * 127) / stat in float32 (a zero stat divides by 1, NaN gives 0);
+ * outliers (|a| >= threshold, threshold > 0) count as 0, and columns marked in colmask
+ * are zeroed. */
+KB_INLINE void int8_quant_rows_dt(const void *A, const int dt, int64_t r0, int64_t r1, int64_t K, float threshold,
+                                  const uint8_t *colmask, int8_t *codes, float *stats) {
+    const int outliers = threshold > 0.0f;
+    const vf thr = vf_set1(threshold), zero = vf_zero(), c127 = vf_set1(127.0f);
+    const vi magnitude = vi_set1(0x7fffffff);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * K;
+        vi m = vi_set1(0);
+        int64_t k = 0;
+        for (; k + KB_W <= K; k += KB_W) {
+            vf v = vf_load_dt(A, dt, base + k);
+            if (outliers) v = vf_blend(vf_ge(vf_abs(v), thr), v, zero);
+            m = vi_max(m, vi_and(vf_bits(v), magnitude));
+        }
+        int32_t best = vi_reduce_max(m);
+        for (; k < K; ++k) {
+            float v = load1_dt(A, dt, base + k);
+            if (outliers && fabsf(v) >= threshold) v = 0.0f;
+            int32_t bits = (int32_t)(kb_bits(v) & 0x7fffffffu);
+            if (bits > best) best = bits;
+        }
+        const float stat = kb_float((uint32_t)best);
+        stats[r] = stat;
+        const float divisor = stat == 0.0f ? 1.0f : stat;
+        const vf d = vf_set1(divisor);
+        uint8_t *row = (uint8_t *)(codes + base);
+        for (k = 0; k + KB_W <= K; k += KB_W) {
+            vf v = vf_load_dt(A, dt, base + k);
+            if (outliers) v = vf_blend(vf_ge(vf_abs(v), thr), v, zero);
+            vf q = vf_round_even(vf_div(vf_mul(v, c127), d));
+            q = vf_blend(vf_isnan(q), q, zero);
+            if (colmask) q = vf_blend(vf_gt(vi_to_float(vi_load_u8(colmask + k)), zero), q, zero);
+            vi_store_u8(row + k, vf_to_int(q));
+        }
+        for (; k < K; ++k) {
+            float v = load1_dt(A, dt, base + k);
+            if (outliers && fabsf(v) >= threshold) v = 0.0f;
+            float q = nearbyintf((v * 127.0f) / divisor);
+            if (q != q || (colmask && colmask[k])) q = 0.0f;
+            codes[base + k] = (int8_t)q;
+        }
+    }
+}
+
+static void int8_quant_rows(const void *A, int dtype, int64_t r0, int64_t r1, int64_t K, float threshold,
+                            const uint8_t *colmask, int8_t *codes, float *stats) {
+    KB_DTYPE_SWITCH(dtype, int8_quant_rows_dt(A, DT, r0, r1, K, threshold, colmask, codes, stats));
+}
+
+static void int8_dequant_rows(const int8_t *A, int64_t r0, int64_t r1, int64_t K, const float *stats, float *out) {
+    const vf c127 = vf_set1(127.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * K;
+        const float s = stats[r];
+        const vf sv = vf_set1(s);
+        int64_t k = 0;
+        for (; k + KB_W <= K; k += KB_W)
+            vf_store(out + base + k, vf_div(vf_mul(vi_to_float(vi_load_i8(A + base + k)), sv), c127));
+        for (; k < K; ++k) out[base + k] = ((float)A[base + k] * s) / 127.0f;
+    }
+}
+
+/* ======================================================================= optimizers */
+/* One step of every kind (docs/formats.md section 5) in one pass over the data, in float32,
+ * following the reference backend's order of operations: torch's lerp (a fused
+ * multiply-add on its vector path), add with alpha (also fused), addcmul and addcdiv
+ * (unfused). 8-bit states are decoded as qmap[code] * absmax and re-encoded to the
+ * nearest code with a fresh absmax, per 256-element block (blockwise) or for the tensor
+ * (whole-tensor: a first pass finds the new scales, a second writes). With a trust-ratio
+ * limit (max_unorm) a first pass measures ||p|| and ||update|| and the second applies. */
+
+typedef struct {
+    vf s1, s1b, s2; /* s1b: AdEMAMix's second first moment */
+} vstates;
+
+KB_INLINE vf opt_lerp(vf a, vf b, float w) {
+    if (w < 0.5f) return vf_fmadd(vf_set1(w), vf_sub(b, a), a);
+    return vf_fmadd(vf_set1(w - 1.0f), vf_sub(b, a), b);
+}
+
+KB_INLINE vf opt_sign(vf x) {
+    const vf zero = vf_zero();
+    return vf_blend(vf_gt(x, zero), vf_blend(vf_lt(x, zero), zero, vf_set1(-1.0f)), vf_set1(1.0f));
+}
+
+KB_INLINE int kind_has_den(const int KIND) {
+    return KIND == KB_OPT_ADAM || KIND == KB_OPT_LAMB || KIND == KB_OPT_RMSPROP || KIND == KB_OPT_ADAGRAD ||
+           KIND == KB_OPT_ADEMAMIX;
+}
+
+KB_INLINE int kind_states(const int KIND) {
+    return (KIND == KB_OPT_ADAM || KIND == KB_OPT_LAMB || KIND == KB_OPT_ADEMAMIX) ? 2 : 1;
+}
+
+/* Update the states of KB_W elements; return the update's numerator (and its denominator
+ * in *den when the kind has one). */
+KB_INLINE vf opt_rule(const kb_optimizer_step *st, const int KIND, vf g, vstates *s, vf *den) {
+    switch (KIND) {
+    case KB_OPT_ADAM:
+    case KB_OPT_LAMB:
+        s->s1 = opt_lerp(s->s1, g, st->one_minus_beta1);
+        s->s2 = vf_add(vf_mul(s->s2, vf_set1(st->beta2)), vf_mul(vf_mul(vf_set1(st->one_minus_beta2), g), g));
+        *den = vf_add(vf_sqrt(s->s2), vf_set1(st->eps_scaled));
+        return s->s1;
+    case KB_OPT_MOMENTUM:
+    case KB_OPT_LARS:
+        s->s1 = st->first_step ? g : vf_add(vf_mul(s->s1, vf_set1(st->beta1)), g);
+        return s->s1;
+    case KB_OPT_LION: {
+        /* the sign uses the momentum before this step's update */
+        vf sign = opt_sign(vf_fmadd(vf_set1(st->one_minus_beta1), g, vf_mul(s->s1, vf_set1(st->beta1))));
+        s->s1 = opt_lerp(s->s1, g, st->one_minus_beta2);
+        return sign;
+    }
+    case KB_OPT_RMSPROP:
+        s->s1 = vf_add(vf_mul(s->s1, vf_set1(st->beta1)), vf_mul(vf_mul(vf_set1(st->one_minus_beta1), g), g));
+        *den = vf_add(vf_sqrt(s->s1), vf_set1(st->eps));
+        return g;
+    case KB_OPT_ADAGRAD:
+        s->s1 = vf_add(s->s1, vf_mul(g, g));
+        *den = vf_add(vf_sqrt(s->s1), vf_set1(st->eps));
+        return g;
+    default: /* KB_OPT_ADEMAMIX */
+        s->s1 = opt_lerp(s->s1, g, st->one_minus_beta1);
+        s->s1b = opt_lerp(s->s1b, g, st->one_minus_beta3);
+        s->s2 = vf_add(vf_mul(s->s2, vf_set1(st->beta2)), vf_mul(vf_mul(vf_set1(st->one_minus_beta2), g), g));
+        *den = vf_add(vf_div(vf_sqrt(s->s2), vf_set1(st->c2)), vf_set1(st->eps));
+        return vf_fmadd(vf_set1(st->inv_c1), s->s1, vf_mul(s->s1b, vf_set1(st->alpha)));
+    }
+}
+
+/* The gradient the rule reads: scaled, plus L2 weight decay for the kinds that use it. */
+KB_INLINE vf opt_working_grad(const kb_optimizer_step *st, vf g, vf p) {
+    if (st->has_gnorm_scale) g = vf_mul(g, vf_set1(st->gnorm_scale));
+    if (st->has_weight_decay && !st->decoupled_decay) g = vf_fmadd(vf_set1(st->weight_decay), p, g);
+    return g;
+}
+
+/* The materialised update (trust-ratio path): (num / den) * factor. */
+KB_INLINE vf opt_update(const kb_optimizer_step *st, const int KIND, vf num, vf den) {
+    vf u = kind_has_den(KIND) ? vf_div(num, den) : num;
+    return vf_mul(u, vf_set1(st->update_factor));
+}
+
+/* The new parameter. */
+KB_INLINE vf opt_param(const kb_optimizer_step *st, const int KIND, vf p, vf num, vf den) {
+    if (st->has_weight_decay && st->decoupled_decay) p = vf_mul(p, vf_set1(st->decay));
+    if (st->use_update_scale)
+        return vf_add(p, vf_mul(vf_mul(vf_set1(st->neg_lr), opt_update(st, KIND, num, den)), vf_set1(st->update_scale)));
+    if (kind_has_den(KIND)) return vf_add(p, vf_mul(vf_set1(st->step_size), vf_div(num, den)));
+    return vf_fmadd(vf_set1(st->step_size), num, p);
+}
+
+/* Where the states of a span come from: float32 state tensors, or 8-bit codes decoded with
+ * the scales sc1 / sc1b / sc2. */
+typedef struct {
+    const kb_optimizer_step *st;
+    const kb_optimizer_tensors *t;
+    int eight;
+    float sc1, sc1b, sc2;
+} opt_ctx;
+
+/* Load the states of elements i .. i + KB_W - 1 (``count`` of them real; the others
+ * repeat the last one and are never stored). ``g`` and ``p`` are float32 span buffers
+ * indexed from the span's start ``at``. */
+KB_INLINE void opt_load(const opt_ctx *c, int64_t i, int64_t at, int64_t count, const float *gs, const float *ps,
+                        const int KIND, vf *g, vf *p, vstates *s) {
+    const kb_optimizer_tensors *t = c->t;
+    const int two = kind_states(KIND) == 2, stacked = KIND == KB_OPT_ADEMAMIX;
+    if (count == KB_W) {
+        *g = vf_load(gs + at);
+        *p = vf_load(ps + at);
+        if (c->eight) {
+            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
+            s->s1 = vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + i)), vf_set1(c->sc1));
+            s->s1b = stacked ? vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + t->n + i)), vf_set1(c->sc1b)) : vf_zero();
+            s->s2 = two ? vf_mul(vf_gather(t->qmap2, vi_load_u8(c2 + i)), vf_set1(c->sc2)) : vf_zero();
+        } else {
+            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
+            s->s1 = vf_load(s1 + i);
+            s->s1b = stacked ? vf_load(s1 + t->n + i) : vf_zero();
+            s->s2 = two ? vf_load(s2 + i) : vf_zero();
+        }
+        return;
+    }
+    float gb[KB_W], pb[KB_W], a[KB_W], b[KB_W], d[KB_W];
+    for (int l = 0; l < KB_W; ++l) {
+        const int64_t off = l < count ? l : count - 1, j = i + off;
+        gb[l] = gs[at + off];
+        pb[l] = ps[at + off];
+        if (c->eight) {
+            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
+            a[l] = t->qmap1[c1[j]] * c->sc1;
+            b[l] = stacked ? t->qmap1[c1[t->n + j]] * c->sc1b : 0.0f;
+            d[l] = two ? t->qmap2[c2[j]] * c->sc2 : 0.0f;
+        } else {
+            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
+            a[l] = s1[j];
+            b[l] = stacked ? s1[t->n + j] : 0.0f;
+            d[l] = two ? s2[j] : 0.0f;
+        }
+    }
+    *g = vf_load(gb);
+    *p = vf_load(pb);
+    s->s1 = vf_load(a);
+    s->s1b = vf_load(b);
+    s->s2 = vf_load(d);
+}
+
+KB_INLINE void store_count(float *dst, vf v, int64_t count) {
+    if (count == KB_W) {
+        vf_store(dst, v);
+        return;
+    }
+    float buf[KB_W];
+    vf_store(buf, v);
+    for (int64_t l = 0; l < count; ++l) dst[l] = buf[l];
+}
+
+/* One step over the ``len`` elements starting at ``i0``. ``g`` and ``p`` are float32 and
+ * indexed from 0 (the tensors themselves, or span buffers of 16-bit ones); the new
+ * parameter is written back into ``p`` when ``write``. The new float32 states go to
+ * new1 / new1b / new2 (indexed from 0; the float32 layout passes the state tensors
+ * themselves). ``measure`` adds ||p||^2 and ||update||^2 to ``out``. */
+KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
+                        int measure, float *new1, float *new1b, float *new2, kb_partials *out, const int KIND) {
+    const kb_optimizer_step *st = c->st;
+    const vf zero = vf_zero();
+    vf pacc = zero, uacc = zero;
+    double param_sq = 0.0, update_sq = 0.0;
+    int pending = 0;
+    for (int64_t at = 0; at < len; at += KB_W) {
+        const int64_t count = KB_MIN((int64_t)KB_W, len - at);
+        vf g, p;
+        vstates s;
+        opt_load(c, i0 + at, at, count, gs, ps, KIND, &g, &p, &s);
+        const vstates old = s;
+        vf den = vf_set1(1.0f);
+        const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
+        vm keep = vf_lt(zero, zero); /* nothing */
+        if (st->skip_zeros) {
+            keep = vf_eq(g, zero);
+            s.s1 = vf_blend(keep, s.s1, old.s1);
+            s.s1b = vf_blend(keep, s.s1b, old.s1b);
+            s.s2 = vf_blend(keep, s.s2, old.s2);
+        }
+        if (measure) {
+            vf u = opt_update(st, KIND, num, den), pm = p;
+            if (count < KB_W) {
+                float pb[KB_W], ub[KB_W];
+                vf_store(pb, pm);
+                vf_store(ub, u);
+                for (int l = (int)count; l < KB_W; ++l) pb[l] = ub[l] = 0.0f;
+                pm = vf_load(pb);
+                u = vf_load(ub);
+            }
+            pacc = vf_add(pacc, vf_mul(pm, pm));
+            uacc = vf_add(uacc, vf_mul(u, u));
+            if (++pending == 64) { /* float partial sums of at most 64 terms per lane */
+                param_sq += vf_reduce_add(pacc);
+                update_sq += vf_reduce_add(uacc);
+                pacc = uacc = zero;
+                pending = 0;
+            }
+        }
+        if (new1) store_count(new1 + at, s.s1, count);
+        if (new1b) store_count(new1b + at, s.s1b, count);
+        if (new2) store_count(new2 + at, s.s2, count);
+        if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
+    }
+    if (measure) {
+        out->param_sq += param_sq + vf_reduce_add(pacc);
+        out->update_sq += update_sq + vf_reduce_add(uacc);
+    }
+}
+
+typedef void (*opt_span_fn)(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
+                            int measure, float *new1, float *new1b, float *new2, kb_partials *out);
+
+/* One compiled span function per kind: the rule is resolved at compile time, everything
+ * else (dtype, layout, pass) at run time, which keeps the build small. */
+#define KB_SPAN_FOR(NAME, K)                                                                                  \
+    static void NAME(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,        \
+                     int measure, float *new1, float *new1b, float *new2, kb_partials *out) {                 \
+        opt_span(c, i0, len, gs, ps, write, measure, new1, new1b, new2, out, K);                              \
+    }
+KB_SPAN_FOR(span_adam, KB_OPT_ADAM)
+KB_SPAN_FOR(span_momentum, KB_OPT_MOMENTUM)
+KB_SPAN_FOR(span_rmsprop, KB_OPT_RMSPROP)
+KB_SPAN_FOR(span_lion, KB_OPT_LION)
+KB_SPAN_FOR(span_adagrad, KB_OPT_ADAGRAD)
+KB_SPAN_FOR(span_lamb, KB_OPT_LAMB)
+KB_SPAN_FOR(span_lars, KB_OPT_LARS)
+KB_SPAN_FOR(span_ademamix, KB_OPT_ADEMAMIX)
+
+static const opt_span_fn SPANS[8] = {span_adam, span_momentum, span_rmsprop, span_lion,
+                                     span_adagrad, span_lamb, span_lars, span_ademamix};
+
+/* Requantize n new float32 state values with the scale ``absmax``. */
+static void encode_state(const float *values, int64_t n, float absmax, const kb_codebook *cb, uint8_t *codes) {
+    quantize8_seg(values, KB_F32, 0, n, reciprocal_or_zero(absmax), cb, codes);
+}
+
+static int32_t max_bits(const float *v, int64_t n) { return (int32_t)kb_bits(absmax_seg(v, KB_F32, 0, n)); }
+
+static void to_float(const void *x, int dt, int64_t i0, int64_t len, float *out) {
+    KB_DTYPE_SWITCH(dt, {
+        int64_t i = 0;
+        for (; i + KB_W <= len; i += KB_W) vf_store(out + i, vf_load_dt(x, DT, i0 + i));
+        for (; i < len; ++i) out[i] = load1_dt(x, DT, i0 + i);
+    });
+}
+
+static void from_float(const float *v, int64_t len, void *y, int dt, int64_t i0) {
+    KB_DTYPE_SWITCH(dt, {
+        int64_t i = 0;
+        for (; i + KB_W <= len; i += KB_W) vf_store_dt(y, DT, i0 + i, vf_load(v + i));
+        for (; i < len; ++i) store1_dt(y, DT, i0 + i, v[i]);
+    });
+}
+
+#define KB_OPT_BLOCK 256
+/* Elements per span: a multiple of the 8-bit block, small enough for stack buffers. */
+#define KB_OPT_SPAN 2048
+
+/* One optimizer step over [i0, i1) (blockwise: i0 at a block start). Pass 0 measures (the
+ * trust-ratio norms; the whole-tensor 8-bit layout's new scales), pass 1 writes. */
+static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tensors *t, int64_t i0, int64_t i1,
+                            int pass, kb_partials *out) {
+    const opt_span_fn span = SPANS[st->kind];
+    const int two = st->kind == KB_OPT_ADAM || st->kind == KB_OPT_LAMB || st->kind == KB_OPT_ADEMAMIX;
+    const int stacked = st->kind == KB_OPT_ADEMAMIX;
+    const int64_t nblocks = (t->n + KB_OPT_BLOCK - 1) / KB_OPT_BLOCK;
+    float gbuf[KB_OPT_SPAN], pbuf[KB_OPT_SPAN], new1[KB_OPT_SPAN], new1b[KB_OPT_SPAN], new2[KB_OPT_SPAN];
+    uint8_t *c1 = (uint8_t *)t->state1, *c2 = (uint8_t *)t->state2;
+    float *s1 = (float *)t->state1, *s2 = (float *)t->state2;
+    const int writes = pass == 1;
+    for (int64_t start = i0; start < i1; start += KB_OPT_SPAN) {
+        const int64_t len = KB_MIN((int64_t)KB_OPT_SPAN, i1 - start);
+        const float *g = gbuf;
+        float *p = pbuf;
+        if (st->dtype == KB_F32) {
+            g = (const float *)t->g + start;
+            p = (float *)t->p + start;
+        } else {
+            to_float(t->g, st->dtype, start, len, gbuf);
+            to_float(t->p, st->dtype, start, len, pbuf);
+        }
+        if (st->layout == KB_STATE_F32) {
+            const opt_ctx c = {st, t, 0, 0.0f, 0.0f, 0.0f};
+            if (writes)
+                span(&c, start, len, g, p, 1, 0, s1 + start, stacked ? s1 + t->n + start : NULL,
+                     two ? s2 + start : NULL, out);
+            else
+                span(&c, start, len, g, p, 0, 1, NULL, NULL, NULL, out);
+        } else if (st->layout == KB_STATE_U8_BLOCKWISE) {
+            for (int64_t at = 0; at < len; at += KB_OPT_BLOCK) {
+                const int64_t b = (start + at) / KB_OPT_BLOCK, blen = KB_MIN((int64_t)KB_OPT_BLOCK, len - at);
+                const opt_ctx c = {st, t, 1, t->absmax1[b], stacked ? t->absmax1[nblocks + b] : 0.0f,
+                                   two ? t->absmax2[b] : 0.0f};
+                span(&c, start + at, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL,
+                     out);
+                float am = kb_float((uint32_t)max_bits(new1, blen));
+                t->absmax1[b] = am;
+                encode_state(new1, blen, am, t->cb1, c1 + start + at);
+                if (stacked) {
+                    am = kb_float((uint32_t)max_bits(new1b, blen));
+                    t->absmax1[nblocks + b] = am;
+                    encode_state(new1b, blen, am, t->cb1, c1 + t->n + start + at);
+                }
+                if (two) {
+                    am = kb_float((uint32_t)max_bits(new2, blen));
+                    t->absmax2[b] = am;
+                    encode_state(new2, blen, am, t->cb2, c2 + start + at);
+                }
+            }
+        } else { /* whole-tensor 8-bit */
+            const opt_ctx c = {st, t, 1, t->max1, 0.0f, two ? t->max2 : 0.0f};
+            span(&c, start, len, g, p, writes, !writes && st->clip, new1, NULL, two ? new2 : NULL, out);
+            if (writes) {
+                encode_state(new1, len, t->new_max1, t->cb1, c1 + start);
+                if (two) encode_state(new2, len, t->new_max2, t->cb2, c2 + start);
+            } else {
+                int32_t m = max_bits(new1, len);
+                if (m > out->max1_bits) out->max1_bits = m;
+                if (two && (m = max_bits(new2, len)) > out->max2_bits) out->max2_bits = m;
+            }
+        }
+        if (writes && st->dtype != KB_F32) from_float(pbuf, len, t->p, st->dtype, start);
+    }
+}
+
+/* ========================================================================= the table */
+const kb_kernels KB_CAT(kb_kernels, KB_ISA) = {
+    .name = KB_STR(KB_ISA),
+    .gemm_chunk = 2 * KB_W,
+    .quantize8_blocks = quantize8_blocks,
+    .absmax_range = absmax_range,
+    .quantize8_scaled = quantize8_scaled,
+    .dequantize8 = dequantize8,
+    .quantize4_blocks = quantize4_blocks,
+    .dequantize4 = dequantize4,
+    .gemm4 = gemm4,
+    .int8_quant_rows = int8_quant_rows,
+    .int8_dequant_rows = int8_dequant_rows,
+    .optimizer_range = optimizer_range,
+};

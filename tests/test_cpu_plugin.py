@@ -1,0 +1,414 @@
+"""The native CPU backend (plugins/kbit-cpu), installed next to kbit as the README does.
+
+The conformance suite runs once per instruction set the CPU supports (the default one in
+the quick suite, the others marked slow), and the tests below go where its seeded cases do
+not: every decision bound of the code tables and its float neighbours, both search
+methods of the code lookup, large inputs split between threads, the activations' layouts
+of the 4-bit matmul, and how the backend reports itself when its library cannot run.
+
+Without the plugin installed these tests skip, saying why; with ``KBIT_CPU_REQUIRE_NATIVE=1``
+(CI) a missing or unusable library fails them instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kbit
+import kbit.functional as F
+from kbit.functional import create_dynamic_map, create_fp8_map, create_linear_map
+from kbit.functional._codebooks import cached_code
+from kbit.testing import BackendConformance
+from kbit.testing.tolerances import CONFORMANCE
+
+
+def _native_problem() -> str | None:
+    try:
+        import kbit_cpu.backend
+    except ImportError as exc:
+        return f"kbit-cpu is not installed ({exc}); pip install ./plugins/kbit-cpu"
+    answer = kbit_cpu.backend.CpuBackend().is_available()
+    return None if answer is True else str(answer)
+
+
+_PROBLEM = _native_problem()
+if _PROBLEM is not None:
+    if os.environ.get("KBIT_CPU_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"KBIT_CPU_REQUIRE_NATIVE=1 but the native CPU backend cannot run: {_PROBLEM}")
+    pytest.skip(_PROBLEM, allow_module_level=True)
+
+from kbit_cpu import _library  # noqa: E402
+from kbit_cpu._manifest import MANIFEST  # noqa: E402
+from kbit_cpu.backend import CpuBackend  # noqa: E402
+
+LIBRARY = _library.load()
+ISAS = LIBRARY.supported_isas.split(",")
+DEFAULT_ISA = LIBRARY.isa
+
+
+class TestCpuConformance(BackendConformance):
+    """The conformance suite on the instruction set this CPU runs by default."""
+
+    backend = "cpu"
+    device = "cpu"
+    manifest = MANIFEST
+
+
+def _isa_class(isa: str) -> type:
+    class Conformance(BackendConformance):
+        backend = "cpu"
+        device = "cpu"
+        manifest = MANIFEST
+
+        @pytest.fixture(autouse=True)
+        def _instruction_set(self):
+            with LIBRARY.use_isa(isa):
+                yield
+
+    Conformance.__name__ = Conformance.__qualname__ = f"TestCpuConformance_{isa}"
+    return pytest.mark.slow(Conformance)
+
+
+for _isa in ISAS:
+    if _isa != DEFAULT_ISA:
+        globals()[f"TestCpuConformance_{_isa}"] = _isa_class(_isa)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def cpu():
+    """The plugin registered (installed plugins are disabled for every test by conftest)."""
+    kbit.backends.register(MANIFEST, replace=True)
+    return kbit.backends.get("cpu")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, cpu):
+    """Each instruction set this CPU runs, in turn."""
+    with LIBRARY.use_isa(request.param):
+        yield request.param
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-for-bit equal values, NaN matching NaN (as the conformance suite compares)."""
+    return got.dtype == want.dtype and got.shape == want.shape and bool(((got == want) | (got.isnan() & want.isnan())).all())
+
+
+def _on(backend: str, fn, *args, **kwargs):
+    with kbit.backends.use_backend(backend, fallback="error"):
+        return fn(*args, **kwargs)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mixed_magnitudes(numel: int, seed: int) -> torch.Tensor:
+    """randn scaled per element over twelve decades, so every code range is visited."""
+    g = _generator(seed)
+    return torch.randn(numel, generator=g) * torch.pow(10.0, torch.rand(numel, generator=g) * 12 - 9)
+
+
+def _neighbours_of_bounds(code: torch.Tensor) -> torch.Tensor:
+    """Every midpoint between neighbouring code values, each with its float32 neighbours
+    on both sides, plus 1.0 so that a block containing them has absmax 1."""
+    values = code.to(torch.float64).unique()
+    mids = ((values[:-1] + values[1:]) / 2).to(torch.float32)
+    up = torch.nextafter(mids, torch.full_like(mids, math.inf))
+    down = torch.nextafter(mids, torch.full_like(mids, -math.inf))
+    return torch.cat([torch.ones(1), mids, up, down, up.nextafter(torch.full_like(up, math.inf))])
+
+
+#: Tables of every shape the code search meets: the default and optimizer maps, a short
+#: linear map padded with zeros (duplicates, so codes are not positions), an FP8-style
+#: map, and a table crowded into one float bucket (searched by bisection, not buckets).
+TABLES = {
+    "dynamic": create_dynamic_map(),
+    "unsigned": create_dynamic_map(signed=False),
+    "linear-padded": torch.sort(create_linear_map(signed=True, total_bits=7)).values,
+    "fp8": create_fp8_map(),
+    "crowded": torch.sort(1.0 + torch.arange(256, dtype=torch.float32) * 2.0**-22).values / (1.0 + 255 * 2.0**-22),
+}
+
+
+# ------------------------------------------------------------------ 8-bit exactness
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_code_search_is_exact_at_every_bound(isa, table):
+    code = TABLES[table]
+    values = _neighbours_of_bounds(code)
+    got_codes, got_state = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=4096)
+    want_codes, want_state = _on("reference", F.quantize_blockwise, values, code=code, blocksize=4096)
+    assert torch.equal(got_state.absmax, want_state.absmax)
+    assert torch.equal(got_codes, want_codes), (got_codes != want_codes).nonzero()[:5]
+
+
+def test_the_crowded_table_needs_bisection_and_the_others_do_not():
+    from kbit_cpu._codebook import CodebookCache
+
+    cache = CodebookCache(LIBRARY)
+    steps = {name: LIBRARY.kb_codebook_steps(_address(cache.get("test", code))) for name, code in TABLES.items()}
+    assert steps["crowded"] == -1 and all(0 <= steps[name] <= 2 for name in steps if name != "crowded"), steps
+
+
+def _address(entry) -> int:
+    import ctypes
+
+    return ctypes.addressof(entry)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_quantize_blockwise_matches_the_reference_on_large_mixed_inputs(isa, dtype, blocksize):
+    values = _mixed_magnitudes(200_003, seed=blocksize).to(dtype)
+    values[7] = math.nan
+    values[blocksize + 1] = -math.inf
+    for code in (TABLES["dynamic"], TABLES["linear-padded"]):
+        got = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=blocksize)
+        want = _on("reference", F.quantize_blockwise, values, code=code, blocksize=blocksize)
+        assert _same(got[1].absmax, want[1].absmax)
+        assert torch.equal(got[0], want[0])
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            got[1].dtype = want[1].dtype = out_dtype
+            assert _same(_on("cpu", F.dequantize_blockwise, *got), _on("reference", F.dequantize_blockwise, *want))
+
+
+def test_whole_tensor_and_code_only_quantization_match_the_reference(isa):
+    values = _mixed_magnitudes(100_000, seed=3)
+    (codes, (absmax, _)), (want_codes, (want_absmax, _)) = _on("cpu", F.quantize, values), _on("reference", F.quantize, values)
+    assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
+    normalised = values / values.abs().max() * 1.1  # a little beyond [-1, 1]: the end codes
+    code = create_dynamic_map()
+    assert torch.equal(_on("cpu", F.quantize_no_absmax, normalised, code), _on("reference", F.quantize_no_absmax, normalised, code))
+
+
+def test_stochastic_rounding_matches_the_reference_for_a_given_rand(isa):
+    values = _mixed_magnitudes(50_000, seed=4)
+    for rand in (torch.rand(50_000, generator=_generator(5)), torch.rand(1024, generator=_generator(6))):
+        got = _on("cpu", F.quantize_blockwise, values, blocksize=256, rand=rand)
+        want = _on("reference", F.quantize_blockwise, values, blocksize=256, rand=rand)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1].absmax, want[1].absmax)
+
+
+# ------------------------------------------------------------------ 4-bit exactness
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("numel,blocksize", [(100_001, 64), (70_000, 32), (12_345, 4096)])
+def test_4bit_quantization_matches_the_reference(isa, quant_type, dtype, numel, blocksize):
+    values = _mixed_magnitudes(numel, seed=numel).to(dtype)
+    values[11] = math.nan
+    args = {"blocksize": blocksize, "quant_type": quant_type}
+    packed, state = _on("cpu", F.quantize_4bit, values, **args)
+    want_packed, want_state = _on("reference", F.quantize_4bit, values, **args)
+    assert _same(state.absmax, want_state.absmax)
+    # FP4's codes 0 and 8 both mean zero: compare what the bytes decode to, bit for bit.
+    got_values = _on("reference", F.dequantize_4bit, packed, state)
+    assert _same(got_values, _on("reference", F.dequantize_4bit, want_packed, want_state))
+    if quant_type == "nf4":
+        assert torch.equal(packed, want_packed)
+    assert _same(_on("cpu", F.dequantize_4bit, packed, state), got_values)
+
+
+# ------------------------------------------------------------------------ 4-bit matmul
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 33])
+@pytest.mark.parametrize("K", [4096, 48, 100, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matmul_4bit_matches_the_reference(isa, rows, K, dtype):
+    # K = 4096 and 48 take the vector path on some instruction sets, 100 and 33 the
+    # element-by-element one; more than 32 rows dequantize row tiles and let torch multiply.
+    N = 40
+    weight = torch.randn(N, K, generator=_generator(K))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", backend="reference")
+    A = (torch.randn(rows, K, generator=_generator(rows)) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(N, generator=_generator(2)).to(dtype)
+    tolerance = CONFORMANCE["matmul_4bit"]
+    for b in (None, bias):
+        got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_row_sums_each_block_before_scaling_it(isa, blocksize, dtype):
+    # The single-row kernel scales whole blocks; odd row counts exercise the remainder rows.
+    N, K = 37, 4096
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(blocksize)), blocksize=blocksize,
+                                    quant_type="fp4", backend="reference")  # fmt: skip
+    A = (torch.randn(1, K, generator=_generator(1)) / 64).to(dtype)
+    got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state)
+    want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state)
+    tolerance = CONFORMANCE["gemv_4bit"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+# ------------------------------------------------------------------------------ int8
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):
+    A = torch.randn(130, 257, generator=_generator(9))
+    A[3, :] = 0.0
+    A[5, 7] = math.nan
+    got = _on("cpu", F.int8_vectorwise_quant, A, threshold=threshold)
+    want = _on("reference", F.int8_vectorwise_quant, A, threshold=threshold)
+    for g, w in zip(got, want):
+        assert _same(g, w) if isinstance(w, torch.Tensor) else g == w
+
+
+# -------------------------------------------------------------------------- threads
+def test_results_do_not_depend_on_the_thread_count(cpu):
+    values = _mixed_magnitudes(1_000_000, seed=12)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            codes, state = _on("cpu", F.quantize_blockwise, values, blocksize=256)
+            packed, state4 = _on("cpu", F.quantize_4bit, values)
+            results.append((codes, state.absmax, packed, _on("cpu", F.dequantize_4bit, packed, state4)))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_the_process_keeps_one_openmp_runtime(cpu):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _on("cpu", F.quantize_blockwise, torch.randn(1_000_000), blocksize=256)
+    finally:
+        torch.set_num_threads(previous)
+    runtimes = _library._openmp_runtimes()
+    assert runtimes is None or len(runtimes) == 1, runtimes
+    assert LIBRARY.thread_note is None
+
+
+# ---------------------------------------------------------------------- availability
+def test_a_library_that_cannot_load_makes_the_backend_unavailable_with_the_reason(monkeypatch):
+    import kbit_cpu.backend as module
+
+    def refuse():
+        raise _library.LibraryUnavailable("native library not built when kbit-cpu was installed: no compiler")
+
+    monkeypatch.setattr(module, "load", refuse)
+    assert CpuBackend().is_available() == "native library not built when kbit-cpu was installed: no compiler"
+    kbit.backends.register(MANIFEST, replace=True)
+    record = next(r for r in kbit.backends.list() if r.name == "cpu")
+    assert record.state == "unavailable" and "no compiler" in record.reason
+    assert kbit.backends.resolve("quantize_blockwise", "cpu", torch.float32, blocksize=64).name == "reference"
+
+
+def test_the_build_note_says_why_the_library_is_missing(tmp_path, monkeypatch):
+    (tmp_path / "_native_build.json").write_text(json.dumps({"built": False, "error": "CompileError: cc not found"}))
+    monkeypatch.setattr(_library, "_PACKAGE_DIR", tmp_path)
+    with pytest.raises(_library.LibraryUnavailable, match="cc not found"):
+        _library._find_library()
+    (tmp_path / "_native_build.json").unlink()
+    with pytest.raises(_library.LibraryUnavailable, match="reinstall kbit-cpu with a C compiler"):
+        _library._find_library()
+
+
+def test_a_file_that_is_not_the_library_is_reported(tmp_path):
+    fake = tmp_path / "libkbit_cpu.so"
+    fake.write_text("not a shared object")
+    with pytest.raises(_library.LibraryUnavailable, match="cannot open libkbit_cpu.so"):
+        _library.NativeLibrary(fake)
+
+
+def _in_subprocess(code: str, **env: str) -> str:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")} | env
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_kbit_cpu_isa_chooses_the_instruction_set_and_a_bad_one_is_reported():
+    describe = "import kbit; print(kbit.backends.get('cpu').describe())"
+    assert _in_subprocess(describe, KBIT_CPU_ISA="portable").startswith("portable kernels")
+    reason = _in_subprocess("from kbit_cpu.backend import CpuBackend; print(CpuBackend().is_available())",
+                            KBIT_CPU_ISA="sse9")  # fmt: skip
+    assert "KBIT_CPU_ISA='sse9' is not supported here" in reason
+
+
+def test_the_plugin_is_the_default_cpu_backend_once_installed():
+    served = _in_subprocess(
+        "import torch, kbit\n"
+        "print(kbit.backends.resolve('quantize_4bit', 'cpu', torch.bfloat16, blocksize=64, quant_type='nf4',"
+        " quant_storage=torch.uint8).name)"
+    )
+    assert served == "cpu"
+
+
+# ------------------------------------------------------------------------ code tables
+def test_a_table_changed_in_place_is_prepared_again(cpu):
+    code = create_dynamic_map()
+    values = torch.linspace(-1, 1, 999)
+    before = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=4096)[0]
+    code.mul_(0.5)  # a new table (sorted still): the cached preparation must not be reused
+    after = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=4096)[0]
+    want = _on("reference", F.quantize_blockwise, values, code=code, blocksize=4096)[0]
+    assert torch.equal(after, want) and not torch.equal(before, after)
+
+
+def test_a_table_holding_nan_is_refused_with_a_typed_error(cpu):
+    code = create_dynamic_map()
+    code[10] = math.nan
+    with pytest.raises(kbit.KbitValueError, match="quantize_blockwise: code="):
+        _on("cpu", F.quantize_blockwise, torch.randn(100), code=code, blocksize=64)
+
+
+def test_codes_past_a_short_table_dequantize_to_nan_instead_of_reading_past_it(cpu):
+    # The public API requires 256 values; a backend called directly must still not read
+    # past a shorter table.
+    short = torch.tensor([-1.0, 0.0, 1.0])
+    codes = torch.tensor([0, 1, 2, 200], dtype=torch.uint8)
+    out = cpu.dequantize_blockwise(codes, absmax=torch.ones(1), code=short, blocksize=64, dtype=torch.float32)
+    assert out[:3].tolist() == [-1.0, 0.0, 1.0] and math.isnan(out[3])
+
+
+def test_the_optimizer_maps_are_cached_tables(cpu):
+    assert torch.equal(cached_code("dynamic"), create_dynamic_map())
+
+
+# -------------------------------------------------------------------------- the wheel
+PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "kbit-cpu"
+
+
+@pytest.mark.slow
+def test_without_a_c_compiler_the_plugin_installs_and_the_reference_serves(tmp_path):
+    from tests.test_plugin_e2e import _IGNORE, _build_wheel
+
+    import shutil
+
+    source = shutil.copytree(PLUGIN, tmp_path / "kbit-cpu", ignore=_IGNORE)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBIT_")}
+    env["CC"] = str(tmp_path / "no-such-compiler")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+         str(wheels), str(source)], capture_output=True, text=True, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = wheels.glob("*.whl")
+    assert wheel.name.endswith("-py3-none-linux_x86_64.whl") or "py3-none" in wheel.name
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)  # fmt: skip
+    assert not list((target / "kbit_cpu").glob("libkbit_cpu.*"))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import kbit_cpu, torch\n"
+        "from kbit_cpu.backend import CpuBackend\n"
+        "assert kbit_cpu.__file__.startswith(sys.argv[1])\n"
+        "print(CpuBackend().is_available())"
+    )
+    reason = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=env)
+    assert reason.returncode == 0, reason.stderr
+    assert "native library not built when kbit-cpu was installed" in reason.stdout
