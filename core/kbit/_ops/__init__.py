@@ -49,7 +49,8 @@ def direct_kernel(op: Any) -> Optional[Callable[..., Any]]:
         pass
     kernel = None
     if isinstance(op, CustomOpDef) and not op._opoverload._schema.is_mutable:
-        kernel = op._init_fn
+        # A private attribute of torch.library: a torch without it keeps the dispatcher path.
+        kernel = getattr(op, "_init_fn", None)
     _direct_kernels[op] = kernel
     return kernel
 
