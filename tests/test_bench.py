@@ -270,3 +270,31 @@ def test_the_worker_runs_as_a_script_without_kbit_on_its_path(tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["seconds"] > 0 and answer["fresh_seconds"] > 0 and answer["bytes"] == 2 * 65536 * 4
+
+
+def test_the_workers_byte_accounting_loads_without_kbit(tmp_path):
+    """The optimizer rows count state bytes with kbit's accounting module, which imports
+    ``kbit._dtensor``; in the incumbent's interpreter (no kbit) both load from their files."""
+    import subprocess
+
+    code = textwrap.dedent(f"""
+        import builtins, sys
+        real_import = builtins.__import__
+        def no_kbit(name, *args, **kwargs):
+            if name == "kbit" or name.startswith("kbit."):
+                raise ImportError("kbit is not installed here")
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = no_kbit
+        sys.path.insert(0, {str(Path(bench_worker.__file__).parent)!r})
+        import torch, worker
+        state = {{"state1": torch.zeros(10, dtype=torch.uint8), "absmax1": torch.zeros(1)}}
+        class Optimizer:  # what optimizer_state_bytes reads: .state
+            pass
+        optimizer = Optimizer()
+        optimizer.state = {{0: state}}
+        print(worker._accounting().optimizer_state_bytes(optimizer))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "14"

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import sys
+import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,12 +40,30 @@ else:  # run as a script, by any interpreter: its directory is on sys.path
 _CASES = {case.id: case for case in bench_cases.CASES}
 
 
+#: kbit's byte accounting and the one module it imports (torch only, both), as a
+#: stand-in package: the bitsandbytes worker runs where kbit may not be installed.
+_ACCOUNTING_PACKAGE = "kbit_bench_accounting"
+_ACCOUNTING_FILES = {"_dtensor": ("_dtensor.py",), "_demo._accounting": ("_demo", "_accounting.py")}
+
+
 def _accounting():
-    """kbit's byte accounting (torch only), loaded from its file so that kbit need not import."""
-    path = Path(__file__).resolve().parents[1] / "_demo" / "_accounting.py"
-    spec = importlib.util.spec_from_file_location("kbit_bench_accounting", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """kbit's byte accounting, loaded from its files without importing kbit (which the
+    bitsandbytes interpreter need not have): its relative import of ``kbit._dtensor``
+    resolves inside a stand-in package that holds just these two modules."""
+    loaded = sys.modules.get(f"{_ACCOUNTING_PACKAGE}._demo._accounting")
+    if loaded is not None:
+        return loaded
+    root = Path(__file__).resolve().parents[1]
+    for package, path in ((_ACCOUNTING_PACKAGE, root), (f"{_ACCOUNTING_PACKAGE}._demo", root / "_demo")):
+        stand_in = types.ModuleType(package)
+        stand_in.__path__ = [str(path)]  # a package whose __init__ never runs
+        sys.modules.setdefault(package, stand_in)
+    module = None
+    for name, parts in _ACCOUNTING_FILES.items():
+        spec = importlib.util.spec_from_file_location(f"{_ACCOUNTING_PACKAGE}.{name}", root.joinpath(*parts))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
     return module
 
 
