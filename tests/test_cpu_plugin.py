@@ -250,6 +250,119 @@ def test_one_row_sums_each_block_before_scaling_it(isa, blocksize, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
 
 
+#: Shapes that reach every layout of the fused kernel (kernels.c, gemm4_layout): K a
+#: multiple of 128 (one-row 128-element chunks: blocks of 4096 straddle weight rows at
+#: K = 384), of 64 but not 128 (bfloat16 pairs; blocks of 128 then start mid-row), and of
+#: neither (element by element).
+LAYOUT_KS = [384, 192, 100]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("K", LAYOUT_KS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+def test_every_matmul_layout_matches_the_reference(isa, rows, K, blocksize, dtype):
+    N = 37  # not a multiple of the 4- and 8-row tiles: the remainder rows run too
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(K + blocksize)), blocksize=blocksize,
+                                    quant_type="nf4", backend="reference")  # fmt: skip
+    A = (torch.randn(rows, K, generator=_generator(rows)) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(N, generator=_generator(3)).to(dtype)
+    tolerance = CONFORMANCE["matmul_4bit"]
+    for b in (None, bias):
+        got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_non_finite_activations_and_scales_reach_the_same_outputs(isa, rows, dtype):
+    # An inf or NaN activation spoils every output of its row; a NaN or inf block scale the
+    # outputs of its weight row; a zero scale leaves its block out. (Whether a spoiled
+    # output is inf or NaN depends on the order of the sums: an inf scale times a block's
+    # sum is inf where the reference, adding +inf and -inf weights, gets NaN.)
+    N, K = 9, 256
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(5)), blocksize=64, quant_type="nf4",
+                                    backend="reference")  # fmt: skip
+    state.absmax[1 * K // 64] = math.nan  # weight row 1
+    state.absmax[3 * K // 64 + 2] = math.inf  # weight row 3
+    state.absmax[5 * K // 64] = 0.0
+    A = (torch.randn(rows, K, generator=_generator(6)) / 16).to(dtype)
+    A[0, 7] = math.inf
+    if rows > 1:
+        A[1, 100] = math.nan
+    got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state).float()
+    want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state).float()
+    finite = want.isfinite()
+    assert torch.equal(got.isfinite(), finite) and bool(got[:, 1].isnan().all())  # row 1: a NaN scale
+    tolerance = CONFORMANCE["matmul_4bit"]
+    torch.testing.assert_close(got[finite], want[finite], rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+def _relative_error(got: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((got.double() - truth).norm() / truth.norm())
+
+
+@pytest.fixture
+def realistic_layer():
+    """A 4096-wide NF4 weight like a trained layer's (normal, std 0.02) and activations with
+    a few outlier features, as in transformer hidden states, plus the exact product of the
+    dequantized weight in float64."""
+    K = N = 1024
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(21)) * 0.02, blocksize=64,
+                                    quant_type="nf4", backend="reference")  # fmt: skip
+    A = torch.randn(4, K, generator=_generator(22))
+    A[:, torch.randperm(K, generator=_generator(23))[:8]] *= 30
+    weight = _on("reference", F.dequantize_4bit, packed, state).double()
+    return packed, state, A, weight
+
+
+def test_bfloat16_products_are_as_accurate_as_the_reference(isa, realistic_layer):
+    # The bfloat16 dot-product kernels round the weights to bfloat16 as the reference does
+    # (the batch kernel to the same values, the one-row kernel the table before scaling):
+    # their error from the exact product of the same inputs stays at the reference's.
+    packed, state, A, weight = realistic_layer
+    A = A.bfloat16()
+    truth = A.double() @ weight.T
+    reference = _relative_error(_on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state), truth)
+    for rows in (1, 4):  # the one-row kernel, then the batch kernel
+        got = torch.cat([_on("cpu", kbit.matmul_4bit, A[i : i + rows], packed.t(), quant_state=state)
+                         for i in range(0, 4, rows)])  # fmt: skip
+        assert _relative_error(got, truth) < 1.25 * reference, (rows, _relative_error(got, truth), reference)
+
+
+def test_float32_products_stay_float32_unless_torch_allows_bfloat16(isa, realistic_layer):
+    packed, state, A, weight = realistic_layer
+    truth = A.double() @ weight.T
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            for rows in (1, 4):
+                got = torch.cat([_on("cpu", kbit.matmul_4bit, A[i : i + rows], packed.t(), quant_state=state)
+                                 for i in range(0, 4, rows)])  # fmt: skip
+                assert got.dtype == torch.float32
+                error = _relative_error(got, truth)
+                if precision == "medium" and LIBRARY.bf16_dot:
+                    # A rounded to bfloat16: the bfloat16 class (about 2e-3), not float32's.
+                    assert 1e-5 < error < 5e-3, (precision, rows, error)
+                else:
+                    assert error < 1e-5, (precision, rows, error)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_the_bfloat16_dot_product_instruction_set_is_offered_where_the_cpu_has_it():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    has_bf16 = " avx512_bf16" in flags and " avx512bw" in flags
+    built = "avx512bf16" in json.loads((Path(_library.__file__).parent / "_native_build.json").read_text())["isas"]
+    assert ("avx512bf16" in ISAS) == (has_bf16 and built)
+    if "avx512bf16" in ISAS:
+        assert ISAS[0] == "avx512bf16" and ISAS[1] == "avx512" and LIBRARY.bf16_dot == (LIBRARY.isa == "avx512bf16")
+        describe = "import kbit; print(kbit.backends.get('cpu').describe())"
+        assert _in_subprocess(describe, KBIT_CPU_ISA="avx512").startswith("avx512 kernels")
+
+
 # ------------------------------------------------------------------------------ int8
 @pytest.mark.parametrize("threshold", [0.0, 2.5])
 def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):
@@ -265,6 +378,10 @@ def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):
 # -------------------------------------------------------------------------- threads
 def test_results_do_not_depend_on_the_thread_count(cpu):
     values = _mixed_magnitudes(1_000_000, seed=12)
+    # a weight large enough for the 4-bit products to split its rows between threads
+    weight, weight_state = F.quantize_4bit(torch.randn(1000, 1024, generator=_generator(13)), quant_type="nf4")
+    activations = [torch.randn(rows, 1024, generator=_generator(rows)).to(dtype)
+                   for rows in (1, 5) for dtype in (torch.float32, torch.bfloat16)]  # fmt: skip
     previous = torch.get_num_threads()
     results = []
     try:
@@ -272,7 +389,8 @@ def test_results_do_not_depend_on_the_thread_count(cpu):
             torch.set_num_threads(threads)
             codes, state = _on("cpu", F.quantize_blockwise, values, blocksize=256)
             packed, state4 = _on("cpu", F.quantize_4bit, values)
-            results.append((codes, state.absmax, packed, _on("cpu", F.dequantize_4bit, packed, state4)))
+            products = [_on("cpu", kbit.matmul_4bit, A, weight.t(), quant_state=weight_state) for A in activations]
+            results.append((codes, state.absmax, packed, _on("cpu", F.dequantize_4bit, packed, state4), *products))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:

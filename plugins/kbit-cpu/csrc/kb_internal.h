@@ -123,8 +123,6 @@ typedef struct kb_partials {
  * instruction set this CPU supports. */
 typedef struct kb_kernels {
     const char *name;
-    /* gemm4's fast path takes K in multiples of this many elements, with A de-interleaved */
-    int64_t gemm_chunk;
     /* absmax per block b in [b0, b1) of n elements, codes of the normalised values */
     void (*quantize8_blocks)(const void *x, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                              const kb_codebook *cb, float *absmax, uint8_t *codes);
@@ -142,10 +140,15 @@ typedef struct kb_kernels {
     /* table[nibble i] * absmax[i / bs] for i in [i0, i1), i0 even */
     void (*dequantize4)(const uint8_t *packed, int64_t i0, int64_t i1, int64_t bs, const float *table,
                         const float *absmax, void *out, int dtype);
-    /* out[m, o] = sum_k A[m, k] * W[o, k] (+ bias[o]) for o in [o0, o1), W the 4-bit [N, K]
-     * weight; bias (may be NULL) has out's dtype */
-    void (*gemm4)(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                  const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int out_dtype);
+    /* 4-bit matmul, in two steps: A [M, K] (a_dtype) is copied once per call into the layout
+     * gemm4 reads (gemm4_packed_a_bytes of scratch), then gemm4 computes out[m, o] =
+     * sum_k A[m, k] * W[o, k] (+ bias[o]) for o in [o0, o1), W the 4-bit [N, K] weight; bias
+     * (may be NULL) has out's dtype */
+    int64_t (*gemm4_packed_a_bytes)(int64_t M, int64_t K, int a_dtype);
+    void (*gemm4_pack_a)(const void *A, int a_dtype, int64_t M, int64_t K, void *packed_a);
+    void (*gemm4)(const void *packed_a, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
+                  int64_t bs, const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out,
+                  int out_dtype);
     /* int8 row quantization of rows [r0, r1); outlier columns (colmask != NULL) are zeroed */
     void (*int8_quant_rows)(const void *A, int dtype, int64_t r0, int64_t r1, int64_t K, float threshold,
                             const uint8_t *colmask, int8_t *codes, float *stats);
@@ -169,6 +172,10 @@ extern const kb_kernels kb_kernels_portable;
 #if KB_X86_KERNELS
 extern const kb_kernels kb_kernels_avx2;
 extern const kb_kernels kb_kernels_avx512;
+/* AVX-512 plus the BF16 dot products (AVX512_BF16), built where the compiler supports them */
+#ifdef KB_HAVE_AVX512BF16
+extern const kb_kernels kb_kernels_avx512bf16;
+#endif
 #endif
 
 #endif /* KB_INTERNAL_H */
