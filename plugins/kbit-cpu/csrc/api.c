@@ -463,7 +463,7 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
     st->update_scale = 1.0f;
     const int measure = st->layout == KB_STATE_U8_TENSOR || (st->clip && st->layout == KB_STATE_F32);
     if (measure) {
-        run_optimizer_pass(k, st, t, 0, nt, parts);
+        run_optimizer_pass(k, st, t, KB_PASS_MEASURE, nt, parts);
         double param_sq = 0.0, update_sq = 0.0;
         int32_t max1 = 0, max2 = 0;
         for (int i = 0; i < nt; ++i) {
@@ -484,6 +484,6 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
             st->use_update_scale = 1;
         }
     }
-    run_optimizer_pass(k, st, t, 1, nt, parts);
+    run_optimizer_pass(k, st, t, KB_PASS_WRITE, nt, parts);
     return 0;
 }

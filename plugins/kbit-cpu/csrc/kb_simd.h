@@ -76,6 +76,9 @@ KB_INLINE vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 KB_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 KB_INLINE vi vi_srli(vi a, int n) { return _mm512_srli_epi32(a, (unsigned)n); }
 KB_INLINE vi vi_max(vi a, vi b) { return _mm512_max_epi32(a, b); }
+KB_INLINE vi vi_min(vi a, vi b) { return _mm512_min_epi32(a, b); }
+KB_INLINE vi vi_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
+KB_INLINE vm vi_gt(vi a, vi b) { return _mm512_cmpgt_epi32_mask(a, b); }
 KB_INLINE int32_t vi_reduce_max(vi a) { return _mm512_reduce_max_epi32(a); }
 KB_INLINE vi vi_inc_if(vi c, vm m) { return _mm512_mask_add_epi32(c, m, c, _mm512_set1_epi32(1)); }
 KB_INLINE vi vi_blend(vm m, vi a, vi b) { return _mm512_mask_blend_epi32(m, a, b); }
@@ -216,6 +219,9 @@ KB_INLINE vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 KB_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 KB_INLINE vi vi_srli(vi a, int n) { return _mm256_srli_epi32(a, n); }
 KB_INLINE vi vi_max(vi a, vi b) { return _mm256_max_epi32(a, b); }
+KB_INLINE vi vi_min(vi a, vi b) { return _mm256_min_epi32(a, b); }
+KB_INLINE vi vi_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
+KB_INLINE vm vi_gt(vi a, vi b) { return _mm256_cmpgt_epi32(a, b); }
 KB_INLINE int32_t vi_reduce_max(vi a) {
     __m128i m = _mm_max_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
@@ -318,6 +324,9 @@ KB_INLINE vi vi_add(vi a, vi b) { return a + b; }
 KB_INLINE vi vi_and(vi a, vi b) { return a & b; }
 KB_INLINE vi vi_srli(vi a, int n) { return (vi)((uint32_t)a >> n); }
 KB_INLINE vi vi_max(vi a, vi b) { return a > b ? a : b; }
+KB_INLINE vi vi_min(vi a, vi b) { return a < b ? a : b; }
+KB_INLINE vi vi_xor(vi a, vi b) { return a ^ b; }
+KB_INLINE vm vi_gt(vi a, vi b) { return a > b; }
 KB_INLINE int32_t vi_reduce_max(vi a) { return a; }
 KB_INLINE vi vi_inc_if(vi c, vm m) { return c + (m != 0); }
 KB_INLINE vi vi_blend(vm m, vi a, vi b) { return m ? b : a; }

@@ -99,6 +99,11 @@ KB_API size_t kb_codebook_size(void);
  * (kb_codebook_size() bytes). Returns 0, or -1 when a value is NaN. */
 KB_API int kb_codebook_init(kb_codebook *cb, const float *values, int n);
 KB_API int kb_codebook_steps(const kb_codebook *cb);
+/* Buckets per sign of the table's compact index (0: the table is searched without one). */
+KB_API int kb_codebook_compact_size(const kb_codebook *cb);
+/* Make a prepared table use the general search, as a table without a compact index does
+ * (lets tests compare both methods on the same table). */
+KB_API void kb_codebook_drop_compact(kb_codebook *cb);
 
 /* ---------------------------------------------------------------- 8-bit */
 KB_API void kb_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t blocksize, const kb_codebook *cb,

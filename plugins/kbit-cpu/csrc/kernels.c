@@ -22,8 +22,42 @@
 #define KB_STR(x) KB_STR2(x)
 
 #define KB_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define KB_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* ====================================================================== code search */
+/* The compact index's parameters, read once per loop (stores through uint8_t pointers
+ * could alias the codebook, so reading them inside a loop would repeat the loads). */
+typedef struct {
+    const uint32_t *entries;
+    int32_t first_key, last_key; /* keys are clamped to [compact_lo - 1, compact_hi + 1] */
+    int32_t size;
+} compact_index;
+
+KB_INLINE compact_index compact_load(const kb_codebook *cb) {
+    compact_index c = {cb->compact, cb->compact_lo - 1, cb->compact_hi + 1, cb->compact_size};
+    return c;
+}
+
+/* Code indices of KB_W values from the compact index (see kb_codebook.compact): one table
+ * lookup and one compare per value. Vector instruction sets only: one lane at a time, the
+ * bucket lookup of code_one takes fewer instructions. */
+KB_INLINE vi compact_lanes(const compact_index *ci, vf x) {
+#if KB_W == 1
+    (void)ci;
+    return vf_bits(x); /* never called */
+#else
+    const vi bits = vf_bits(x);
+    const vm negative = vf_lt(x, vf_zero());
+    vi key = vi_srli(vi_and(bits, vi_set1(0x7fffffff)), 16);
+    key = vi_min(vi_max(key, vi_set1(ci->first_key)), vi_set1(ci->last_key));
+    const vi at = vi_add(key, vi_blend(negative, vi_set1(-ci->first_key), vi_set1(ci->size - ci->first_key)));
+    const vi entry = vi_gather((const int32_t *)(const void *)ci->entries, at);
+    const vi residual = vi_and(vi_blend(negative, bits, vi_xor(bits, vi_set1(-1))), vi_set1(0xffff));
+    const vm above = vi_gt(residual, vi_srli(entry, 16));
+    return vi_and(vi_blend(above, entry, vi_srli(entry, 8)), vi_set1(0xff));
+#endif
+}
+
 /* Code index of one float32 value (scalar, exact; NaN -> the largest value's code). */
 KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
     int32_t c;
@@ -42,27 +76,25 @@ KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
 
 /* What the vector code search keeps in registers across a loop. */
 typedef struct {
+    compact_index compact;
 #ifdef KB_HAVE_TREE
     vtree tree;
-#else
-    int unused;
 #endif
 } searcher;
 
 KB_INLINE searcher searcher_load(const kb_codebook *cb) {
     searcher s;
+    s.compact = compact_load(cb);
 #ifdef KB_HAVE_TREE
     s.tree = vtree_load(cb->tree);
-#else
-    (void)cb;
-    s.unused = 0;
 #endif
     return s;
 }
 
-/* Code indices of KB_W values (same result as code_one lane by lane): the register tree
- * where the instruction set has one, else the bucket lookup and its refinement steps. */
-KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
+/* Code indices of KB_W values (same result as code_one lane by lane) for tables without a
+ * compact index: the register tree where the instruction set has one, else the bucket
+ * lookup and its refinement steps. */
+KB_INLINE vi general_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
     vi c;
 #ifdef KB_HAVE_TREE
     c = vtree_count(&sr->tree, x);
@@ -82,6 +114,12 @@ KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
 #endif
     c = vi_blend(vf_isnan(x), c, vi_set1(cb->nbounds));
     return cb->identity ? c : vi_gather(cb->index, c);
+}
+
+/* Code indices of KB_W values by the method ``compact`` (a constant at every call site,
+ * chosen once per loop: cb->compact_size > 0). */
+KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x, const int compact) {
+    return compact ? compact_lanes(&sr->compact, x) : general_lanes(cb, sr, x);
 }
 
 /* max |x| over [i0, i1) as float32; NaN when any element is NaN. Non-negative floats order
@@ -106,30 +144,51 @@ KB_INLINE float absmax_seg(const void *x, const int dt, int64_t i0, int64_t i1) 
 KB_INLINE float reciprocal_or_zero(float absmax) { return absmax == 0.0f ? 0.0f : 1.0f / absmax; }
 
 /* ============================================================================ 8-bit */
-KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
-                             const kb_codebook *cb, uint8_t *codes) {
+KB_INLINE void quantize8_seg_by(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                                const kb_codebook *cb, uint8_t *codes, int64_t ahead, const int compact) {
     const vf s = vf_set1(scale);
     const searcher sr = searcher_load(cb);
+    const int64_t esize = dt == KB_F32 ? 4 : 2;
     int64_t i = i0;
     /* Two independent vectors per iteration: each search is a chain of dependent steps, and
      * interleaving two chains keeps the vector units busy. */
     for (; i + 2 * KB_W <= i1; i += 2 * KB_W) {
-        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s));
-        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s));
+        if (ahead)
+            for (int64_t byte = 0; byte < 2 * KB_W * esize; byte += 64)
+                __builtin_prefetch((const char *)x + (i + ahead) * esize + byte, 0, 3);
+        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s), compact);
+        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s), compact);
         vi_store_u8(codes + i, first);
         vi_store_u8(codes + i + KB_W, second);
     }
-    for (; i + KB_W <= i1; i += KB_W) vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s)));
+    for (; i + KB_W <= i1; i += KB_W)
+        vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s), compact));
     for (; i < i1; ++i) codes[i] = (uint8_t)code_one(cb, load1_dt(x, dt, i) * scale);
+}
+
+/* Codes of x[i] * scale for i in [i0, i1), prefetching the elements ``ahead`` further on
+ * (0: none). */
+KB_INLINE void quantize8_seg_ahead(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                                   const kb_codebook *cb, uint8_t *codes, int64_t ahead) {
+    if (KB_W > 1 && cb->compact_size > 0) quantize8_seg_by(x, dt, i0, i1, scale, cb, codes, ahead, 1);
+    else quantize8_seg_by(x, dt, i0, i1, scale, cb, codes, ahead, 0);
+}
+
+KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                             const kb_codebook *cb, uint8_t *codes) {
+    quantize8_seg_ahead(x, dt, i0, i1, scale, cb, codes, 0);
 }
 
 KB_INLINE void quantize8_blocks_dt(const void *x, const int dt, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                                    const kb_codebook *cb, float *absmax, uint8_t *codes) {
+    const int64_t ahead = KB_MIN(KB_MAX(bs, 8192 / (dt == KB_F32 ? 4 : 2)), b1 * bs - b0 * bs);
     for (int64_t b = b0; b < b1; ++b) {
         int64_t i0 = b * bs, i1 = KB_MIN(n, i0 + bs);
         float am = absmax_seg(x, dt, i0, i1);
         absmax[b] = am;
-        quantize8_seg(x, dt, i0, i1, reciprocal_or_zero(am), cb, codes);
+        /* While this block is coded, the data of the next absmax passes is fetched: at
+         * least a block and at least 8 KB ahead, so that small blocks look far enough. */
+        quantize8_seg_ahead(x, dt, i0, i1, reciprocal_or_zero(am), cb, codes, ahead);
     }
 }
 
@@ -602,15 +661,25 @@ KB_INLINE void store_count(float *dst, vf v, int64_t count) {
     for (int64_t l = 0; l < count; ++l) dst[l] = buf[l];
 }
 
+/* The largest magnitudes of a span's new states, as float bits (NaN above inf). */
+typedef struct {
+    int32_t s1, s1b, s2;
+} span_max;
+
 /* One step over the ``len`` elements starting at ``i0``. ``g`` and ``p`` are float32 and
  * indexed from 0 (the tensors themselves, or span buffers of 16-bit ones); the new
  * parameter is written back into ``p`` when ``write``. The new float32 states go to
- * new1 / new1b / new2 (indexed from 0; the float32 layout passes the state tensors
- * themselves). ``measure`` adds ||p||^2 and ||update||^2 to ``out``. */
+ * new1 / new1b / new2 when not NULL (indexed from 0; the float32 layout passes the state
+ * tensors themselves), and their largest magnitudes to ``max`` when not NULL (the 8-bit
+ * layouts' new scales, found while updating instead of by another pass). ``measure``
+ * adds ||p||^2 and ||update||^2 to ``out``. */
 KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
-                        int measure, float *new1, float *new1b, float *new2, kb_partials *out, const int KIND) {
+                        int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out,
+                        const int KIND) {
     const kb_optimizer_step *st = c->st;
     const vf zero = vf_zero();
+    const vi magnitude = vi_set1(0x7fffffff);
+    vi max1 = vi_set1(0), max1b = max1, max2 = max1;
     vf pacc = zero, uacc = zero;
     double param_sq = 0.0, update_sq = 0.0;
     int pending = 0;
@@ -651,7 +720,17 @@ KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *
         if (new1) store_count(new1 + at, s.s1, count);
         if (new1b) store_count(new1b + at, s.s1b, count);
         if (new2) store_count(new2 + at, s.s2, count);
+        if (max) { /* lanes past ``count`` repeat a real element: harmless in a maximum */
+            max1 = vi_max(max1, vi_and(vf_bits(s.s1), magnitude));
+            if (KIND == KB_OPT_ADEMAMIX) max1b = vi_max(max1b, vi_and(vf_bits(s.s1b), magnitude));
+            if (kind_states(KIND) == 2) max2 = vi_max(max2, vi_and(vf_bits(s.s2), magnitude));
+        }
         if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
+    }
+    if (max) {
+        max->s1 = vi_reduce_max(max1);
+        max->s1b = vi_reduce_max(max1b);
+        max->s2 = vi_reduce_max(max2);
     }
     if (measure) {
         out->param_sq += param_sq + vf_reduce_add(pacc);
@@ -660,14 +739,14 @@ KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *
 }
 
 typedef void (*opt_span_fn)(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
-                            int measure, float *new1, float *new1b, float *new2, kb_partials *out);
+                            int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out);
 
 /* One compiled span function per kind: the rule is resolved at compile time, everything
  * else (dtype, layout, pass) at run time, which keeps the build small. */
 #define KB_SPAN_FOR(NAME, K)                                                                                  \
     static void NAME(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,        \
-                     int measure, float *new1, float *new1b, float *new2, kb_partials *out) {                 \
-        opt_span(c, i0, len, gs, ps, write, measure, new1, new1b, new2, out, K);                              \
+                     int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out) {  \
+        opt_span(c, i0, len, gs, ps, write, measure, new1, new1b, new2, max, out, K);                         \
     }
 KB_SPAN_FOR(span_adam, KB_OPT_ADAM)
 KB_SPAN_FOR(span_momentum, KB_OPT_MOMENTUM)
@@ -685,8 +764,6 @@ static const opt_span_fn SPANS[8] = {span_adam, span_momentum, span_rmsprop, spa
 static void encode_state(const float *values, int64_t n, float absmax, const kb_codebook *cb, uint8_t *codes) {
     quantize8_seg(values, KB_F32, 0, n, reciprocal_or_zero(absmax), cb, codes);
 }
-
-static int32_t max_bits(const float *v, int64_t n) { return (int32_t)kb_bits(absmax_seg(v, KB_F32, 0, n)); }
 
 static void to_float(const void *x, int dt, int64_t i0, int64_t len, float *out) {
     KB_DTYPE_SWITCH(dt, {
@@ -708,8 +785,8 @@ static void from_float(const float *v, int64_t len, void *y, int dt, int64_t i0)
 /* Elements per span: a multiple of the 8-bit block, small enough for stack buffers. */
 #define KB_OPT_SPAN 2048
 
-/* One optimizer step over [i0, i1) (blockwise: i0 at a block start). Pass 0 measures (the
- * trust-ratio norms; the whole-tensor 8-bit layout's new scales), pass 1 writes. */
+/* One optimizer step over [i0, i1) (blockwise: i0 at a block start); ``pass`` is a
+ * KB_PASS_* value. */
 static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tensors *t, int64_t i0, int64_t i1,
                             int pass, kb_partials *out) {
     const opt_span_fn span = SPANS[st->kind];
@@ -719,7 +796,7 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
     float gbuf[KB_OPT_SPAN], pbuf[KB_OPT_SPAN], new1[KB_OPT_SPAN], new1b[KB_OPT_SPAN], new2[KB_OPT_SPAN];
     uint8_t *c1 = (uint8_t *)t->state1, *c2 = (uint8_t *)t->state2;
     float *s1 = (float *)t->state1, *s2 = (float *)t->state2;
-    const int writes = pass == 1;
+    const int writes = pass != KB_PASS_MEASURE;
     for (int64_t start = i0; start < i1; start += KB_OPT_SPAN) {
         const int64_t len = KB_MIN((int64_t)KB_OPT_SPAN, i1 - start);
         const float *g = gbuf;
@@ -731,44 +808,45 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
             to_float(t->g, st->dtype, start, len, gbuf);
             to_float(t->p, st->dtype, start, len, pbuf);
         }
+        span_max max;
         if (st->layout == KB_STATE_F32) {
             const opt_ctx c = {st, t, 0, 0.0f, 0.0f, 0.0f};
             if (writes)
                 span(&c, start, len, g, p, 1, 0, s1 + start, stacked ? s1 + t->n + start : NULL,
-                     two ? s2 + start : NULL, out);
+                     two ? s2 + start : NULL, NULL, out);
             else
-                span(&c, start, len, g, p, 0, 1, NULL, NULL, NULL, out);
+                span(&c, start, len, g, p, 0, 1, NULL, NULL, NULL, NULL, out);
         } else if (st->layout == KB_STATE_U8_BLOCKWISE) {
             for (int64_t at = 0; at < len; at += KB_OPT_BLOCK) {
                 const int64_t b = (start + at) / KB_OPT_BLOCK, blen = KB_MIN((int64_t)KB_OPT_BLOCK, len - at);
                 const opt_ctx c = {st, t, 1, t->absmax1[b], stacked ? t->absmax1[nblocks + b] : 0.0f,
                                    two ? t->absmax2[b] : 0.0f};
                 span(&c, start + at, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL,
-                     out);
-                float am = kb_float((uint32_t)max_bits(new1, blen));
+                     &max, out);
+                float am = kb_float((uint32_t)max.s1);
                 t->absmax1[b] = am;
                 encode_state(new1, blen, am, t->cb1, c1 + start + at);
                 if (stacked) {
-                    am = kb_float((uint32_t)max_bits(new1b, blen));
+                    am = kb_float((uint32_t)max.s1b);
                     t->absmax1[nblocks + b] = am;
                     encode_state(new1b, blen, am, t->cb1, c1 + t->n + start + at);
                 }
                 if (two) {
-                    am = kb_float((uint32_t)max_bits(new2, blen));
+                    am = kb_float((uint32_t)max.s2);
                     t->absmax2[b] = am;
                     encode_state(new2, blen, am, t->cb2, c2 + start + at);
                 }
             }
         } else { /* whole-tensor 8-bit */
             const opt_ctx c = {st, t, 1, t->max1, 0.0f, two ? t->max2 : 0.0f};
-            span(&c, start, len, g, p, writes, !writes && st->clip, new1, NULL, two ? new2 : NULL, out);
             if (writes) {
+                span(&c, start, len, g, p, 1, 0, new1, NULL, two ? new2 : NULL, NULL, out);
                 encode_state(new1, len, t->new_max1, t->cb1, c1 + start);
                 if (two) encode_state(new2, len, t->new_max2, t->cb2, c2 + start);
-            } else {
-                int32_t m = max_bits(new1, len);
-                if (m > out->max1_bits) out->max1_bits = m;
-                if (two && (m = max_bits(new2, len)) > out->max2_bits) out->max2_bits = m;
+            } else { /* the new states' largest magnitudes, without storing the states */
+                span(&c, start, len, g, p, 0, st->clip, NULL, NULL, NULL, &max, out);
+                if (max.s1 > out->max1_bits) out->max1_bits = max.s1;
+                if (two && max.s2 > out->max2_bits) out->max2_bits = max.s2;
             }
         }
         if (writes && st->dtype != KB_F32) from_float(pbuf, len, t->p, st->dtype, start);

@@ -114,6 +114,8 @@ _SIGNATURES = {
     "kb_codebook_size": (c_size_t, []),
     "kb_codebook_init": (c_int, [c_void_p, c_void_p, c_int]),
     "kb_codebook_steps": (c_int, [c_void_p]),
+    "kb_codebook_compact_size": (c_int, [c_void_p]),
+    "kb_codebook_drop_compact": (None, [c_void_p]),
     "kb_quantize_blockwise": (None, [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]),
     "kb_quantize_blockwise_stochastic": (
         None,
