@@ -666,6 +666,66 @@ typedef struct {
     int32_t s1, s1b, s2;
 } span_max;
 
+/* What a span accumulates besides its stores: the new states' largest magnitudes (as
+ * float bits, integer maxima) and the norms' partial sums. */
+typedef struct {
+    vi max1, max1b, max2;
+    vf pacc, uacc;
+    double param_sq, update_sq;
+    int pending;
+} span_sums;
+
+/* One step of the KB_W elements at offset ``at`` of a span starting at ``i0`` (``count``
+ * of them real: KB_W, a constant, except in a span's last vector). See opt_span. */
+KB_INLINE void opt_vector(const opt_ctx *c, int64_t i0, int64_t at, int64_t count, const float *gs, float *ps,
+                          int write, int measure, float *new1, float *new1b, float *new2, int maxima,
+                          span_sums *sums, const int KIND) {
+    const kb_optimizer_step *st = c->st;
+    const vf zero = vf_zero();
+    vf g, p;
+    vstates s;
+    opt_load(c, i0 + at, at, count, gs, ps, KIND, &g, &p, &s);
+    const vstates old = s;
+    vf den = vf_set1(1.0f);
+    const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
+    vm keep = vf_lt(zero, zero); /* nothing */
+    if (st->skip_zeros) {
+        keep = vf_eq(g, zero);
+        s.s1 = vf_blend(keep, s.s1, old.s1);
+        s.s1b = vf_blend(keep, s.s1b, old.s1b);
+        s.s2 = vf_blend(keep, s.s2, old.s2);
+    }
+    if (measure) {
+        vf u = opt_update(st, KIND, num, den), pm = p;
+        if (count < KB_W) {
+            float pb[KB_W], ub[KB_W];
+            vf_store(pb, pm);
+            vf_store(ub, u);
+            for (int l = (int)count; l < KB_W; ++l) pb[l] = ub[l] = 0.0f;
+            pm = vf_load(pb);
+            u = vf_load(ub);
+        }
+        sums->pacc = vf_add(sums->pacc, vf_mul(pm, pm));
+        sums->uacc = vf_add(sums->uacc, vf_mul(u, u));
+        if (++sums->pending == 64) { /* float partial sums of at most 64 terms per lane */
+            sums->param_sq += vf_reduce_add(sums->pacc);
+            sums->update_sq += vf_reduce_add(sums->uacc);
+            sums->pacc = sums->uacc = zero;
+            sums->pending = 0;
+        }
+    }
+    if (new1) store_count(new1 + at, s.s1, count);
+    if (new1b) store_count(new1b + at, s.s1b, count);
+    if (new2) store_count(new2 + at, s.s2, count);
+    if (maxima) { /* lanes past ``count`` repeat a real element: harmless in a maximum */
+        const vi magnitude = vi_set1(0x7fffffff);
+        sums->max1 = vi_max(sums->max1, vi_and(vf_bits(s.s1), magnitude));
+        if (KIND == KB_OPT_ADEMAMIX) sums->max1b = vi_max(sums->max1b, vi_and(vf_bits(s.s1b), magnitude));
+        if (kind_states(KIND) == 2) sums->max2 = vi_max(sums->max2, vi_and(vf_bits(s.s2), magnitude));
+    }
+    if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
+}
+
 /* One step over the ``len`` elements starting at ``i0``. ``g`` and ``p`` are float32 and
  * indexed from 0 (the tensors themselves, or span buffers of 16-bit ones); the new
  * parameter is written back into ``p`` when ``write``. The new float32 states go to
@@ -676,65 +736,21 @@ typedef struct {
 KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
                         int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out,
                         const int KIND) {
-    const kb_optimizer_step *st = c->st;
-    const vf zero = vf_zero();
-    const vi magnitude = vi_set1(0x7fffffff);
-    vi max1 = vi_set1(0), max1b = max1, max2 = max1;
-    vf pacc = zero, uacc = zero;
-    double param_sq = 0.0, update_sq = 0.0;
-    int pending = 0;
-    for (int64_t at = 0; at < len; at += KB_W) {
-        const int64_t count = KB_MIN((int64_t)KB_W, len - at);
-        vf g, p;
-        vstates s;
-        opt_load(c, i0 + at, at, count, gs, ps, KIND, &g, &p, &s);
-        const vstates old = s;
-        vf den = vf_set1(1.0f);
-        const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
-        vm keep = vf_lt(zero, zero); /* nothing */
-        if (st->skip_zeros) {
-            keep = vf_eq(g, zero);
-            s.s1 = vf_blend(keep, s.s1, old.s1);
-            s.s1b = vf_blend(keep, s.s1b, old.s1b);
-            s.s2 = vf_blend(keep, s.s2, old.s2);
-        }
-        if (measure) {
-            vf u = opt_update(st, KIND, num, den), pm = p;
-            if (count < KB_W) {
-                float pb[KB_W], ub[KB_W];
-                vf_store(pb, pm);
-                vf_store(ub, u);
-                for (int l = (int)count; l < KB_W; ++l) pb[l] = ub[l] = 0.0f;
-                pm = vf_load(pb);
-                u = vf_load(ub);
-            }
-            pacc = vf_add(pacc, vf_mul(pm, pm));
-            uacc = vf_add(uacc, vf_mul(u, u));
-            if (++pending == 64) { /* float partial sums of at most 64 terms per lane */
-                param_sq += vf_reduce_add(pacc);
-                update_sq += vf_reduce_add(uacc);
-                pacc = uacc = zero;
-                pending = 0;
-            }
-        }
-        if (new1) store_count(new1 + at, s.s1, count);
-        if (new1b) store_count(new1b + at, s.s1b, count);
-        if (new2) store_count(new2 + at, s.s2, count);
-        if (max) { /* lanes past ``count`` repeat a real element: harmless in a maximum */
-            max1 = vi_max(max1, vi_and(vf_bits(s.s1), magnitude));
-            if (KIND == KB_OPT_ADEMAMIX) max1b = vi_max(max1b, vi_and(vf_bits(s.s1b), magnitude));
-            if (kind_states(KIND) == 2) max2 = vi_max(max2, vi_and(vf_bits(s.s2), magnitude));
-        }
-        if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
-    }
+    span_sums sums = {vi_set1(0), vi_set1(0), vi_set1(0), vf_zero(), vf_zero(), 0.0, 0.0, 0};
+    const int maxima = max != NULL;
+    int64_t at = 0;
+    /* whole vectors: ``count`` is the constant KB_W, which removes every partial-vector branch */
+    for (; at + KB_W <= len; at += KB_W)
+        opt_vector(c, i0, at, KB_W, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
+    if (at < len) opt_vector(c, i0, at, len - at, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
     if (max) {
-        max->s1 = vi_reduce_max(max1);
-        max->s1b = vi_reduce_max(max1b);
-        max->s2 = vi_reduce_max(max2);
+        max->s1 = vi_reduce_max(sums.max1);
+        max->s1b = vi_reduce_max(sums.max1b);
+        max->s2 = vi_reduce_max(sums.max2);
     }
     if (measure) {
-        out->param_sq += param_sq + vf_reduce_add(pacc);
-        out->update_sq += update_sq + vf_reduce_add(uacc);
+        out->param_sq += sums.param_sq + vf_reduce_add(sums.pacc);
+        out->update_sq += sums.update_sq + vf_reduce_add(sums.uacc);
     }
 }
 
