@@ -1,7 +1,8 @@
 """Build the native library of kbit-cpu: one shared object, kernels compiled per instruction set.
 
 ``csrc/kernels.c`` is compiled once per instruction set with that set's flags only
-(``-mavx512f ...``, ``-mavx2 -mfma -mf16c``, and none for the portable build), never with
+(``-mavx512f ... -mavx512vbmi``, ``-mavx512f ...``, ``-mavx2 -mfma -mf16c``, and none for
+the portable build), never with
 ``-march=native``; ``csrc/api.c`` picks the best one at run time. On CPUs other than
 x86-64 (aarch64, ...) only the portable build exists; ``KBIT_CPU_PORTABLE_ONLY=1`` builds
 only that one on x86-64 too (the path other architectures take, testable here). The
@@ -41,8 +42,10 @@ BUILD_REPORT = "_native_build.json"
 
 COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
 # Kernel objects per instruction set: (name, extra flags). The first entries need x86-64.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 X86_ISAS = [
-    ("avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]),
+    ("avx512vbmi", [*_AVX512, "-mavx512vbmi"]),
+    ("avx512", _AVX512),
     ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
 ]
 PORTABLE = ("portable", [])

@@ -55,15 +55,24 @@ static int cpu_has_avx512(void) {
     const unsigned need = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);
     return (b & need) == need;
 }
+
+/* The above plus AVX512-VBMI (byte permutes across a whole register). */
+static int cpu_has_avx512vbmi(void) {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512()) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 1) & 1u;
+}
 #endif
 
 /* Instruction sets by preference; the first one this CPU runs is the default. */
 static const kb_kernels *candidate(int i, int *supported) {
 #if KB_X86_KERNELS
     switch (i) {
-    case 0: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
-    case 1: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
-    case 2: *supported = 1; return &kb_kernels_portable;
+    case 0: *supported = cpu_has_avx512vbmi(); return &kb_kernels_avx512vbmi;
+    case 1: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
+    case 2: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
+    case 3: *supported = 1; return &kb_kernels_portable;
     default: return NULL;
     }
 #else

@@ -194,6 +194,7 @@ extern const kb_kernels kb_kernels_portable;
 #if KB_X86_KERNELS
 extern const kb_kernels kb_kernels_avx2;
 extern const kb_kernels kb_kernels_avx512;
+extern const kb_kernels kb_kernels_avx512vbmi;
 #endif
 
 #endif /* KB_INTERNAL_H */

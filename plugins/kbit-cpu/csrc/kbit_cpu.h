@@ -84,11 +84,11 @@ typedef struct kb_optimizer_tensors {
 } kb_optimizer_tensors;
 
 KB_API int kb_abi_version(void);
-/* Name of the instruction set the kernels run with: "avx512", "avx2" or "portable". */
+/* Name of the instruction set the kernels run with: "avx512vbmi", "avx512", "avx2" or "portable". */
 KB_API const char *kb_isa(void);
 /* Names of the instruction sets this CPU and build support, best first, comma separated. */
 KB_API const char *kb_supported_isas(void);
-/* Use the named instruction set ("avx512", "avx2", "portable"); returns 0, or -1 when this
+/* Use the named instruction set ("avx512vbmi", "avx512", "avx2", "portable"); returns 0, or -1 when this
  * CPU or build cannot run it (the current choice is kept). */
 KB_API int kb_set_isa(const char *name);
 /* Name and version of the OpenMP runtime the library is linked with ("none" without). */

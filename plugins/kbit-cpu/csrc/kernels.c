@@ -210,12 +210,23 @@ static void quantize8_scaled(const void *x, int dtype, int64_t i0, int64_t i1, f
 
 KB_INLINE void dequantize8_dt(const uint8_t *codes, int64_t i0, int64_t i1, int64_t bs, const float *code,
                               const float *absmax, void *out, const int dt) {
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256 bytes;
+    vtab256_load(&bytes, code);
+#endif
     int64_t i = i0;
-    while (i < i1) {
-        int64_t b = i / bs;
-        int64_t end = KB_MIN(i1, (b + 1) * bs);
+    /* the block index advances with the blocks (a division per block showed at blocksize 64) */
+    for (int64_t b = i0 / bs; i < i1; ++b) {
+        const int64_t end = KB_MIN(i1, (b + 1) * bs);
         const float a = absmax[b];
         const vf av = vf_set1(a);
+#ifdef KB_HAVE_BYTE_LOOKUP
+        for (; i + 64 <= end; i += 64) {
+            vf v[4];
+            vtab256_lookup64(&bytes, codes + i, v);
+            for (int j = 0; j < 4; ++j) vf_store_dt(out, dt, i + 16 * j, vf_mul(v[j], av));
+        }
+#endif
         for (; i + KB_W <= end; i += KB_W) vf_store_dt(out, dt, i, vf_mul(vf_gather(code, vi_load_u8(codes + i)), av));
         for (; i < end; ++i) store1_dt(out, dt, i, code[codes[i]] * a);
     }
@@ -595,54 +606,35 @@ KB_INLINE vf opt_param(const kb_optimizer_step *st, const int KIND, vf p, vf num
     return vf_fmadd(vf_set1(st->step_size), num, p);
 }
 
-/* Where the states of a span come from: float32 state tensors, or 8-bit codes decoded with
- * the scales sc1 / sc1b / sc2. */
+/* A span's current states: float32 values indexed like the span (the float32 state
+ * tensors themselves, or the 8-bit states decoded into span buffers); NULL when the kind
+ * does not have that state. */
 typedef struct {
     const kb_optimizer_step *st;
-    const kb_optimizer_tensors *t;
-    int eight;
-    float sc1, sc1b, sc2;
+    const float *s1, *s1b, *s2; /* s1b: AdEMAMix's second first moment */
 } opt_ctx;
 
-/* Load the states of elements i .. i + KB_W - 1 (``count`` of them real; the others
- * repeat the last one and are never stored). ``g`` and ``p`` are float32 span buffers
- * indexed from the span's start ``at``. */
-KB_INLINE void opt_load(const opt_ctx *c, int64_t i, int64_t at, int64_t count, const float *gs, const float *ps,
+/* Load the KB_W elements at offset ``at`` of a span (``count`` of them real; the others
+ * repeat the last one and are never stored). */
+KB_INLINE void opt_load(const opt_ctx *c, int64_t at, int64_t count, const float *gs, const float *ps,
                         const int KIND, vf *g, vf *p, vstates *s) {
-    const kb_optimizer_tensors *t = c->t;
     const int two = kind_states(KIND) == 2, stacked = KIND == KB_OPT_ADEMAMIX;
     if (count == KB_W) {
         *g = vf_load(gs + at);
         *p = vf_load(ps + at);
-        if (c->eight) {
-            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
-            s->s1 = vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + i)), vf_set1(c->sc1));
-            s->s1b = stacked ? vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + t->n + i)), vf_set1(c->sc1b)) : vf_zero();
-            s->s2 = two ? vf_mul(vf_gather(t->qmap2, vi_load_u8(c2 + i)), vf_set1(c->sc2)) : vf_zero();
-        } else {
-            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
-            s->s1 = vf_load(s1 + i);
-            s->s1b = stacked ? vf_load(s1 + t->n + i) : vf_zero();
-            s->s2 = two ? vf_load(s2 + i) : vf_zero();
-        }
+        s->s1 = vf_load(c->s1 + at);
+        s->s1b = stacked ? vf_load(c->s1b + at) : vf_zero();
+        s->s2 = two ? vf_load(c->s2 + at) : vf_zero();
         return;
     }
     float gb[KB_W], pb[KB_W], a[KB_W], b[KB_W], d[KB_W];
     for (int l = 0; l < KB_W; ++l) {
-        const int64_t off = l < count ? l : count - 1, j = i + off;
-        gb[l] = gs[at + off];
-        pb[l] = ps[at + off];
-        if (c->eight) {
-            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
-            a[l] = t->qmap1[c1[j]] * c->sc1;
-            b[l] = stacked ? t->qmap1[c1[t->n + j]] * c->sc1b : 0.0f;
-            d[l] = two ? t->qmap2[c2[j]] * c->sc2 : 0.0f;
-        } else {
-            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
-            a[l] = s1[j];
-            b[l] = stacked ? s1[t->n + j] : 0.0f;
-            d[l] = two ? s2[j] : 0.0f;
-        }
+        const int64_t j = at + (l < count ? l : count - 1);
+        gb[l] = gs[j];
+        pb[l] = ps[j];
+        a[l] = c->s1[j];
+        b[l] = stacked ? c->s1b[j] : 0.0f;
+        d[l] = two ? c->s2[j] : 0.0f;
     }
     *g = vf_load(gb);
     *p = vf_load(pb);
@@ -675,16 +667,16 @@ typedef struct {
     int pending;
 } span_sums;
 
-/* One step of the KB_W elements at offset ``at`` of a span starting at ``i0`` (``count``
- * of them real: KB_W, a constant, except in a span's last vector). See opt_span. */
-KB_INLINE void opt_vector(const opt_ctx *c, int64_t i0, int64_t at, int64_t count, const float *gs, float *ps,
+/* One step of the KB_W elements at offset ``at`` of a span (``count`` of them real: KB_W, a
+ * constant, except in a span's last vector). See opt_span. */
+KB_INLINE void opt_vector(const opt_ctx *c, int64_t at, int64_t count, const float *gs, float *ps,
                           int write, int measure, float *new1, float *new1b, float *new2, int maxima,
                           span_sums *sums, const int KIND) {
     const kb_optimizer_step *st = c->st;
     const vf zero = vf_zero();
     vf g, p;
     vstates s;
-    opt_load(c, i0 + at, at, count, gs, ps, KIND, &g, &p, &s);
+    opt_load(c, at, count, gs, ps, KIND, &g, &p, &s);
     const vstates old = s;
     vf den = vf_set1(1.0f);
     const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
@@ -726,14 +718,14 @@ KB_INLINE void opt_vector(const opt_ctx *c, int64_t i0, int64_t at, int64_t coun
     if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
 }
 
-/* One step over the ``len`` elements starting at ``i0``. ``g`` and ``p`` are float32 and
- * indexed from 0 (the tensors themselves, or span buffers of 16-bit ones); the new
- * parameter is written back into ``p`` when ``write``. The new float32 states go to
- * new1 / new1b / new2 when not NULL (indexed from 0; the float32 layout passes the state
- * tensors themselves), and their largest magnitudes to ``max`` when not NULL (the 8-bit
+/* One step over the ``len`` elements of a span. ``g`` and ``p`` are float32 and indexed
+ * from 0 (the tensors themselves, or span buffers of 16-bit ones), as are the states in
+ * ``c``; the new parameter is written back into ``p`` when ``write``. The new float32
+ * states go to new1 / new1b / new2 when not NULL (the same buffers as the states read:
+ * every vector is loaded before it is stored), and their largest magnitudes to ``max`` when not NULL (the 8-bit
  * layouts' new scales, found while updating instead of by another pass). ``measure``
  * adds ||p||^2 and ||update||^2 to ``out``. */
-KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
+KB_INLINE void opt_span(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,
                         int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out,
                         const int KIND) {
     span_sums sums = {vi_set1(0), vi_set1(0), vi_set1(0), vf_zero(), vf_zero(), 0.0, 0.0, 0};
@@ -741,8 +733,8 @@ KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *
     int64_t at = 0;
     /* whole vectors: ``count`` is the constant KB_W, which removes every partial-vector branch */
     for (; at + KB_W <= len; at += KB_W)
-        opt_vector(c, i0, at, KB_W, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
-    if (at < len) opt_vector(c, i0, at, len - at, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
+        opt_vector(c, at, KB_W, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
+    if (at < len) opt_vector(c, at, len - at, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
     if (max) {
         max->s1 = vi_reduce_max(sums.max1);
         max->s1b = vi_reduce_max(sums.max1b);
@@ -754,15 +746,15 @@ KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *
     }
 }
 
-typedef void (*opt_span_fn)(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
+typedef void (*opt_span_fn)(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,
                             int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out);
 
 /* One compiled span function per kind: the rule is resolved at compile time, everything
  * else (dtype, layout, pass) at run time, which keeps the build small. */
 #define KB_SPAN_FOR(NAME, K)                                                                                  \
-    static void NAME(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,        \
+    static void NAME(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,                    \
                      int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out) {  \
-        opt_span(c, i0, len, gs, ps, write, measure, new1, new1b, new2, max, out, K);                         \
+        opt_span(c, len, gs, ps, write, measure, new1, new1b, new2, max, out, K);                             \
     }
 KB_SPAN_FOR(span_adam, KB_OPT_ADAM)
 KB_SPAN_FOR(span_momentum, KB_OPT_MOMENTUM)
@@ -779,6 +771,37 @@ static const opt_span_fn SPANS[8] = {span_adam, span_momentum, span_rmsprop, spa
 /* Requantize n new float32 state values with the scale ``absmax``. */
 static void encode_state(const float *values, int64_t n, float absmax, const kb_codebook *cb, uint8_t *codes) {
     quantize8_seg(values, KB_F32, 0, n, reciprocal_or_zero(absmax), cb, codes);
+}
+
+/* A 256-entry table prepared for decoding 8-bit codes: byte permutes where the instruction
+ * set has them (see vtab256), else gathers from the table itself. */
+typedef struct {
+    const float *table;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256 bytes;
+#endif
+} decoder;
+
+KB_INLINE void decoder_load(decoder *d, const float *table) {
+    d->table = table;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256_load(&d->bytes, table);
+#endif
+}
+
+/* out[i] = table[codes[i]] * scale for i in [0, n). */
+KB_INLINE void decode_scaled(const decoder *d, const uint8_t *codes, int64_t n, float scale, float *out) {
+    const vf s = vf_set1(scale);
+    int64_t i = 0;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    for (; i + 64 <= n; i += 64) {
+        vf v[4];
+        vtab256_lookup64(&d->bytes, codes + i, v);
+        for (int j = 0; j < 4; ++j) vf_store(out + i + 16 * j, vf_mul(v[j], s));
+    }
+#endif
+    for (; i + KB_W <= n; i += KB_W) vf_store(out + i, vf_mul(vf_gather(d->table, vi_load_u8(codes + i)), s));
+    for (; i < n; ++i) out[i] = d->table[codes[i]] * scale;
 }
 
 static void to_float(const void *x, int dt, int64_t i0, int64_t len, float *out) {
@@ -808,11 +831,18 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
     const opt_span_fn span = SPANS[st->kind];
     const int two = st->kind == KB_OPT_ADAM || st->kind == KB_OPT_LAMB || st->kind == KB_OPT_ADEMAMIX;
     const int stacked = st->kind == KB_OPT_ADEMAMIX;
-    const int64_t nblocks = (t->n + KB_OPT_BLOCK - 1) / KB_OPT_BLOCK;
+    const int64_t n = t->n, nblocks = (n + KB_OPT_BLOCK - 1) / KB_OPT_BLOCK;
+    /* 8-bit layouts: the current states are decoded into new1 / new1b / new2, updated
+     * there in place, then requantized. */
     float gbuf[KB_OPT_SPAN], pbuf[KB_OPT_SPAN], new1[KB_OPT_SPAN], new1b[KB_OPT_SPAN], new2[KB_OPT_SPAN];
     uint8_t *c1 = (uint8_t *)t->state1, *c2 = (uint8_t *)t->state2;
     float *s1 = (float *)t->state1, *s2 = (float *)t->state2;
     const int writes = pass != KB_PASS_MEASURE;
+    decoder dec1, dec2;
+    if (st->layout != KB_STATE_F32) {
+        decoder_load(&dec1, t->qmap1);
+        if (two) decoder_load(&dec2, t->qmap2);
+    }
     for (int64_t start = i0; start < i1; start += KB_OPT_SPAN) {
         const int64_t len = KB_MIN((int64_t)KB_OPT_SPAN, i1 - start);
         const float *g = gbuf;
@@ -826,26 +856,27 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
         }
         span_max max;
         if (st->layout == KB_STATE_F32) {
-            const opt_ctx c = {st, t, 0, 0.0f, 0.0f, 0.0f};
+            const opt_ctx c = {st, s1 + start, stacked ? s1 + n + start : NULL, two ? s2 + start : NULL};
             if (writes)
-                span(&c, start, len, g, p, 1, 0, s1 + start, stacked ? s1 + t->n + start : NULL,
-                     two ? s2 + start : NULL, NULL, out);
+                span(&c, len, g, p, 1, 0, s1 + start, stacked ? s1 + n + start : NULL, two ? s2 + start : NULL,
+                     NULL, out);
             else
-                span(&c, start, len, g, p, 0, 1, NULL, NULL, NULL, NULL, out);
+                span(&c, len, g, p, 0, 1, NULL, NULL, NULL, NULL, out);
         } else if (st->layout == KB_STATE_U8_BLOCKWISE) {
             for (int64_t at = 0; at < len; at += KB_OPT_BLOCK) {
                 const int64_t b = (start + at) / KB_OPT_BLOCK, blen = KB_MIN((int64_t)KB_OPT_BLOCK, len - at);
-                const opt_ctx c = {st, t, 1, t->absmax1[b], stacked ? t->absmax1[nblocks + b] : 0.0f,
-                                   two ? t->absmax2[b] : 0.0f};
-                span(&c, start + at, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL,
-                     &max, out);
+                decode_scaled(&dec1, c1 + start + at, blen, t->absmax1[b], new1);
+                if (stacked) decode_scaled(&dec1, c1 + n + start + at, blen, t->absmax1[nblocks + b], new1b);
+                if (two) decode_scaled(&dec2, c2 + start + at, blen, t->absmax2[b], new2);
+                const opt_ctx c = {st, new1, stacked ? new1b : NULL, two ? new2 : NULL};
+                span(&c, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL, &max, out);
                 float am = kb_float((uint32_t)max.s1);
                 t->absmax1[b] = am;
                 encode_state(new1, blen, am, t->cb1, c1 + start + at);
                 if (stacked) {
                     am = kb_float((uint32_t)max.s1b);
                     t->absmax1[nblocks + b] = am;
-                    encode_state(new1b, blen, am, t->cb1, c1 + t->n + start + at);
+                    encode_state(new1b, blen, am, t->cb1, c1 + n + start + at);
                 }
                 if (two) {
                     am = kb_float((uint32_t)max.s2);
@@ -853,14 +884,16 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
                     encode_state(new2, blen, am, t->cb2, c2 + start + at);
                 }
             }
-        } else { /* whole-tensor 8-bit */
-            const opt_ctx c = {st, t, 1, t->max1, 0.0f, two ? t->max2 : 0.0f};
+        } else { /* whole-tensor 8-bit (one first moment: AdEMAMix is blockwise only) */
+            decode_scaled(&dec1, c1 + start, len, t->max1, new1);
+            if (two) decode_scaled(&dec2, c2 + start, len, t->max2, new2);
+            const opt_ctx c = {st, new1, NULL, two ? new2 : NULL};
             if (writes) {
-                span(&c, start, len, g, p, 1, 0, new1, NULL, two ? new2 : NULL, NULL, out);
+                span(&c, len, g, p, 1, 0, new1, NULL, two ? new2 : NULL, NULL, out);
                 encode_state(new1, len, t->new_max1, t->cb1, c1 + start);
                 if (two) encode_state(new2, len, t->new_max2, t->cb2, c2 + start);
             } else { /* the new states' largest magnitudes, without storing the states */
-                span(&c, start, len, g, p, 0, st->clip, NULL, NULL, NULL, &max, out);
+                span(&c, len, g, p, 0, st->clip, NULL, NULL, NULL, &max, out);
                 if (max.s1 > out->max1_bits) out->max1_bits = max.s1;
                 if (two && max.s2 > out->max2_bits) out->max2_bits = max.s2;
             }

@@ -14,7 +14,7 @@ needs to run safely and says why when it cannot:
   would compete for the cores; the kernels then run on one thread and
   :attr:`NativeLibrary.thread_note` says why.
 
-``KBIT_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) forces an instruction set the CPU
+``KBIT_CPU_ISA`` (``avx512vbmi``, ``avx512``, ``avx2`` or ``portable``) forces an instruction set the CPU
 supports; by default the best one is used.
 """
 
