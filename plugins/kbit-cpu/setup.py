@@ -1,8 +1,9 @@
 """Build the native library of kbit-cpu: one shared object, kernels compiled per instruction set.
 
 ``csrc/kernels.c`` is compiled once per instruction set with that set's flags only
-(``-mavx512f ... -mavx512bf16`` where the compiler knows it, ``-mavx512f ...``,
-``-mavx2 -mfma -mf16c``, and none for the portable build), never with ``-march=native``; ``csrc/api.c`` picks the best one at run time. On CPUs other than
+(``-mavx512f ... -mavx512vbmi -mavx512bf16`` where the compiler knows it, ``-mavx512f ...
+-mavx512vbmi``, ``-mavx512f ...``, ``-mavx2 -mfma -mf16c``, and none for the portable build),
+never with ``-march=native``; ``csrc/api.c`` picks the best one at run time. On CPUs other than
 x86-64 (aarch64, ...) only the portable build exists; ``KBIT_CPU_PORTABLE_ONLY=1`` builds
 only that one on x86-64 too (the path other architectures take, testable here). The
 library is a plain C ABI called through ctypes, so the wheel is tagged
@@ -43,12 +44,14 @@ COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-fvisibility=hidden", "-ffp-contrac
 # Kernel objects per instruction set: (name, extra flags). The first entries need x86-64.
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 X86_ISAS = [
+    ("avx512vbmi", [*_AVX512, "-mavx512vbmi"]),
     ("avx512", _AVX512),
     ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
 ]
-# AVX-512 plus the bfloat16 dot products, built only where the compiler knows the flag (GCC 9+,
+# AVX-512 with VBMI plus the bfloat16 dot products (one tier: CPUs with BF16 and without VBMI,
+# Cooper Lake only, take the avx512 kernels), built only where the compiler knows the flag (GCC 9+,
 # Clang 9+); api.c then offers it first (-DKB_HAVE_AVX512BF16).
-AVX512BF16 = ("avx512bf16", [*_AVX512, "-mavx512bf16"])
+AVX512BF16 = ("avx512bf16", [*_AVX512, "-mavx512vbmi", "-mavx512bf16"])
 PORTABLE = ("portable", [])
 
 

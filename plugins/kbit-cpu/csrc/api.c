@@ -56,11 +56,20 @@ static int cpu_has_avx512(void) {
     return (b & need) == need;
 }
 
-#ifdef KB_HAVE_AVX512BF16
-/* AVX-512 as above plus AVX512_BF16 (the bfloat16 dot product and conversions). */
-static int cpu_has_avx512bf16(void) {
+/* The above plus AVX512-VBMI (byte permutes across a whole register). */
+static int cpu_has_avx512vbmi(void) {
     unsigned a, b, c, d;
     if (!cpu_has_avx512()) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 1) & 1u;
+}
+
+#ifdef KB_HAVE_AVX512BF16
+/* AVX-512 with VBMI as above plus AVX512_BF16 (the bfloat16 dot product and conversions):
+ * the set of Sapphire Rapids and Zen 4 and later, so one tier serves both extensions. */
+static int cpu_has_avx512bf16(void) {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512vbmi()) return 0;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
     return (a >> 5) & 1u;
 }
@@ -78,9 +87,10 @@ static const kb_kernels *candidate(int i, int *supported) {
     --i;
 #endif
     switch (i) {
-    case 0: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
-    case 1: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
-    case 2: *supported = 1; return &kb_kernels_portable;
+    case 0: *supported = cpu_has_avx512vbmi(); return &kb_kernels_avx512vbmi;
+    case 1: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
+    case 2: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
+    case 3: *supported = 1; return &kb_kernels_portable;
     default: return NULL;
     }
 #else
@@ -475,7 +485,7 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
     st->update_scale = 1.0f;
     const int measure = st->layout == KB_STATE_U8_TENSOR || (st->clip && st->layout == KB_STATE_F32);
     if (measure) {
-        run_optimizer_pass(k, st, t, 0, nt, parts);
+        run_optimizer_pass(k, st, t, KB_PASS_MEASURE, nt, parts);
         double param_sq = 0.0, update_sq = 0.0;
         int32_t max1 = 0, max2 = 0;
         for (int i = 0; i < nt; ++i) {
@@ -496,6 +506,6 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
             st->use_update_scale = 1;
         }
     }
-    run_optimizer_pass(k, st, t, 1, nt, parts);
+    run_optimizer_pass(k, st, t, KB_PASS_WRITE, nt, parts);
     return 0;
 }

@@ -84,11 +84,11 @@ typedef struct kb_optimizer_tensors {
 } kb_optimizer_tensors;
 
 KB_API int kb_abi_version(void);
-/* Name of the instruction set the kernels run with: "avx512bf16", "avx512", "avx2" or "portable". */
+/* Name of the instruction set the kernels run with: "avx512bf16", "avx512vbmi", "avx512", "avx2" or "portable". */
 KB_API const char *kb_isa(void);
 /* Names of the instruction sets this CPU and build support, best first, comma separated. */
 KB_API const char *kb_supported_isas(void);
-/* Use the named instruction set ("avx512bf16", "avx512", "avx2", "portable"); returns 0, or -1 when this
+/* Use the named instruction set ("avx512bf16", "avx512vbmi", "avx512", "avx2", "portable"); returns 0, or -1 when this
  * CPU or build cannot run it (the current choice is kept). */
 KB_API int kb_set_isa(const char *name);
 /* Name and version of the OpenMP runtime the library is linked with ("none" without). */
@@ -99,6 +99,11 @@ KB_API size_t kb_codebook_size(void);
  * (kb_codebook_size() bytes). Returns 0, or -1 when a value is NaN. */
 KB_API int kb_codebook_init(kb_codebook *cb, const float *values, int n);
 KB_API int kb_codebook_steps(const kb_codebook *cb);
+/* Buckets per sign of the table's compact index (0: the table is searched without one). */
+KB_API int kb_codebook_compact_size(const kb_codebook *cb);
+/* Make a prepared table use the general search, as a table without a compact index does
+ * (lets tests compare both methods on the same table). */
+KB_API void kb_codebook_drop_compact(kb_codebook *cb);
 
 /* ---------------------------------------------------------------- 8-bit */
 KB_API void kb_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t blocksize, const kb_codebook *cb,

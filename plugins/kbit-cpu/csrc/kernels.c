@@ -22,8 +22,42 @@
 #define KB_STR(x) KB_STR2(x)
 
 #define KB_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define KB_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* ====================================================================== code search */
+/* The compact index's parameters, read once per loop (stores through uint8_t pointers
+ * could alias the codebook, so reading them inside a loop would repeat the loads). */
+typedef struct {
+    const uint32_t *entries;
+    int32_t first_key, last_key; /* keys are clamped to [compact_lo - 1, compact_hi + 1] */
+    int32_t size;
+} compact_index;
+
+KB_INLINE compact_index compact_load(const kb_codebook *cb) {
+    compact_index c = {cb->compact, cb->compact_lo - 1, cb->compact_hi + 1, cb->compact_size};
+    return c;
+}
+
+/* Code indices of KB_W values from the compact index (see kb_codebook.compact): one table
+ * lookup and one compare per value. Vector instruction sets only: one lane at a time, the
+ * bucket lookup of code_one takes fewer instructions. */
+KB_INLINE vi compact_lanes(const compact_index *ci, vf x) {
+#if KB_W == 1
+    (void)ci;
+    return vf_bits(x); /* never called */
+#else
+    const vi bits = vf_bits(x);
+    const vm negative = vf_lt(x, vf_zero());
+    vi key = vi_srli(vi_and(bits, vi_set1(0x7fffffff)), 16);
+    key = vi_min(vi_max(key, vi_set1(ci->first_key)), vi_set1(ci->last_key));
+    const vi at = vi_add(key, vi_blend(negative, vi_set1(-ci->first_key), vi_set1(ci->size - ci->first_key)));
+    const vi entry = vi_gather((const int32_t *)(const void *)ci->entries, at);
+    const vi residual = vi_and(vi_blend(negative, bits, vi_xor(bits, vi_set1(-1))), vi_set1(0xffff));
+    const vm above = vi_gt(residual, vi_srli(entry, 16));
+    return vi_and(vi_blend(above, entry, vi_srli(entry, 8)), vi_set1(0xff));
+#endif
+}
+
 /* Code index of one float32 value (scalar, exact; NaN -> the largest value's code). */
 KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
     int32_t c;
@@ -42,27 +76,25 @@ KB_INLINE int32_t code_one(const kb_codebook *cb, float x) {
 
 /* What the vector code search keeps in registers across a loop. */
 typedef struct {
+    compact_index compact;
 #ifdef KB_HAVE_TREE
     vtree tree;
-#else
-    int unused;
 #endif
 } searcher;
 
 KB_INLINE searcher searcher_load(const kb_codebook *cb) {
     searcher s;
+    s.compact = compact_load(cb);
 #ifdef KB_HAVE_TREE
     s.tree = vtree_load(cb->tree);
-#else
-    (void)cb;
-    s.unused = 0;
 #endif
     return s;
 }
 
-/* Code indices of KB_W values (same result as code_one lane by lane): the register tree
- * where the instruction set has one, else the bucket lookup and its refinement steps. */
-KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
+/* Code indices of KB_W values (same result as code_one lane by lane) for tables without a
+ * compact index: the register tree where the instruction set has one, else the bucket
+ * lookup and its refinement steps. */
+KB_INLINE vi general_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
     vi c;
 #ifdef KB_HAVE_TREE
     c = vtree_count(&sr->tree, x);
@@ -82,6 +114,12 @@ KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x) {
 #endif
     c = vi_blend(vf_isnan(x), c, vi_set1(cb->nbounds));
     return cb->identity ? c : vi_gather(cb->index, c);
+}
+
+/* Code indices of KB_W values by the method ``compact`` (a constant at every call site,
+ * chosen once per loop: cb->compact_size > 0). */
+KB_INLINE vi code_lanes(const kb_codebook *cb, const searcher *sr, vf x, const int compact) {
+    return compact ? compact_lanes(&sr->compact, x) : general_lanes(cb, sr, x);
 }
 
 /* max |x| over [i0, i1) as float32; NaN when any element is NaN. Non-negative floats order
@@ -106,30 +144,51 @@ KB_INLINE float absmax_seg(const void *x, const int dt, int64_t i0, int64_t i1) 
 KB_INLINE float reciprocal_or_zero(float absmax) { return absmax == 0.0f ? 0.0f : 1.0f / absmax; }
 
 /* ============================================================================ 8-bit */
-KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
-                             const kb_codebook *cb, uint8_t *codes) {
+KB_INLINE void quantize8_seg_by(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                                const kb_codebook *cb, uint8_t *codes, int64_t ahead, const int compact) {
     const vf s = vf_set1(scale);
     const searcher sr = searcher_load(cb);
+    const int64_t esize = dt == KB_F32 ? 4 : 2;
     int64_t i = i0;
     /* Two independent vectors per iteration: each search is a chain of dependent steps, and
      * interleaving two chains keeps the vector units busy. */
     for (; i + 2 * KB_W <= i1; i += 2 * KB_W) {
-        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s));
-        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s));
+        if (ahead)
+            for (int64_t byte = 0; byte < 2 * KB_W * esize; byte += 64)
+                __builtin_prefetch((const char *)x + (i + ahead) * esize + byte, 0, 3);
+        const vi first = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s), compact);
+        const vi second = code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i + KB_W), s), compact);
         vi_store_u8(codes + i, first);
         vi_store_u8(codes + i + KB_W, second);
     }
-    for (; i + KB_W <= i1; i += KB_W) vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s)));
+    for (; i + KB_W <= i1; i += KB_W)
+        vi_store_u8(codes + i, code_lanes(cb, &sr, vf_mul(vf_load_dt(x, dt, i), s), compact));
     for (; i < i1; ++i) codes[i] = (uint8_t)code_one(cb, load1_dt(x, dt, i) * scale);
+}
+
+/* Codes of x[i] * scale for i in [i0, i1), prefetching the elements ``ahead`` further on
+ * (0: none). */
+KB_INLINE void quantize8_seg_ahead(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                                   const kb_codebook *cb, uint8_t *codes, int64_t ahead) {
+    if (KB_W > 1 && cb->compact_size > 0) quantize8_seg_by(x, dt, i0, i1, scale, cb, codes, ahead, 1);
+    else quantize8_seg_by(x, dt, i0, i1, scale, cb, codes, ahead, 0);
+}
+
+KB_INLINE void quantize8_seg(const void *x, const int dt, int64_t i0, int64_t i1, float scale,
+                             const kb_codebook *cb, uint8_t *codes) {
+    quantize8_seg_ahead(x, dt, i0, i1, scale, cb, codes, 0);
 }
 
 KB_INLINE void quantize8_blocks_dt(const void *x, const int dt, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                                    const kb_codebook *cb, float *absmax, uint8_t *codes) {
+    const int64_t ahead = KB_MIN(KB_MAX(bs, 8192 / (dt == KB_F32 ? 4 : 2)), b1 * bs - b0 * bs);
     for (int64_t b = b0; b < b1; ++b) {
         int64_t i0 = b * bs, i1 = KB_MIN(n, i0 + bs);
         float am = absmax_seg(x, dt, i0, i1);
         absmax[b] = am;
-        quantize8_seg(x, dt, i0, i1, reciprocal_or_zero(am), cb, codes);
+        /* While this block is coded, the data of the next absmax passes is fetched: at
+         * least a block and at least 8 KB ahead, so that small blocks look far enough. */
+        quantize8_seg_ahead(x, dt, i0, i1, reciprocal_or_zero(am), cb, codes, ahead);
     }
 }
 
@@ -151,12 +210,23 @@ static void quantize8_scaled(const void *x, int dtype, int64_t i0, int64_t i1, f
 
 KB_INLINE void dequantize8_dt(const uint8_t *codes, int64_t i0, int64_t i1, int64_t bs, const float *code,
                               const float *absmax, void *out, const int dt) {
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256 bytes;
+    vtab256_load(&bytes, code);
+#endif
     int64_t i = i0;
-    while (i < i1) {
-        int64_t b = i / bs;
-        int64_t end = KB_MIN(i1, (b + 1) * bs);
+    /* the block index advances with the blocks (a division per block showed at blocksize 64) */
+    for (int64_t b = i0 / bs; i < i1; ++b) {
+        const int64_t end = KB_MIN(i1, (b + 1) * bs);
         const float a = absmax[b];
         const vf av = vf_set1(a);
+#ifdef KB_HAVE_BYTE_LOOKUP
+        for (; i + 64 <= end; i += 64) {
+            vf v[4];
+            vtab256_lookup64(&bytes, codes + i, v);
+            for (int j = 0; j < 4; ++j) vf_store_dt(out, dt, i + 16 * j, vf_mul(v[j], av));
+        }
+#endif
         for (; i + KB_W <= end; i += KB_W) vf_store_dt(out, dt, i, vf_mul(vf_gather(code, vi_load_u8(codes + i)), av));
         for (; i < end; ++i) store1_dt(out, dt, i, code[codes[i]] * a);
     }
@@ -941,54 +1011,35 @@ KB_INLINE vf opt_param(const kb_optimizer_step *st, const int KIND, vf p, vf num
     return vf_fmadd(vf_set1(st->step_size), num, p);
 }
 
-/* Where the states of a span come from: float32 state tensors, or 8-bit codes decoded with
- * the scales sc1 / sc1b / sc2. */
+/* A span's current states: float32 values indexed like the span (the float32 state
+ * tensors themselves, or the 8-bit states decoded into span buffers); NULL when the kind
+ * does not have that state. */
 typedef struct {
     const kb_optimizer_step *st;
-    const kb_optimizer_tensors *t;
-    int eight;
-    float sc1, sc1b, sc2;
+    const float *s1, *s1b, *s2; /* s1b: AdEMAMix's second first moment */
 } opt_ctx;
 
-/* Load the states of elements i .. i + KB_W - 1 (``count`` of them real; the others
- * repeat the last one and are never stored). ``g`` and ``p`` are float32 span buffers
- * indexed from the span's start ``at``. */
-KB_INLINE void opt_load(const opt_ctx *c, int64_t i, int64_t at, int64_t count, const float *gs, const float *ps,
+/* Load the KB_W elements at offset ``at`` of a span (``count`` of them real; the others
+ * repeat the last one and are never stored). */
+KB_INLINE void opt_load(const opt_ctx *c, int64_t at, int64_t count, const float *gs, const float *ps,
                         const int KIND, vf *g, vf *p, vstates *s) {
-    const kb_optimizer_tensors *t = c->t;
     const int two = kind_states(KIND) == 2, stacked = KIND == KB_OPT_ADEMAMIX;
     if (count == KB_W) {
         *g = vf_load(gs + at);
         *p = vf_load(ps + at);
-        if (c->eight) {
-            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
-            s->s1 = vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + i)), vf_set1(c->sc1));
-            s->s1b = stacked ? vf_mul(vf_gather(t->qmap1, vi_load_u8(c1 + t->n + i)), vf_set1(c->sc1b)) : vf_zero();
-            s->s2 = two ? vf_mul(vf_gather(t->qmap2, vi_load_u8(c2 + i)), vf_set1(c->sc2)) : vf_zero();
-        } else {
-            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
-            s->s1 = vf_load(s1 + i);
-            s->s1b = stacked ? vf_load(s1 + t->n + i) : vf_zero();
-            s->s2 = two ? vf_load(s2 + i) : vf_zero();
-        }
+        s->s1 = vf_load(c->s1 + at);
+        s->s1b = stacked ? vf_load(c->s1b + at) : vf_zero();
+        s->s2 = two ? vf_load(c->s2 + at) : vf_zero();
         return;
     }
     float gb[KB_W], pb[KB_W], a[KB_W], b[KB_W], d[KB_W];
     for (int l = 0; l < KB_W; ++l) {
-        const int64_t off = l < count ? l : count - 1, j = i + off;
-        gb[l] = gs[at + off];
-        pb[l] = ps[at + off];
-        if (c->eight) {
-            const uint8_t *c1 = (const uint8_t *)t->state1, *c2 = (const uint8_t *)t->state2;
-            a[l] = t->qmap1[c1[j]] * c->sc1;
-            b[l] = stacked ? t->qmap1[c1[t->n + j]] * c->sc1b : 0.0f;
-            d[l] = two ? t->qmap2[c2[j]] * c->sc2 : 0.0f;
-        } else {
-            const float *s1 = (const float *)t->state1, *s2 = (const float *)t->state2;
-            a[l] = s1[j];
-            b[l] = stacked ? s1[t->n + j] : 0.0f;
-            d[l] = two ? s2[j] : 0.0f;
-        }
+        const int64_t j = at + (l < count ? l : count - 1);
+        gb[l] = gs[j];
+        pb[l] = ps[j];
+        a[l] = c->s1[j];
+        b[l] = stacked ? c->s1b[j] : 0.0f;
+        d[l] = two ? c->s2[j] : 0.0f;
     }
     *g = vf_load(gb);
     *p = vf_load(pb);
@@ -1007,72 +1058,108 @@ KB_INLINE void store_count(float *dst, vf v, int64_t count) {
     for (int64_t l = 0; l < count; ++l) dst[l] = buf[l];
 }
 
-/* One step over the ``len`` elements starting at ``i0``. ``g`` and ``p`` are float32 and
- * indexed from 0 (the tensors themselves, or span buffers of 16-bit ones); the new
- * parameter is written back into ``p`` when ``write``. The new float32 states go to
- * new1 / new1b / new2 (indexed from 0; the float32 layout passes the state tensors
- * themselves). ``measure`` adds ||p||^2 and ||update||^2 to ``out``. */
-KB_INLINE void opt_span(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
-                        int measure, float *new1, float *new1b, float *new2, kb_partials *out, const int KIND) {
+/* The largest magnitudes of a span's new states, as float bits (NaN above inf). */
+typedef struct {
+    int32_t s1, s1b, s2;
+} span_max;
+
+/* What a span accumulates besides its stores: the new states' largest magnitudes (as
+ * float bits, integer maxima) and the norms' partial sums. */
+typedef struct {
+    vi max1, max1b, max2;
+    vf pacc, uacc;
+    double param_sq, update_sq;
+    int pending;
+} span_sums;
+
+/* One step of the KB_W elements at offset ``at`` of a span (``count`` of them real: KB_W, a
+ * constant, except in a span's last vector). See opt_span. */
+KB_INLINE void opt_vector(const opt_ctx *c, int64_t at, int64_t count, const float *gs, float *ps,
+                          int write, int measure, float *new1, float *new1b, float *new2, int maxima,
+                          span_sums *sums, const int KIND) {
     const kb_optimizer_step *st = c->st;
     const vf zero = vf_zero();
-    vf pacc = zero, uacc = zero;
-    double param_sq = 0.0, update_sq = 0.0;
-    int pending = 0;
-    for (int64_t at = 0; at < len; at += KB_W) {
-        const int64_t count = KB_MIN((int64_t)KB_W, len - at);
-        vf g, p;
-        vstates s;
-        opt_load(c, i0 + at, at, count, gs, ps, KIND, &g, &p, &s);
-        const vstates old = s;
-        vf den = vf_set1(1.0f);
-        const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
-        vm keep = vf_lt(zero, zero); /* nothing */
-        if (st->skip_zeros) {
-            keep = vf_eq(g, zero);
-            s.s1 = vf_blend(keep, s.s1, old.s1);
-            s.s1b = vf_blend(keep, s.s1b, old.s1b);
-            s.s2 = vf_blend(keep, s.s2, old.s2);
-        }
-        if (measure) {
-            vf u = opt_update(st, KIND, num, den), pm = p;
-            if (count < KB_W) {
-                float pb[KB_W], ub[KB_W];
-                vf_store(pb, pm);
-                vf_store(ub, u);
-                for (int l = (int)count; l < KB_W; ++l) pb[l] = ub[l] = 0.0f;
-                pm = vf_load(pb);
-                u = vf_load(ub);
-            }
-            pacc = vf_add(pacc, vf_mul(pm, pm));
-            uacc = vf_add(uacc, vf_mul(u, u));
-            if (++pending == 64) { /* float partial sums of at most 64 terms per lane */
-                param_sq += vf_reduce_add(pacc);
-                update_sq += vf_reduce_add(uacc);
-                pacc = uacc = zero;
-                pending = 0;
-            }
-        }
-        if (new1) store_count(new1 + at, s.s1, count);
-        if (new1b) store_count(new1b + at, s.s1b, count);
-        if (new2) store_count(new2 + at, s.s2, count);
-        if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
+    vf g, p;
+    vstates s;
+    opt_load(c, at, count, gs, ps, KIND, &g, &p, &s);
+    const vstates old = s;
+    vf den = vf_set1(1.0f);
+    const vf num = opt_rule(st, KIND, opt_working_grad(st, g, p), &s, &den);
+    vm keep = vf_lt(zero, zero); /* nothing */
+    if (st->skip_zeros) {
+        keep = vf_eq(g, zero);
+        s.s1 = vf_blend(keep, s.s1, old.s1);
+        s.s1b = vf_blend(keep, s.s1b, old.s1b);
+        s.s2 = vf_blend(keep, s.s2, old.s2);
     }
     if (measure) {
-        out->param_sq += param_sq + vf_reduce_add(pacc);
-        out->update_sq += update_sq + vf_reduce_add(uacc);
+        vf u = opt_update(st, KIND, num, den), pm = p;
+        if (count < KB_W) {
+            float pb[KB_W], ub[KB_W];
+            vf_store(pb, pm);
+            vf_store(ub, u);
+            for (int l = (int)count; l < KB_W; ++l) pb[l] = ub[l] = 0.0f;
+            pm = vf_load(pb);
+            u = vf_load(ub);
+        }
+        sums->pacc = vf_add(sums->pacc, vf_mul(pm, pm));
+        sums->uacc = vf_add(sums->uacc, vf_mul(u, u));
+        if (++sums->pending == 64) { /* float partial sums of at most 64 terms per lane */
+            sums->param_sq += vf_reduce_add(sums->pacc);
+            sums->update_sq += vf_reduce_add(sums->uacc);
+            sums->pacc = sums->uacc = zero;
+            sums->pending = 0;
+        }
+    }
+    if (new1) store_count(new1 + at, s.s1, count);
+    if (new1b) store_count(new1b + at, s.s1b, count);
+    if (new2) store_count(new2 + at, s.s2, count);
+    if (maxima) { /* lanes past ``count`` repeat a real element: harmless in a maximum */
+        const vi magnitude = vi_set1(0x7fffffff);
+        sums->max1 = vi_max(sums->max1, vi_and(vf_bits(s.s1), magnitude));
+        if (KIND == KB_OPT_ADEMAMIX) sums->max1b = vi_max(sums->max1b, vi_and(vf_bits(s.s1b), magnitude));
+        if (kind_states(KIND) == 2) sums->max2 = vi_max(sums->max2, vi_and(vf_bits(s.s2), magnitude));
+    }
+    if (write) store_count(ps + at, vf_blend(keep, opt_param(st, KIND, p, num, den), p), count);
+}
+
+/* One step over the ``len`` elements of a span. ``g`` and ``p`` are float32 and indexed
+ * from 0 (the tensors themselves, or span buffers of 16-bit ones), as are the states in
+ * ``c``; the new parameter is written back into ``p`` when ``write``. The new float32
+ * states go to new1 / new1b / new2 when not NULL (the same buffers as the states read:
+ * every vector is loaded before it is stored), and their largest magnitudes to ``max`` when not NULL (the 8-bit
+ * layouts' new scales, found while updating instead of by another pass). ``measure``
+ * adds ||p||^2 and ||update||^2 to ``out``. */
+KB_INLINE void opt_span(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,
+                        int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out,
+                        const int KIND) {
+    span_sums sums = {vi_set1(0), vi_set1(0), vi_set1(0), vf_zero(), vf_zero(), 0.0, 0.0, 0};
+    const int maxima = max != NULL;
+    int64_t at = 0;
+    /* whole vectors: ``count`` is the constant KB_W, which removes every partial-vector branch */
+    for (; at + KB_W <= len; at += KB_W)
+        opt_vector(c, at, KB_W, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
+    if (at < len) opt_vector(c, at, len - at, gs, ps, write, measure, new1, new1b, new2, maxima, &sums, KIND);
+    if (max) {
+        max->s1 = vi_reduce_max(sums.max1);
+        max->s1b = vi_reduce_max(sums.max1b);
+        max->s2 = vi_reduce_max(sums.max2);
+    }
+    if (measure) {
+        out->param_sq += sums.param_sq + vf_reduce_add(sums.pacc);
+        out->update_sq += sums.update_sq + vf_reduce_add(sums.uacc);
     }
 }
 
-typedef void (*opt_span_fn)(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,
-                            int measure, float *new1, float *new1b, float *new2, kb_partials *out);
+typedef void (*opt_span_fn)(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,
+                            int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out);
 
 /* One compiled span function per kind: the rule is resolved at compile time, everything
  * else (dtype, layout, pass) at run time, which keeps the build small. */
 #define KB_SPAN_FOR(NAME, K)                                                                                  \
-    static void NAME(const opt_ctx *c, int64_t i0, int64_t len, const float *gs, float *ps, int write,        \
-                     int measure, float *new1, float *new1b, float *new2, kb_partials *out) {                 \
-        opt_span(c, i0, len, gs, ps, write, measure, new1, new1b, new2, out, K);                              \
+    static void NAME(const opt_ctx *c, int64_t len, const float *gs, float *ps, int write,                    \
+                     int measure, float *new1, float *new1b, float *new2, span_max *max, kb_partials *out) {  \
+        opt_span(c, len, gs, ps, write, measure, new1, new1b, new2, max, out, K);                             \
     }
 KB_SPAN_FOR(span_adam, KB_OPT_ADAM)
 KB_SPAN_FOR(span_momentum, KB_OPT_MOMENTUM)
@@ -1091,7 +1178,36 @@ static void encode_state(const float *values, int64_t n, float absmax, const kb_
     quantize8_seg(values, KB_F32, 0, n, reciprocal_or_zero(absmax), cb, codes);
 }
 
-static int32_t max_bits(const float *v, int64_t n) { return (int32_t)kb_bits(absmax_seg(v, KB_F32, 0, n)); }
+/* A 256-entry table prepared for decoding 8-bit codes: byte permutes where the instruction
+ * set has them (see vtab256), else gathers from the table itself. */
+typedef struct {
+    const float *table;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256 bytes;
+#endif
+} decoder;
+
+KB_INLINE void decoder_load(decoder *d, const float *table) {
+    d->table = table;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    vtab256_load(&d->bytes, table);
+#endif
+}
+
+/* out[i] = table[codes[i]] * scale for i in [0, n). */
+KB_INLINE void decode_scaled(const decoder *d, const uint8_t *codes, int64_t n, float scale, float *out) {
+    const vf s = vf_set1(scale);
+    int64_t i = 0;
+#ifdef KB_HAVE_BYTE_LOOKUP
+    for (; i + 64 <= n; i += 64) {
+        vf v[4];
+        vtab256_lookup64(&d->bytes, codes + i, v);
+        for (int j = 0; j < 4; ++j) vf_store(out + i + 16 * j, vf_mul(v[j], s));
+    }
+#endif
+    for (; i + KB_W <= n; i += KB_W) vf_store(out + i, vf_mul(vf_gather(d->table, vi_load_u8(codes + i)), s));
+    for (; i < n; ++i) out[i] = d->table[codes[i]] * scale;
+}
 
 static void to_float(const void *x, int dt, int64_t i0, int64_t len, float *out) {
     KB_DTYPE_SWITCH(dt, {
@@ -1113,18 +1229,25 @@ static void from_float(const float *v, int64_t len, void *y, int dt, int64_t i0)
 /* Elements per span: a multiple of the 8-bit block, small enough for stack buffers. */
 #define KB_OPT_SPAN 2048
 
-/* One optimizer step over [i0, i1) (blockwise: i0 at a block start). Pass 0 measures (the
- * trust-ratio norms; the whole-tensor 8-bit layout's new scales), pass 1 writes. */
+/* One optimizer step over [i0, i1) (blockwise: i0 at a block start); ``pass`` is a
+ * KB_PASS_* value. */
 static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tensors *t, int64_t i0, int64_t i1,
                             int pass, kb_partials *out) {
     const opt_span_fn span = SPANS[st->kind];
     const int two = st->kind == KB_OPT_ADAM || st->kind == KB_OPT_LAMB || st->kind == KB_OPT_ADEMAMIX;
     const int stacked = st->kind == KB_OPT_ADEMAMIX;
-    const int64_t nblocks = (t->n + KB_OPT_BLOCK - 1) / KB_OPT_BLOCK;
+    const int64_t n = t->n, nblocks = (n + KB_OPT_BLOCK - 1) / KB_OPT_BLOCK;
+    /* 8-bit layouts: the current states are decoded into new1 / new1b / new2, updated
+     * there in place, then requantized. */
     float gbuf[KB_OPT_SPAN], pbuf[KB_OPT_SPAN], new1[KB_OPT_SPAN], new1b[KB_OPT_SPAN], new2[KB_OPT_SPAN];
     uint8_t *c1 = (uint8_t *)t->state1, *c2 = (uint8_t *)t->state2;
     float *s1 = (float *)t->state1, *s2 = (float *)t->state2;
-    const int writes = pass == 1;
+    const int writes = pass != KB_PASS_MEASURE;
+    decoder dec1, dec2;
+    if (st->layout != KB_STATE_F32) {
+        decoder_load(&dec1, t->qmap1);
+        if (two) decoder_load(&dec2, t->qmap2);
+    }
     for (int64_t start = i0; start < i1; start += KB_OPT_SPAN) {
         const int64_t len = KB_MIN((int64_t)KB_OPT_SPAN, i1 - start);
         const float *g = gbuf;
@@ -1136,44 +1259,48 @@ static void optimizer_range(const kb_optimizer_step *st, const kb_optimizer_tens
             to_float(t->g, st->dtype, start, len, gbuf);
             to_float(t->p, st->dtype, start, len, pbuf);
         }
+        span_max max;
         if (st->layout == KB_STATE_F32) {
-            const opt_ctx c = {st, t, 0, 0.0f, 0.0f, 0.0f};
+            const opt_ctx c = {st, s1 + start, stacked ? s1 + n + start : NULL, two ? s2 + start : NULL};
             if (writes)
-                span(&c, start, len, g, p, 1, 0, s1 + start, stacked ? s1 + t->n + start : NULL,
-                     two ? s2 + start : NULL, out);
+                span(&c, len, g, p, 1, 0, s1 + start, stacked ? s1 + n + start : NULL, two ? s2 + start : NULL,
+                     NULL, out);
             else
-                span(&c, start, len, g, p, 0, 1, NULL, NULL, NULL, out);
+                span(&c, len, g, p, 0, 1, NULL, NULL, NULL, NULL, out);
         } else if (st->layout == KB_STATE_U8_BLOCKWISE) {
             for (int64_t at = 0; at < len; at += KB_OPT_BLOCK) {
                 const int64_t b = (start + at) / KB_OPT_BLOCK, blen = KB_MIN((int64_t)KB_OPT_BLOCK, len - at);
-                const opt_ctx c = {st, t, 1, t->absmax1[b], stacked ? t->absmax1[nblocks + b] : 0.0f,
-                                   two ? t->absmax2[b] : 0.0f};
-                span(&c, start + at, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL,
-                     out);
-                float am = kb_float((uint32_t)max_bits(new1, blen));
+                decode_scaled(&dec1, c1 + start + at, blen, t->absmax1[b], new1);
+                if (stacked) decode_scaled(&dec1, c1 + n + start + at, blen, t->absmax1[nblocks + b], new1b);
+                if (two) decode_scaled(&dec2, c2 + start + at, blen, t->absmax2[b], new2);
+                const opt_ctx c = {st, new1, stacked ? new1b : NULL, two ? new2 : NULL};
+                span(&c, blen, g + at, p + at, 1, 0, new1, stacked ? new1b : NULL, two ? new2 : NULL, &max, out);
+                float am = kb_float((uint32_t)max.s1);
                 t->absmax1[b] = am;
                 encode_state(new1, blen, am, t->cb1, c1 + start + at);
                 if (stacked) {
-                    am = kb_float((uint32_t)max_bits(new1b, blen));
+                    am = kb_float((uint32_t)max.s1b);
                     t->absmax1[nblocks + b] = am;
-                    encode_state(new1b, blen, am, t->cb1, c1 + t->n + start + at);
+                    encode_state(new1b, blen, am, t->cb1, c1 + n + start + at);
                 }
                 if (two) {
-                    am = kb_float((uint32_t)max_bits(new2, blen));
+                    am = kb_float((uint32_t)max.s2);
                     t->absmax2[b] = am;
                     encode_state(new2, blen, am, t->cb2, c2 + start + at);
                 }
             }
-        } else { /* whole-tensor 8-bit */
-            const opt_ctx c = {st, t, 1, t->max1, 0.0f, two ? t->max2 : 0.0f};
-            span(&c, start, len, g, p, writes, !writes && st->clip, new1, NULL, two ? new2 : NULL, out);
+        } else { /* whole-tensor 8-bit (one first moment: AdEMAMix is blockwise only) */
+            decode_scaled(&dec1, c1 + start, len, t->max1, new1);
+            if (two) decode_scaled(&dec2, c2 + start, len, t->max2, new2);
+            const opt_ctx c = {st, new1, NULL, two ? new2 : NULL};
             if (writes) {
+                span(&c, len, g, p, 1, 0, new1, NULL, two ? new2 : NULL, NULL, out);
                 encode_state(new1, len, t->new_max1, t->cb1, c1 + start);
                 if (two) encode_state(new2, len, t->new_max2, t->cb2, c2 + start);
-            } else {
-                int32_t m = max_bits(new1, len);
-                if (m > out->max1_bits) out->max1_bits = m;
-                if (two && (m = max_bits(new2, len)) > out->max2_bits) out->max2_bits = m;
+            } else { /* the new states' largest magnitudes, without storing the states */
+                span(&c, len, g, p, 0, st->clip, NULL, NULL, NULL, &max, out);
+                if (max.s1 > out->max1_bits) out->max1_bits = max.s1;
+                if (two && max.s2 > out->max2_bits) out->max2_bits = max.s2;
             }
         }
         if (writes && st->dtype != KB_F32) from_float(pbuf, len, t->p, st->dtype, start);

@@ -14,7 +14,8 @@ needs to run safely and says why when it cannot:
   would compete for the cores; the kernels then run on one thread and
   :attr:`NativeLibrary.thread_note` says why.
 
-``KBIT_CPU_ISA`` (``avx512bf16``, ``avx512``, ``avx2`` or ``portable``) forces an instruction set the CPU
+``KBIT_CPU_ISA`` (``avx512bf16``, ``avx512vbmi``, ``avx512``, ``avx2`` or ``portable``) forces an
+instruction set the CPU
 supports; by default the best one is used.
 """
 
@@ -116,6 +117,8 @@ _SIGNATURES = {
     "kb_codebook_size": (c_size_t, []),
     "kb_codebook_init": (c_int, [c_void_p, c_void_p, c_int]),
     "kb_codebook_steps": (c_int, [c_void_p]),
+    "kb_codebook_compact_size": (c_int, [c_void_p]),
+    "kb_codebook_drop_compact": (None, [c_void_p]),
     "kb_quantize_blockwise": (None, [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]),
     "kb_quantize_blockwise_stochastic": (
         None,
