@@ -1,7 +1,8 @@
 /* A small vector abstraction, so each kernel is written once and compiled per instruction set.
  *
- * kernels.c is compiled four times: with the AVX-512 flags (16 float lanes), once more
- * with AVX512-VBMI added (byte permutes for table lookups, KB_HAVE_BYTE_LOOKUP), with the
+ * kernels.c is compiled five times: with the AVX-512 flags (16 float lanes), once more
+ * with AVX512-VBMI added (byte permutes for table lookups, KB_HAVE_BYTE_LOOKUP), once more
+ * with VBMI and AVX512_BF16 (the bfloat16 dot products of the 4-bit matmul), with the
  * AVX2 + FMA + F16C flags (8 lanes), and with none (1 lane: plain C, the portable path that
  * also builds on aarch64). The compiler's predefined macros select the implementation, so
  * no -march=native is ever baked in. Types:

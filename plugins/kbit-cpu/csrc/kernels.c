@@ -1,6 +1,7 @@
 /* kbit's CPU kernels, written once against kb_simd.h and compiled once per instruction set.
  *
- * The build compiles this file three times (AVX-512, AVX2, portable) with -DKB_ISA=<name>;
+ * The build compiles this file once per tier (avx512bf16, avx512vbmi, avx512, avx2, portable;
+ * setup.py) with -DKB_ISA=<name>;
  * each object exports one table, kb_kernels_<name>, and api.c picks the best table the CPU
  * supports at run time. Every function here runs on the calling thread over the range it
  * is given; api.c does the threading.
