@@ -197,6 +197,203 @@ def test_stochastic_rounding_matches_the_reference_for_a_given_rand(isa):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1].absmax, want[1].absmax)
 
 
+# --------------------------------------------------------- 8-bit code search methods
+def _prepared(code: torch.Tensor, *, compact: bool = True):
+    """``code`` prepared by the library, with its compact index or made to do without it."""
+    import ctypes
+
+    entry = ctypes.create_string_buffer(LIBRARY.codebook_size)
+    table = code.to(torch.float32).contiguous()
+    assert LIBRARY.kb_codebook_init(ctypes.addressof(entry), table.data_ptr(), table.numel()) == 0
+    if not compact:
+        LIBRARY.kb_codebook_drop_compact(ctypes.addressof(entry))
+    return entry
+
+
+def _search(entry, values: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    """The codes of float32 ``values`` as they are (quantize_no_absmax) with a prepared table."""
+    import ctypes
+
+    codes = torch.empty(values.shape, dtype=torch.uint8)
+    LIBRARY.kb_quantize_no_absmax(values.data_ptr(), 0, values.numel(), ctypes.addressof(entry), codes.data_ptr(),
+                                  threads)  # fmt: skip
+    return codes
+
+
+def _floats(bits: list[int]) -> torch.Tensor:
+    """float32 values from their bit patterns (given as unsigned 32-bit integers)."""
+    signed = [b - (1 << 32) if b >= 1 << 31 else b for b in bits]
+    return torch.tensor(signed, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _search_probes(code: torch.Tensor) -> torch.Tensor:
+    """Values that every search method must get right: both sides of each bound (exact ties
+    included), the edges of every 16-bit bucket of both signs (the compact index clamps
+    and splits there), zeros, subnormals, infinities, NaNs of both signs, the largest
+    floats, and a sweep over all float32 bit patterns."""
+    edges = [key << 16 | low for key in range(0x8000) for low in (0, 1, 0xFFFE, 0xFFFF)]
+    edges += [1 << 31 | bits for bits in edges]
+    special = [0x0, 0x80000000, 0x1, 0x80000001, 0x7FFFFF, 0x807FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000,
+               0xFFC00000, 0x7F800001, 0xFF812345, 0x7F7FFFFF, 0xFF7FFFFF]  # fmt: skip
+    sweep = list(range(0, 1 << 32, 4099))
+    bounds = _neighbours_of_bounds(code)
+    return torch.cat([bounds, -bounds, _floats(edges + special + sweep)])
+
+
+#: A table beyond the format's: 256 random values (sorted, as the API requires of a table).
+SEARCH_TABLES = TABLES | {"random": torch.randn(256, generator=_generator(22)).sort().values}
+
+
+@pytest.mark.parametrize("table", sorted(SEARCH_TABLES))
+def test_every_search_method_matches_the_reference(isa, table):
+    code = SEARCH_TABLES[table]
+    values = _search_probes(code)
+    want = _on("reference", F.quantize_no_absmax, values, code)
+    compact = _prepared(code)
+    assert torch.equal(_search(compact, values), want), table
+    assert torch.equal(_search(_prepared(code, compact=False), values), want), table
+
+
+def test_the_format_tables_get_a_compact_index_and_crowded_ones_do_not():
+    import ctypes
+
+    def compact_size(code: torch.Tensor) -> int:
+        return LIBRARY.kb_codebook_compact_size(ctypes.addressof(_prepared(code)))
+
+    for name in ("dynamic", "unsigned", "linear-padded", "fp8"):
+        assert compact_size(SEARCH_TABLES[name]) > 0, name
+    for quant_type in ("nf4", "fp4"):
+        assert compact_size(cached_code(quant_type)) > 0, quant_type
+    three_in_one_bucket = torch.tensor([1.0, 1.001, 1.002, 1.003])  # bounds 2^-7 apart at most
+    with_infinity = torch.tensor([-1.0, 0.0, 1.0, math.inf])
+    for code in (TABLES["crowded"], three_in_one_bucket, with_infinity, torch.zeros(256)):
+        assert compact_size(code) == 0, code[:4]
+    # (test_every_search_method_matches_the_reference searches the crowded table exactly)
+
+
+def _odd_table() -> torch.Tensor:
+    """256 finite float32 values of every kind a lookup must move unchanged (the API refuses
+    infinities and NaN in a table): signed zeros, subnormals, the largest floats and random
+    bit patterns."""
+    values = torch.randint(-(1 << 31), 1 << 31, (256,), generator=_generator(23), dtype=torch.int64)
+    table = values.to(torch.int32).view(torch.float32).clone()
+    table[~table.isfinite()] = 0.5
+    table[:8] = _floats([0x0, 0x80000000, 0x1, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000, 0x3F800000])
+    return table
+
+
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dequantize_blockwise_moves_any_table_value_exactly(isa, blocksize, dtype):
+    # The byte-permute lookup (avx512vbmi) handles 64 codes at a time: lengths that are not
+    # multiples of 64 and blocks of 64 exercise its edges; every code value occurs.
+    codes = torch.randint(0, 256, (64 * 301 + 37,), generator=_generator(blocksize), dtype=torch.uint8)
+    absmax = torch.rand(math.ceil(codes.numel() / blocksize), generator=_generator(24)) + 0.5
+    for code in (_odd_table(), create_dynamic_map()):
+        got, want = (
+            _on(backend, F.dequantize_blockwise, codes, absmax=absmax, code=code, blocksize=blocksize,
+                out=torch.empty(codes.shape, dtype=dtype))  # fmt: skip
+            for backend in ("cpu", "reference")
+        )
+        assert _same(got, want)
+
+
+# ------------------------------------------------------------- 8-bit optimizer steps
+def _optimizer_hyper(kind: str, **overrides) -> dict:
+    from kbit._optim_step import OPTIMIZER_KINDS
+    from kbit.testing._cases.optimizer import _hyper
+
+    return _hyper(OPTIMIZER_KINDS[kind], **overrides)
+
+
+def _blockwise_states(n: int, rows: int, qmap: torch.Tensor, scale: float, seed: int, squared: bool = False):
+    """8-bit states as an optimizer holds them (codes and one absmax per 256 elements), and
+    their float32 values (never negative for a state of squares)."""
+    values = torch.randn(rows, n, generator=_generator(seed)) * scale
+    if squared or qmap.min() >= 0:
+        values = values.abs()
+    codes, absmax, floats = [], [], []
+    for row in values:
+        c, state = _on("reference", F.quantize_blockwise, row, code=qmap, blocksize=256)
+        codes.append(c)
+        absmax.append(state.absmax)
+        floats.append(_on("reference", F.dequantize_blockwise, c, state))
+    return torch.stack(codes).squeeze(0), torch.stack(absmax).squeeze(0), torch.stack(floats).squeeze(0)
+
+
+def _optimizer_cases() -> list:
+    from kbit._optim_step import OPTIMIZER_KINDS
+    from kbit_cpu._manifest import KINDS
+
+    cases = [(kind, "blockwise") for kind in KINDS]
+    return cases + [(kind, "tensor") for kind in KINDS if OPTIMIZER_KINDS[kind].static_8bit]
+
+
+@pytest.mark.parametrize("kind,layout", _optimizer_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_8bit_step_requantizes_exactly_what_the_32bit_step_computes(isa, kind, layout, dtype):
+    # The 8-bit kernels decode the states (byte permutes or gathers), update them with the
+    # same code as the 32-bit step, find the new scales while updating and search the
+    # codes: their result must be the 32-bit step's on the decoded states, quantized.
+    from kbit._optim_step import OPTIMIZER_KINDS
+
+    spec = OPTIMIZER_KINDS[kind]
+    two, rows = spec.num_states == 2, 2 if spec.stacked_state1 else 1
+    n = 1000  # three blocks of 256 and a partial one; partial vectors at the end
+    qmap1, qmap2 = create_dynamic_map(), create_dynamic_map(signed=False)
+    g = torch.randn(n, generator=_generator(31)).to(dtype)
+    g[::7] = 0.0
+    p = (torch.randn(n, generator=_generator(32)) * 0.5).to(dtype)
+    codes1, absmax1, floats1 = _blockwise_states(n, rows, qmap1, 1e-2, seed=33, squared=1 in spec.squared_states)
+    codes2, absmax2, floats2 = _blockwise_states(n, 1, qmap2, 1e-4, seed=34) if two else (None, None, None)
+    extras = dict(weight_decay=0.01, lr=1e-2)
+    if layout == "tensor":  # one scale per state; the trust ratio exercises the measuring pass
+        max1 = floats1.abs().max().reshape(1)
+        codes1 = _on("reference", F.quantize_no_absmax, floats1 / max1, qmap1)
+        floats1 = qmap1[codes1.long()] * max1
+        if two:
+            max2 = floats2.abs().max().reshape(1)
+            codes2 = _on("reference", F.quantize_no_absmax, floats2 / max2, qmap2)
+            floats2 = qmap2[codes2.long()] * max2
+        extras["max_unorm"] = 0.02
+    else:
+        extras["skip_zeros"] = True
+    hyper = _optimizer_hyper(kind, **extras)
+    skip_zeros = bool(hyper.pop("skip_zeros"))
+    max_unorm = hyper.pop("max_unorm")
+    common = dict(beta1=hyper["beta1"], eps=hyper["eps"], step=3, lr=hyper["lr"], weight_decay=hyper["weight_decay"],
+                  gnorm_scale=hyper["gnorm_scale"], backend="cpu")  # fmt: skip
+
+    p32, s1, s2 = p.clone(), floats1.clone(), floats2.clone() if two else None
+    unorm = torch.zeros(1) if max_unorm > 0 else None
+    F.optimizer_update_32bit(kind, g, p32, s1, state2=s2, beta2=hyper["beta2"], beta3=hyper["beta3"],
+                             alpha=hyper["alpha"], unorm_vec=unorm, max_unorm=max_unorm, skip_zeros=skip_zeros,
+                             **common)  # fmt: skip
+    p8, c1, c2 = p.clone(), codes1.clone(), codes2.clone() if two else None
+    if layout == "blockwise":
+        a1, a2 = absmax1.clone(), absmax2.clone() if two else None
+        F.optimizer_update_8bit_blockwise(kind, g, p8, c1, c2, beta2=hyper["beta2"], beta3=hyper["beta3"],
+                                          alpha=hyper["alpha"], qmap1=qmap1, qmap2=qmap2 if two else None, absmax1=a1,
+                                          absmax2=a2, skip_zeros=skip_zeros, **common)  # fmt: skip
+        for got_codes, got_absmax, new, qmap in ((c1, a1, s1, qmap1), (c2, a2, s2, qmap2))[: 1 + two]:
+            for row in range(got_codes.shape[0] if got_codes.dim() == 2 else 1):
+                want_codes, want = _on("reference", F.quantize_blockwise, new.reshape(-1, n)[row], code=qmap,
+                                       blocksize=256)  # fmt: skip
+                assert torch.equal(got_codes.reshape(-1, n)[row], want_codes)
+                assert torch.equal(got_absmax.reshape(-1, want.absmax.numel())[row], want.absmax)
+    else:
+        new_max1, new_max2 = torch.zeros(1), torch.zeros(1) if two else None
+        unorm8 = torch.zeros(1)
+        F.optimizer_update_8bit(kind, g, p8, c1, c2, beta2=hyper["beta2"], qmap1=qmap1, qmap2=qmap2 if two else None,
+                                max1=max1, max2=max2 if two else None, new_max1=new_max1, new_max2=new_max2,
+                                unorm_vec=unorm8, max_unorm=max_unorm, **common)  # fmt: skip
+        assert torch.equal(unorm8, unorm)
+        for got_codes, got_max, new, qmap in ((c1, new_max1, s1, qmap1), (c2, new_max2, s2, qmap2))[: 1 + two]:
+            assert torch.equal(got_max, new.abs().max().reshape(1))
+            assert torch.equal(got_codes, _on("reference", F.quantize_no_absmax, new * (1 / got_max), qmap))
+    assert _same(p8, p32)
+
+
 # ------------------------------------------------------------------ 4-bit exactness
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -250,6 +447,122 @@ def test_one_row_sums_each_block_before_scaling_it(isa, blocksize, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
 
 
+#: Shapes that reach every layout of the fused kernel (kernels.c, gemm4_layout): K a
+#: multiple of 128 (one-row 128-element chunks: blocks of 4096 straddle weight rows at
+#: K = 384), of 64 but not 128 (bfloat16 pairs; blocks of 128 then start mid-row), and of
+#: neither (element by element).
+LAYOUT_KS = [384, 192, 100]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("K", LAYOUT_KS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+def test_every_matmul_layout_matches_the_reference(isa, rows, K, blocksize, dtype):
+    N = 37  # not a multiple of the 4- and 8-row tiles: the remainder rows run too
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(K + blocksize)), blocksize=blocksize,
+                                    quant_type="nf4", backend="reference")  # fmt: skip
+    A = (torch.randn(rows, K, generator=_generator(rows)) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(N, generator=_generator(3)).to(dtype)
+    tolerance = CONFORMANCE["matmul_4bit"]
+    for b in (None, bias):
+        got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state, bias=b)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_non_finite_activations_and_scales_reach_the_same_outputs(isa, rows, dtype):
+    # An inf or NaN activation spoils every output of its row; a NaN or inf block scale the
+    # outputs of its weight row; a zero scale leaves its block out. (Whether a spoiled
+    # output is inf or NaN depends on the order of the sums: an inf scale times a block's
+    # sum is inf where the reference, adding +inf and -inf weights, gets NaN.)
+    N, K = 9, 256
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(5)), blocksize=64, quant_type="nf4",
+                                    backend="reference")  # fmt: skip
+    state.absmax[1 * K // 64] = math.nan  # weight row 1
+    state.absmax[3 * K // 64 + 2] = math.inf  # weight row 3
+    state.absmax[5 * K // 64] = 0.0
+    A = (torch.randn(rows, K, generator=_generator(6)) / 16).to(dtype)
+    A[0, 7] = math.inf
+    if rows > 1:
+        A[1, 100] = math.nan
+    got = _on("cpu", kbit.matmul_4bit, A, packed.t(), quant_state=state).float()
+    want = _on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state).float()
+    finite = want.isfinite()
+    assert torch.equal(got.isfinite(), finite) and bool(got[:, 1].isnan().all())  # row 1: a NaN scale
+    tolerance = CONFORMANCE["matmul_4bit"]
+    torch.testing.assert_close(got[finite], want[finite], rtol=tolerance.rtol, atol=tolerance.atol)
+
+
+def _relative_error(got: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((got.double() - truth).norm() / truth.norm())
+
+
+@pytest.fixture
+def realistic_layer():
+    """A 4096-wide NF4 weight like a trained layer's (normal, std 0.02) and activations with
+    a few outlier features, as in transformer hidden states, plus the exact product of the
+    dequantized weight in float64."""
+    K = N = 1024
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=_generator(21)) * 0.02, blocksize=64,
+                                    quant_type="nf4", backend="reference")  # fmt: skip
+    A = torch.randn(4, K, generator=_generator(22))
+    A[:, torch.randperm(K, generator=_generator(23))[:8]] *= 30
+    weight = _on("reference", F.dequantize_4bit, packed, state).double()
+    return packed, state, A, weight
+
+
+def test_bfloat16_products_are_as_accurate_as_the_reference(isa, realistic_layer):
+    # The bfloat16 dot-product kernels round the weights to bfloat16 as the reference does
+    # (the batch kernel to the same values, the one-row kernel the table before scaling):
+    # their error from the exact product of the same inputs stays at the reference's.
+    packed, state, A, weight = realistic_layer
+    A = A.bfloat16()
+    truth = A.double() @ weight.T
+    reference = _relative_error(_on("reference", kbit.matmul_4bit, A, packed.t(), quant_state=state), truth)
+    for rows in (1, 4):  # the one-row kernel, then the batch kernel
+        got = torch.cat([_on("cpu", kbit.matmul_4bit, A[i : i + rows], packed.t(), quant_state=state)
+                         for i in range(0, 4, rows)])  # fmt: skip
+        assert _relative_error(got, truth) < 1.25 * reference, (rows, _relative_error(got, truth), reference)
+
+
+def test_float32_products_stay_float32_unless_torch_allows_bfloat16(isa, realistic_layer):
+    packed, state, A, weight = realistic_layer
+    truth = A.double() @ weight.T
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            for rows in (1, 4):
+                got = torch.cat([_on("cpu", kbit.matmul_4bit, A[i : i + rows], packed.t(), quant_state=state)
+                                 for i in range(0, 4, rows)])  # fmt: skip
+                assert got.dtype == torch.float32
+                error = _relative_error(got, truth)
+                if precision == "medium" and LIBRARY.bf16_dot:
+                    # A rounded to bfloat16: the bfloat16 class (about 2e-3), not float32's.
+                    assert 1e-5 < error < 5e-3, (precision, rows, error)
+                else:
+                    assert error < 1e-5, (precision, rows, error)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_the_bfloat16_dot_product_instruction_set_is_offered_where_the_cpu_has_it():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    # The tier holds AVX-512 with VBMI and BF16 (the CPUs that have one have both but Cooper Lake).
+    has_bf16 = all(f" {flag} " in flags.replace("\n", " ") for flag in ("avx512_bf16", "avx512bw", "avx512vbmi"))
+    built = "avx512bf16" in json.loads((Path(_library.__file__).parent / "_native_build.json").read_text())["isas"]
+    assert ("avx512bf16" in ISAS) == (has_bf16 and built)
+    if "avx512bf16" in ISAS:
+        assert ISAS[:3] == ["avx512bf16", "avx512vbmi", "avx512"]
+        assert LIBRARY.bf16_dot == (LIBRARY.isa == "avx512bf16")
+        describe = "import kbit; print(kbit.backends.get('cpu').describe())"
+        assert _in_subprocess(describe).startswith("avx512bf16 kernels")
+        assert _in_subprocess(describe, KBIT_CPU_ISA="avx512vbmi").startswith("avx512vbmi kernels")
+
+
 # ------------------------------------------------------------------------------ int8
 @pytest.mark.parametrize("threshold", [0.0, 2.5])
 def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):
@@ -265,6 +578,10 @@ def test_int8_vectorwise_quant_matches_the_reference(isa, threshold):
 # -------------------------------------------------------------------------- threads
 def test_results_do_not_depend_on_the_thread_count(cpu):
     values = _mixed_magnitudes(1_000_000, seed=12)
+    # a weight large enough for the 4-bit products to split its rows between threads
+    weight, weight_state = F.quantize_4bit(torch.randn(1000, 1024, generator=_generator(13)), quant_type="nf4")
+    activations = [torch.randn(rows, 1024, generator=_generator(rows)).to(dtype)
+                   for rows in (1, 5) for dtype in (torch.float32, torch.bfloat16)]  # fmt: skip
     previous = torch.get_num_threads()
     results = []
     try:
@@ -272,7 +589,8 @@ def test_results_do_not_depend_on_the_thread_count(cpu):
             torch.set_num_threads(threads)
             codes, state = _on("cpu", F.quantize_blockwise, values, blocksize=256)
             packed, state4 = _on("cpu", F.quantize_4bit, values)
-            results.append((codes, state.absmax, packed, _on("cpu", F.dequantize_4bit, packed, state4)))
+            products = [_on("cpu", kbit.matmul_4bit, A, weight.t(), quant_state=weight_state) for A in activations]
+            results.append((codes, state.absmax, packed, _on("cpu", F.dequantize_4bit, packed, state4), *products))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:
@@ -333,6 +651,9 @@ def _in_subprocess(code: str, **env: str) -> str:
 def test_kbit_cpu_isa_chooses_the_instruction_set_and_a_bad_one_is_reported():
     describe = "import kbit; print(kbit.backends.get('cpu').describe())"
     assert _in_subprocess(describe, KBIT_CPU_ISA="portable").startswith("portable kernels")
+    assert _in_subprocess(describe).startswith(f"{ISAS[0]} kernels")  # the best set by default
+    if "avx512vbmi" in ISAS:  # and AVX-512 without VBMI on request
+        assert _in_subprocess(describe, KBIT_CPU_ISA="avx512").startswith("avx512 kernels")
     reason = _in_subprocess("from kbit_cpu.backend import CpuBackend; print(CpuBackend().is_available())",
                             KBIT_CPU_ISA="sse9")  # fmt: skip
     assert "KBIT_CPU_ISA='sse9' is not supported here" in reason

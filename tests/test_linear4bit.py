@@ -367,3 +367,20 @@ def test_top_level_names():
     assert kbit.matmul_4bit is kbit.autograd.matmul_4bit
     assert issubclass(LinearNF4, Linear4bit) and LinearNF4(8, 4).weight.quant_type == "nf4"
     assert LinearFP4(8, 4).weight.quant_type == "fp4"
+
+
+def test_loading_another_checkpoint_replaces_the_expanded_scales():
+    # The forward keeps the nested absmax expanded (derived from the state): a load of other
+    # weights, in place or as a new state, must never meet the old scales.
+    layer = Linear4bit(256, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    other = Linear4bit(256, 64, compute_dtype=torch.float32, quant_type="nf4")
+    other.load_state_dict(torch.nn.Linear(256, 64).state_dict())
+    other = other.to("cpu")
+    x = _seeded(1, 256, seed=7)
+    before = layer(x)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x)) and not torch.equal(layer(x), before)
+    assert torch.equal(layer(x), _float_reference(layer, x))
+    with torch.no_grad():  # an in-place write through the parameter's state, as a user might
+        layer.weight.quant_state.state2.absmax.mul_(0.5)
+    assert torch.equal(layer(x), _float_reference(layer, x))

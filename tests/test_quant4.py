@@ -432,3 +432,135 @@ def test_nested_absmax_confines_non_finite_values_to_their_nested_block(poison, 
     second = slice(256 * 64, None)
     assert torch.isfinite(back[second]).all()
     assert (back[second] - plain[second]).abs().mean() < 0.01 * plain[second].abs().mean()
+
+
+# ---------------------------------------------------------------- expanded nested absmax
+def _scales_used(state) -> torch.Tensor:
+    """The float32 scales a 4-bit op is given for ``state`` (expanded once, then cached)."""
+    from kbit.functional._blockwise import _float_absmax
+
+    return _float_absmax("test", state, None)
+
+
+def _expanded_now(state) -> torch.Tensor:
+    """The nested absmax expanded from scratch (``state2`` itself is never nested)."""
+    return F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def _nested_state(seed: int = 50):
+    return F.quantize_4bit(_seeded(96, 256, seed=seed), blocksize=64, quant_type="nf4", compress_statistics=True)
+
+
+def test_a_nested_absmax_is_expanded_once_per_state():
+    packed, state = _nested_state()
+    first = _scales_used(state)
+    assert _scales_used(state) is first and torch.equal(first, _expanded_now(state))
+    _, other = _nested_state(seed=51)
+    assert not torch.equal(_scales_used(other), first)
+
+
+def _write_codes_in_place(state):
+    state.absmax.copy_(state.absmax.flip(0))
+
+
+def _replace_codes(state):
+    state.absmax = state.absmax.flip(0)
+
+
+def _reassign_codes_data(state):
+    state.absmax.data = state.absmax.flip(0)
+
+
+def _write_nested_absmax_in_place(state):
+    state.state2.absmax.mul_(2)
+
+
+def _replace_nested_absmax(state):
+    state.state2.absmax = state.state2.absmax * 2
+
+
+def _write_offset_in_place(state):
+    state.offset.add_(1)
+
+
+def _replace_offset(state):
+    state.offset = state.offset + 1
+
+
+def _write_nested_code_in_place(state):
+    with torch.no_grad():
+        state.state2.code[200:] = state.state2.code[200:] * 0.5
+
+
+def _replace_nested_state(state):
+    state.state2 = copy.deepcopy(state.state2)
+    state.state2.absmax.mul_(3)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_write_codes_in_place, _replace_codes, _reassign_codes_data, _write_nested_absmax_in_place,
+     _replace_nested_absmax, _write_offset_in_place, _replace_offset, _write_nested_code_in_place,
+     _replace_nested_state],
+)  # fmt: skip
+def test_a_changed_nested_state_is_expanded_again(change):
+    packed, state = _nested_state()
+    # The state's own copy of the nested code table: the one quantize_4bit put there is
+    # kbit's shared, cached dynamic map, which an in-place write would change for everyone.
+    state.state2.code = state.state2.code.clone()
+    A = _seeded(2, 256, seed=52)
+    before = _scales_used(state).clone()
+    kbit.matmul_4bit(A, packed.t(), state)  # the product fills the cache too
+    change(state)
+    now = _expanded_now(state)
+    assert not torch.equal(now, before)
+    assert torch.equal(_scales_used(state), now)
+    # and the products use the new scales: the same as a state that never had a cache
+    fresh = copy.deepcopy(state)
+    assert torch.equal(kbit.matmul_4bit(A, packed.t(), state), kbit.matmul_4bit(A, packed.t(), fresh))
+    assert torch.equal(F.dequantize_4bit(packed, state), F.dequantize_4bit(packed, fresh))
+
+
+def test_the_expanded_absmax_is_never_part_of_the_state():
+    import pickle
+
+    from kbit.functional._quant_state import EXPANDED_ABSMAX
+
+    packed, state = _nested_state()
+    _scales_used(state)
+    assert EXPANDED_ABSMAX in state.__dict__
+    assert EXPANDED_ABSMAX not in copy.deepcopy(state).__dict__
+    assert EXPANDED_ABSMAX not in pickle.loads(pickle.dumps(state)).__dict__
+    assert set(state.as_dict()) == set(copy.deepcopy(state).as_dict()) and state == copy.deepcopy(state)
+    state.to("cpu")  # a move drops it (the tensors are others now)
+    assert EXPANDED_ABSMAX not in state.__dict__
+
+
+def test_scales_cached_in_inference_mode_serve_a_training_step():
+    # Inference tensors cannot be saved for backward: the cache holds a normal tensor.
+    packed, state = _nested_state()
+    A = _seeded(3, 256, seed=53)
+    with torch.inference_mode():
+        kbit.matmul_4bit(A, packed.t(), state)
+    assert not _scales_used(state).is_inference()
+    A.requires_grad_(True)
+    kbit.matmul_4bit(A, packed.t(), state).square().sum().backward()
+    weight = F.dequantize_4bit(packed, state)
+    torch.testing.assert_close(A.grad, 2 * (A.detach() @ weight.T) @ weight)
+
+
+def test_no_cache_while_tracing_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kbit.functional._quant_state import EXPANDED_ABSMAX
+
+    packed, state = _nested_state()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_packed = mode.from_tensor(packed)
+        fake_state = F.QuantState(mode.from_tensor(state.absmax), shape=state.shape, code=mode.from_tensor(state.code),
+                                  blocksize=64, quant_type="nf4", dtype=torch.float32,
+                                  offset=mode.from_tensor(state.offset), state2=copy.copy(state.state2))  # fmt: skip
+        fake_state.state2.absmax = mode.from_tensor(state.state2.absmax)
+        fake_state.state2.code = mode.from_tensor(state.state2.code)
+        out = kbit.matmul_4bit(mode.from_tensor(_seeded(2, 256)), fake_packed.t(), fake_state)
+    assert out.shape == (2, 96) and EXPANDED_ABSMAX not in fake_state.__dict__

@@ -1,8 +1,9 @@
 """Build the native library of kbit-cpu: one shared object, kernels compiled per instruction set.
 
 ``csrc/kernels.c`` is compiled once per instruction set with that set's flags only
-(``-mavx512f ...``, ``-mavx2 -mfma -mf16c``, and none for the portable build), never with
-``-march=native``; ``csrc/api.c`` picks the best one at run time. On CPUs other than
+(``-mavx512f ... -mavx512vbmi -mavx512bf16`` where the compiler knows it, ``-mavx512f ...
+-mavx512vbmi``, ``-mavx512f ...``, ``-mavx2 -mfma -mf16c``, and none for the portable build),
+never with ``-march=native``; ``csrc/api.c`` picks the best one at run time. On CPUs other than
 x86-64 (aarch64, ...) only the portable build exists; ``KBIT_CPU_PORTABLE_ONLY=1`` builds
 only that one on x86-64 too (the path other architectures take, testable here). The
 library is a plain C ABI called through ctypes, so the wheel is tagged
@@ -41,10 +42,16 @@ BUILD_REPORT = "_native_build.json"
 
 COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
 # Kernel objects per instruction set: (name, extra flags). The first entries need x86-64.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 X86_ISAS = [
-    ("avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]),
+    ("avx512vbmi", [*_AVX512, "-mavx512vbmi"]),
+    ("avx512", _AVX512),
     ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
 ]
+# AVX-512 with VBMI plus the bfloat16 dot products (one tier: CPUs with BF16 and without VBMI,
+# Cooper Lake only, take the avx512 kernels), built only where the compiler knows the flag (GCC 9+,
+# Clang 9+); api.c then offers it first (-DKB_HAVE_AVX512BF16).
+AVX512BF16 = ("avx512bf16", [*_AVX512, "-mavx512vbmi", "-mavx512bf16"])
 PORTABLE = ("portable", [])
 
 
@@ -86,7 +93,8 @@ class BuildNative(build_ext):
         temp = Path(self.build_temp) / "kbit_cpu"
         openmp = self._supports(["-fopenmp"])
         x86 = _is_x86_64() and os.environ.get("KBIT_CPU_PORTABLE_ONLY") != "1"
-        isas = ([*X86_ISAS] if x86 else []) + [PORTABLE]
+        bf16 = x86 and self._supports(AVX512BF16[1])
+        isas = ([AVX512BF16] if bf16 else []) + ([*X86_ISAS] if x86 else []) + [PORTABLE]
         objects: list[str] = []
         for name, flags in isas:
             objects += compiler.compile(
@@ -101,7 +109,7 @@ class BuildNative(build_ext):
             [str(CSRC / source) for source in shared],
             output_dir=str(temp / "shared"),
             include_dirs=[str(CSRC)],
-            macros=[] if x86 else [("KB_PORTABLE_ONLY", "1")],
+            macros=([] if x86 else [("KB_PORTABLE_ONLY", "1")]) + ([("KB_HAVE_AVX512BF16", "1")] if bf16 else []),
             extra_postargs=COMMON_FLAGS + (["-fopenmp"] if openmp else []),
         )
         compiler.link_shared_object(

@@ -17,9 +17,9 @@ import torch
 from .._errors import KbitValueError, QuantStateError
 from .._formats import BLOCKSIZES_8BIT_ALL, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
-from .._ops import call_with_backend
+from .._ops import call_with_backend, dispatcher_needed
 from ._codebooks import cached_code
-from ._quant_state import QuantState
+from ._quant_state import EXPANDED_ABSMAX, QuantState
 from ._validate import (
     check_buffer,
     check_choice,
@@ -159,15 +159,62 @@ def nest_absmax(scales: torch.Tensor, backend: Optional[str]) -> tuple[torch.Ten
 
 
 def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.Tensor:
-    """The float32 per-block scales of ``state``, undoing nesting if needed."""
+    """The float32 per-block scales of ``state``, undoing nesting if needed.
+
+    A nested absmax is expanded once and kept on the state (:func:`_expanded_absmax`): a
+    4-bit layer's forward needs the scales on every call, and expanding them cost more
+    than the product itself at batch 1.
+    """
     if state.nested:
-        return dequantize_blockwise(state.absmax, state.state2, backend=backend) + state.offset
+        return _expanded_absmax(state, backend)
     absmax = check_tensor(op, "absmax", state.absmax)
     if not absmax.is_floating_point():
         raise QuantStateError("absmax", f"dtype {absmax.dtype} is not a float scale and the state is not nested", op=op)
     # Flattened: states stacked along a first axis (AdEMAMix's two first moments) keep a
     # (2, blocks) absmax whose blocks follow each other in the flattened codes.
     return absmax.to(torch.float32).reshape(-1).contiguous()
+
+
+def _expanded_absmax(state: QuantState, backend: Optional[str]) -> torch.Tensor:
+    """``dequantize_blockwise(absmax, state2) + offset`` for a nested ``state``, cached on it.
+
+    The cache is derived data, recomputed whenever what it came from may have changed: its
+    key holds each input tensor itself (a replaced tensor is another object), its version
+    counter (every in-place write through torch bumps it, as autograd relies on) and data
+    pointer (``.data`` reassigned), and the nested blocksize, shape and dtype. Writes that
+    bypass torch's version counter (through ``tensor.data`` or raw pointers) are not seen;
+    change a state by assigning new tensors or writing in place. The scales are computed
+    outside inference mode, so a cached value can also be saved for a backward pass later,
+    and the cache is used only where an op call would run eagerly on plain tensors (not
+    while compiling, tracing, or under a dispatch mode, where a cached real tensor must
+    not stand in for a traced one). Float32 scales of a nested state take as much memory
+    as a state that is not nested.
+    """
+    state2, offset = state.state2, state.offset
+    tensors = (state.absmax, offset, state2.absmax, state2.code)
+    if dispatcher_needed(tensors) or backend is not None:
+        return dequantize_blockwise(state.absmax, state2, backend=backend) + offset
+    key = (
+        tuple((t, t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (t,) for t in tensors),
+        state2.blocksize,
+        state2.shape,
+        state2.dtype,
+    )
+    cached = state.__dict__.get(EXPANDED_ABSMAX)
+    if cached is not None and _same_key(cached[0], key):
+        return cached[1]
+    with torch.inference_mode(False), torch.no_grad():
+        scales = dequantize_blockwise(state.absmax, state2) + offset
+    state.__dict__[EXPANDED_ABSMAX] = (key, scales)
+    return scales
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys of :func:`_expanded_absmax` name the same inputs (tensors by identity)."""
+    (tensors_a, *rest_a), (tensors_b, *rest_b) = a, b
+    return rest_a == rest_b and all(
+        len(x) == len(y) and x[0] is y[0] and x[1:] == y[1:] for x, y in zip(tensors_a, tensors_b)
+    )
 
 
 def dequantize_blockwise(

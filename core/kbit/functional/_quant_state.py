@@ -57,6 +57,11 @@ _FIELDS = (
 )
 
 
+#: Attribute under which a nested state keeps its float32 scales, expanded once by
+#: ``kbit.functional._blockwise._expanded_absmax``: derived data, never serialized or compared.
+EXPANDED_ABSMAX = "_expanded_absmax"
+
+
 def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     if a is None or b is None:
         return a is b
@@ -129,6 +134,7 @@ class QuantState:
 
     def to(self, device: torch.device | str) -> "QuantState":
         """Move every tensor to ``device`` (in place, like ``Module.to``) and return self."""
+        self.__dict__.pop(EXPANDED_ABSMAX, None)  # expanded again, on the new device, when needed
         self.absmax = self.absmax.to(device)
         if self.code is not None:
             self.code = self.code.to(device)
@@ -211,6 +217,12 @@ class QuantState:
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles (and deep copies) carry the state's fields, not the derived cache.
+        state = dict(self.__dict__)
+        state.pop(EXPANDED_ABSMAX, None)
+        return state
 
     def __repr__(self) -> str:
         nested = ", nested" if self.nested else ""

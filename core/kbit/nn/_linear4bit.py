@@ -11,7 +11,7 @@ from .._errors import KbitWarning
 from .._formats import FLOAT_DTYPES
 from ..autograd._matmul4bit import matmul_4bit
 from ..functional._validate import check_choice, check_dtype
-from ._params4bit import Weight4bitStateDict
+from ._params4bit import Params4bit, Weight4bitStateDict
 
 __all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -85,11 +85,17 @@ class Linear4bit(Weight4bitStateDict, torch.nn.Linear):
         """``x @ W.T + bias`` in the compute dtype, returned in ``x``'s dtype."""
         check_dtype("Linear4bit", "x", x, FLOAT_DTYPES)
         weight, state = self._packed_weight()
+        if isinstance(weight, Params4bit) and not weight.requires_grad:
+            # Its plain data: a tensor subclass takes torch's dispatcher path into the op
+            # (kbit._ops: about 20 us a call), and Params4bit's hook changes nothing here.
+            weight = weight.data
         compute_dtype = self._compute_dtype_for(x)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
         out = matmul_4bit(x.to(compute_dtype), weight, state, bias=bias)
-        # The first input that worked settles the compute dtype.
-        self.compute_dtype, self.compute_type_is_set = compute_dtype, True
+        # The first input that worked settles the compute dtype (assigned only then: a
+        # module's __setattr__ costs microseconds on every call).
+        if not self.compute_type_is_set or self.compute_dtype != compute_dtype:
+            self.compute_dtype, self.compute_type_is_set = compute_dtype, True
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -55,15 +55,42 @@ static int cpu_has_avx512(void) {
     const unsigned need = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);
     return (b & need) == need;
 }
+
+/* The above plus AVX512-VBMI (byte permutes across a whole register). */
+static int cpu_has_avx512vbmi(void) {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512()) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 1) & 1u;
+}
+
+#ifdef KB_HAVE_AVX512BF16
+/* AVX-512 with VBMI as above plus AVX512_BF16 (the bfloat16 dot product and conversions):
+ * the set of Sapphire Rapids and Zen 4 and later, so one tier serves both extensions. */
+static int cpu_has_avx512bf16(void) {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512vbmi()) return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1u;
+}
+#endif
 #endif
 
 /* Instruction sets by preference; the first one this CPU runs is the default. */
 static const kb_kernels *candidate(int i, int *supported) {
 #if KB_X86_KERNELS
+#ifdef KB_HAVE_AVX512BF16
+    if (i == 0) {
+        *supported = cpu_has_avx512bf16();
+        return &kb_kernels_avx512bf16;
+    }
+    --i;
+#endif
     switch (i) {
-    case 0: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
-    case 1: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
-    case 2: *supported = 1; return &kb_kernels_portable;
+    case 0: *supported = cpu_has_avx512vbmi(); return &kb_kernels_avx512vbmi;
+    case 1: *supported = cpu_has_avx512(); return &kb_kernels_avx512;
+    case 2: *supported = cpu_has_avx2(); return &kb_kernels_avx2;
+    case 3: *supported = 1; return &kb_kernels_portable;
     default: return NULL;
     }
 #else
@@ -314,7 +341,8 @@ void kb_dequantize_4bit(const uint8_t *packed, int64_t n, int64_t bs, const floa
                         void *out, int dtype, int nthreads) {
     const kb_kernels *k = g_kernels;
     const int nt = threads_for(n, nthreads, KB_GRAIN);
-    prefer_huge_pages(out, n * dtype_size(dtype));
+    const int64_t size = dtype_size(dtype);
+    prefer_huge_pages(out, n * size);
     if (nt <= 1) {
         k->dequantize4(packed, 0, n, bs, table, absmax, out, dtype);
         return;
@@ -339,34 +367,28 @@ static void store_scalar(void *y, int dtype, int64_t i, float v) {
     else ((uint16_t *)y)[i] = kb_f32_to_bf16(v);
 }
 
-void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
-                    int64_t bs, const float *table, int64_t N, const void *bias, void *out, int out_dtype,
-                    int nthreads) {
+int kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
+                   int64_t bs, const float *table, int64_t N, const void *bias, void *out, int out_dtype, int nthreads) {
     const kb_kernels *k = g_kernels;
-    /* A as float32, packed for the vector path (see kernels.c, gemm4): chunk-major, each
-     * chunk's even elements then its odd ones. A copy of the activations, never of the weight. */
-    const int64_t chunk = k->gemm_chunk, lanes = chunk / 2;
-    const int fast = K % chunk == 0;
-    float *A32 = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
-    if (!A32) return;
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < K; ++i) {
-            const int64_t c = i / chunk, j = i % chunk;
-            const int64_t at = fast ? (c * M + m) * chunk + (j & 1) * lanes + j / 2 : m * K + i;
-            A32[at] = load_scalar(A, a_dtype, m * K + i);
-        }
+    /* A copied once into the layout the kernel reads (kernels.c, gemm4_layout): a copy of
+     * the activations, never of the weight. */
+    const int64_t bytes = k->gemm4_packed_a_bytes(M, K, a_dtype);
+    void *packed_a = malloc((size_t)(bytes > 0 ? bytes : 1));
+    if (!packed_a) return -1;
+    k->gemm4_pack_a(A, a_dtype, M, K, packed_a);
     const int nt = threads_for(N * K * (M < 4 ? 1 : M / 4), nthreads, 1 << 18);
     if (nt <= 1) {
-        k->gemm4(A32, M, K, packed, absmax, bs, table, 0, N, N, bias, out, out_dtype);
+        k->gemm4(packed_a, a_dtype, M, K, packed, absmax, bs, table, 0, N, N, bias, out, out_dtype);
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
         for (int t = 0; t < nt; ++t) {
             int64_t o0, o1;
             share(N, t, nt, 8, &o0, &o1);
-            k->gemm4(A32, M, K, packed, absmax, bs, table, o0, o1, N, bias, out, out_dtype);
+            k->gemm4(packed_a, a_dtype, M, K, packed, absmax, bs, table, o0, o1, N, bias, out, out_dtype);
         }
     }
-    free(A32);
+    free(packed_a);
+    return 0;
 }
 
 /* ======================================================================= int8 */
@@ -463,7 +485,7 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
     st->update_scale = 1.0f;
     const int measure = st->layout == KB_STATE_U8_TENSOR || (st->clip && st->layout == KB_STATE_F32);
     if (measure) {
-        run_optimizer_pass(k, st, t, 0, nt, parts);
+        run_optimizer_pass(k, st, t, KB_PASS_MEASURE, nt, parts);
         double param_sq = 0.0, update_sq = 0.0;
         int32_t max1 = 0, max2 = 0;
         for (int i = 0; i < nt; ++i) {
@@ -484,6 +506,6 @@ int kb_optimizer_update(kb_optimizer_step *st, kb_optimizer_tensors *t, float *u
             st->use_update_scale = 1;
         }
     }
-    run_optimizer_pass(k, st, t, 1, nt, parts);
+    run_optimizer_pass(k, st, t, KB_PASS_WRITE, nt, parts);
     return 0;
 }

@@ -10,6 +10,12 @@
  * holds the count at the lowest value of each such bucket, and ``steps`` more
  * compare-and-increment steps finish the count, ``steps`` being the most bounds any bucket
  * spans (1 or 2 for the format's tables).
+ *
+ * Tables with at most one bound per bucket (all of the format's: the dynamic maps, linear,
+ * FP8, NF4, FP4) also get the compact index (kb_codebook.compact): the buckets that hold
+ * bounds plus one below and one above them, per sign, each entry carrying the two codes a
+ * value of the bucket can take and the low bits of the bound between them. It is 22 KB
+ * for the dynamic maps instead of 64 KB and needs no second lookup.
  */
 #include <math.h>
 #include <stddef.h>
@@ -110,6 +116,63 @@ static void fill_buckets(kb_codebook *cb) {
     cb->steps = steps <= KB_MAX_STEPS ? steps : -1;
 }
 
+/* The magnitudes [*low, *high] (float bits without the sign) of compact bucket ``i``. */
+static void compact_bucket(const kb_codebook *cb, int32_t i, uint32_t *low, uint32_t *high) {
+    const int32_t key = cb->compact_lo - 1 + i;
+    if (i == 0) { /* every magnitude below the smallest bound's key (none when that key is 0) */
+        *low = 0;
+        *high = cb->compact_lo > 0 ? ((uint32_t)cb->compact_lo << 16) - 1u : 0;
+    } else if (i == cb->compact_size - 1) { /* every magnitude above the largest bound's key */
+        *low = (uint32_t)key << 16;
+        *high = 0x7f800000u; /* inf; NaN is placed here too and never meets a bound */
+    } else {
+        *low = (uint32_t)key << 16;
+        *high = *low | 0xffffu;
+    }
+}
+
+static void fill_compact(kb_codebook *cb) {
+    cb->compact_size = 0;
+    if (cb->nbounds < 1) return;
+    int32_t lo = 0x7fff, hi = 0;
+    for (int32_t j = 0; j < cb->nbounds; ++j) {
+        const int32_t key = (int32_t)((kb_bits(cb->bounds[j]) & 0x7fffffffu) >> 16);
+        if (key < lo) lo = key;
+        if (key > hi) hi = key;
+    }
+    /* An infinite bound shares its bucket with NaNs, which must count all bounds. */
+    if (hi >= 0x7f80 || hi - lo + 3 > KB_COMPACT_MAX) return;
+    cb->compact_lo = lo;
+    cb->compact_hi = hi;
+    cb->compact_size = hi - lo + 3;
+    for (int negative = 0; negative < 2; ++negative) {
+        for (int32_t i = 0; i < cb->compact_size; ++i) {
+            uint32_t low, high;
+            compact_bucket(cb, i, &low, &high);
+            const float lowest = negative ? -kb_float(high) : kb_float(low);
+            const float highest = negative ? -kb_float(low) : kb_float(high);
+            /* Every value x of the bucket has lowest <= x <= highest, and the bounds b
+             * with lowest <= b < highest are the ones whose side depends on x. */
+            const int32_t first = count_below(cb, lowest), inside = count_below(cb, highest) - first;
+            if (inside > 1) {
+                cb->compact_size = 0;
+                return;
+            }
+            uint32_t residual = 0xffffu;
+            if (inside == 1) {
+                const uint32_t bits = kb_bits(cb->bounds[first]);
+                residual = (negative ? ~bits : bits) & 0xffffu;
+            }
+            const uint32_t below = (uint32_t)cb->index[first], above = (uint32_t)cb->index[first + inside];
+            cb->compact[negative * cb->compact_size + i] = residual << 16 | above << 8 | below;
+        }
+    }
+}
+
+void kb_codebook_drop_compact(kb_codebook *cb) { cb->compact_size = 0; }
+
+int kb_codebook_compact_size(const kb_codebook *cb) { return cb->compact_size; }
+
 int kb_codebook_init(kb_codebook *cb, const float *values, int n) {
     if (n < 1 || n > KB_MAX_CODES) return -1;
     for (int i = 0; i < n; ++i)
@@ -136,5 +199,6 @@ int kb_codebook_init(kb_codebook *cb, const float *values, int n) {
     fill_bounds(cb);
     fill_tree(cb);
     fill_buckets(cb);
+    fill_compact(cb);
     return 0;
 }

@@ -80,6 +80,11 @@ KB_INLINE uint16_t kb_f32_to_f16(float f) {
  * format's tables does) is searched by bisection instead. */
 #define KB_MAX_STEPS 8
 
+/* Most buckets per sign of a codebook's compact index (see kb_codebook.compact): enough for
+ * every table of the format whose bounds are spread over at most 36 binades (the dynamic
+ * maps need 22 or 23, an FP8 map 36). */
+#define KB_COMPACT_MAX 4608
+
 /* A code table prepared for exact nearest-code search (ties to the lower index).
  *
  * The table's distinct values, sorted, are separated by ``nbounds`` float32 decision bounds
@@ -105,11 +110,31 @@ typedef struct kb_codebook {
     int32_t identity; /* index[c] == c for every c */
     int32_t ncodes;
     uint8_t start[KB_BUCKETS + 4]; /* +4: 32-bit gathers read 3 bytes past the last bucket */
+    /* The compact index: one 32-bit entry per bucket of magnitudes (a float's bits 30..16:
+     * exponent and 7 mantissa bits) per sign, for tables with at most one bound in any
+     * bucket, which the format's tables all are. Buckets run over the magnitude keys
+     * [compact_lo - 1, compact_hi + 1], compact_lo and compact_hi being the smallest and
+     * largest key of any bound: the first bucket takes every smaller magnitude and the
+     * last every larger one (NaN included), both free of bounds. Negative values use the
+     * second half (offset compact_size), chosen by x < 0 so that -0 and a NaN of either
+     * sign search as +0 and +NaN do. An entry holds the code below the bucket's bound
+     * (bits 0..7), the code above it (bits 8..15) and the bound's "residual" (bits 16..31):
+     * its low 16 bits, complemented for negative buckets, so that a value x of the bucket
+     * lies above the bound exactly when x's residual (formed alike) is larger. A bucket
+     * without a bound holds residual 0xffff, which no value exceeds. One lookup and one
+     * integer compare then give the code, NaN's and the index mapping included.
+     * compact_size is 0 when the table does not qualify (the other methods serve it). */
+    int32_t compact_lo, compact_hi, compact_size;
+    uint32_t compact[2 * KB_COMPACT_MAX];
 } kb_codebook;
 
 /* --------------------------------------------------------------- optimizer step */
 /* Per-element state layouts of the optimizer kernels. */
 enum { KB_STATE_F32 = 0, KB_STATE_U8_BLOCKWISE = 1, KB_STATE_U8_TENSOR = 2 };
+
+/* The passes of an optimizer step: a measuring pass (norms, whole-tensor scales) writes
+ * nothing; the writing pass follows it, or runs alone. */
+enum { KB_PASS_MEASURE = 0, KB_PASS_WRITE = 1 };
 
 /* What a measuring optimizer pass returns (one per thread, combined by api.c). */
 typedef struct kb_partials {
@@ -123,8 +148,6 @@ typedef struct kb_partials {
  * instruction set this CPU supports. */
 typedef struct kb_kernels {
     const char *name;
-    /* gemm4's fast path takes K in multiples of this many elements, with A de-interleaved */
-    int64_t gemm_chunk;
     /* absmax per block b in [b0, b1) of n elements, codes of the normalised values */
     void (*quantize8_blocks)(const void *x, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                              const kb_codebook *cb, float *absmax, uint8_t *codes);
@@ -142,17 +165,22 @@ typedef struct kb_kernels {
     /* table[nibble i] * absmax[i / bs] for i in [i0, i1), i0 even */
     void (*dequantize4)(const uint8_t *packed, int64_t i0, int64_t i1, int64_t bs, const float *table,
                         const float *absmax, void *out, int dtype);
-    /* out[m, o] = sum_k A[m, k] * W[o, k] (+ bias[o]) for o in [o0, o1), W the 4-bit [N, K]
-     * weight; bias (may be NULL) has out's dtype */
-    void (*gemm4)(const float *A, int64_t M, int64_t K, const uint8_t *packed, const float *absmax, int64_t bs,
-                  const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out, int out_dtype);
+    /* 4-bit matmul, in two steps: A [M, K] (a_dtype) is copied once per call into the layout
+     * gemm4 reads (gemm4_packed_a_bytes of scratch), then gemm4 computes out[m, o] =
+     * sum_k A[m, k] * W[o, k] (+ bias[o]) for o in [o0, o1), W the 4-bit [N, K] weight; bias
+     * (may be NULL) has out's dtype */
+    int64_t (*gemm4_packed_a_bytes)(int64_t M, int64_t K, int a_dtype);
+    void (*gemm4_pack_a)(const void *A, int a_dtype, int64_t M, int64_t K, void *packed_a);
+    void (*gemm4)(const void *packed_a, int a_dtype, int64_t M, int64_t K, const uint8_t *packed, const float *absmax,
+                  int64_t bs, const float *table, int64_t o0, int64_t o1, int64_t N, const void *bias, void *out,
+                  int out_dtype);
     /* int8 row quantization of rows [r0, r1); outlier columns (colmask != NULL) are zeroed */
     void (*int8_quant_rows)(const void *A, int dtype, int64_t r0, int64_t r1, int64_t K, float threshold,
                             const uint8_t *colmask, int8_t *codes, float *stats);
     /* out = A * stats[row] / 127 for rows [r0, r1) */
     void (*int8_dequant_rows)(const int8_t *A, int64_t r0, int64_t r1, int64_t K, const float *stats, float *out);
-    /* one optimizer step over elements [i0, i1) (blockwise: whole blocks). Pass 0 measures
-     * (norms, new whole-tensor scales) without writing; pass 1 writes. */
+    /* one optimizer step over elements [i0, i1) (blockwise: whole blocks); ``pass`` is a
+     * KB_PASS_* value: the measuring pass (norms, new whole-tensor scales) writes nothing */
     void (*optimizer_range)(const kb_optimizer_step *step, const kb_optimizer_tensors *t, int64_t i0, int64_t i1,
                             int pass, kb_partials *partials);
 } kb_kernels;
@@ -169,6 +197,11 @@ extern const kb_kernels kb_kernels_portable;
 #if KB_X86_KERNELS
 extern const kb_kernels kb_kernels_avx2;
 extern const kb_kernels kb_kernels_avx512;
+extern const kb_kernels kb_kernels_avx512vbmi;
+/* AVX-512 with VBMI plus the BF16 dot products (AVX512_BF16), built where the compiler supports them */
+#ifdef KB_HAVE_AVX512BF16
+extern const kb_kernels kb_kernels_avx512bf16;
+#endif
 #endif
 
 #endif /* KB_INTERNAL_H */

@@ -20,7 +20,7 @@
 #define KB_API __attribute__((visibility("default")))
 #endif
 
-#define KB_ABI_VERSION 2
+#define KB_ABI_VERSION 3
 #define KB_MAX_CODES 256
 
 enum { KB_F32 = 0, KB_F16 = 1, KB_BF16 = 2 };
@@ -84,11 +84,11 @@ typedef struct kb_optimizer_tensors {
 } kb_optimizer_tensors;
 
 KB_API int kb_abi_version(void);
-/* Name of the instruction set the kernels run with: "avx512", "avx2" or "portable". */
+/* Name of the instruction set the kernels run with: "avx512bf16", "avx512vbmi", "avx512", "avx2" or "portable". */
 KB_API const char *kb_isa(void);
 /* Names of the instruction sets this CPU and build support, best first, comma separated. */
 KB_API const char *kb_supported_isas(void);
-/* Use the named instruction set ("avx512", "avx2", "portable"); returns 0, or -1 when this
+/* Use the named instruction set ("avx512bf16", "avx512vbmi", "avx512", "avx2", "portable"); returns 0, or -1 when this
  * CPU or build cannot run it (the current choice is kept). */
 KB_API int kb_set_isa(const char *name);
 /* Name and version of the OpenMP runtime the library is linked with ("none" without). */
@@ -99,6 +99,11 @@ KB_API size_t kb_codebook_size(void);
  * (kb_codebook_size() bytes). Returns 0, or -1 when a value is NaN. */
 KB_API int kb_codebook_init(kb_codebook *cb, const float *values, int n);
 KB_API int kb_codebook_steps(const kb_codebook *cb);
+/* Buckets per sign of the table's compact index (0: the table is searched without one). */
+KB_API int kb_codebook_compact_size(const kb_codebook *cb);
+/* Make a prepared table use the general search, as a table without a compact index does
+ * (lets tests compare both methods on the same table). */
+KB_API void kb_codebook_drop_compact(kb_codebook *cb);
 
 /* ---------------------------------------------------------------- 8-bit */
 KB_API void kb_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t blocksize, const kb_codebook *cb,
@@ -123,10 +128,11 @@ KB_API void kb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocks
 KB_API void kb_dequantize_4bit(const uint8_t *packed, int64_t n, int64_t blocksize, const float *table,
                                const float *absmax, void *out, int dtype, int nthreads);
 /* out[M, N] (dtype out_dtype) = A[M, K] (dtype a_dtype) @ W[N, K].T (+ bias[N], dtype
- * out_dtype, added before the one rounding to out_dtype; NULL for none), W 4-bit packed. */
-KB_API void kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed,
-                           const float *absmax, int64_t blocksize, const float *table, int64_t N, const void *bias,
-                           void *out, int out_dtype, int nthreads);
+ * out_dtype, added before the one rounding to out_dtype; NULL for none), W 4-bit packed.
+ * Returns 0, or -1 when the copy of A cannot be allocated (out is then not written). */
+KB_API int kb_matmul_4bit(const void *A, int a_dtype, int64_t M, int64_t K, const uint8_t *packed,
+                          const float *absmax, int64_t blocksize, const float *table, int64_t N, const void *bias,
+                          void *out, int out_dtype, int nthreads);
 
 /* ---------------------------------------------------------------- int8 */
 /* Returns the number of outlier columns written to ``outlier_cols`` (capacity K). */

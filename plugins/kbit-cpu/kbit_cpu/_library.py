@@ -14,7 +14,8 @@ needs to run safely and says why when it cannot:
   would compete for the cores; the kernels then run on one thread and
   :attr:`NativeLibrary.thread_note` says why.
 
-``KBIT_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) forces an instruction set the CPU
+``KBIT_CPU_ISA`` (``avx512bf16``, ``avx512vbmi``, ``avx512``, ``avx2`` or ``portable``) forces an
+instruction set the CPU
 supports; by default the best one is used.
 """
 
@@ -32,7 +33,9 @@ from typing import Iterator, Optional
 __all__ = ["ABI_VERSION", "LibraryUnavailable", "NativeLibrary", "OptimizerStep", "OptimizerTensors", "load"]
 
 #: The C ABI version (``KB_ABI_VERSION`` in csrc/kbit_cpu.h) this package calls.
-ABI_VERSION = 2
+ABI_VERSION = 3
+#: Instruction sets whose 4-bit matmul multiplies bfloat16 values with the dot-product instruction.
+BF16_DOT_ISAS = ("avx512bf16",)
 #: The environment variable that forces an instruction set.
 ISA_VARIABLE = "KBIT_CPU_ISA"
 
@@ -114,6 +117,8 @@ _SIGNATURES = {
     "kb_codebook_size": (c_size_t, []),
     "kb_codebook_init": (c_int, [c_void_p, c_void_p, c_int]),
     "kb_codebook_steps": (c_int, [c_void_p]),
+    "kb_codebook_compact_size": (c_int, [c_void_p]),
+    "kb_codebook_drop_compact": (None, [c_void_p]),
     "kb_quantize_blockwise": (None, [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]),
     "kb_quantize_blockwise_stochastic": (
         None,
@@ -125,7 +130,7 @@ _SIGNATURES = {
     "kb_quantize_4bit": (None, [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int64, c_int]),
     "kb_dequantize_4bit": (None, [c_void_p, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int, c_int]),
     "kb_matmul_4bit": (
-        None,
+        c_int,
         [c_void_p, c_int, c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_int,
          c_int],
     ),
@@ -206,6 +211,11 @@ class NativeLibrary:
     def isa(self) -> str:
         """The instruction set the kernels run with."""
         return self.kb_isa().decode()
+
+    @property
+    def bf16_dot(self) -> bool:
+        """Whether the kernels in use have the bfloat16 dot product (AVX512_BF16)."""
+        return self.isa in BF16_DOT_ISAS
 
     @property
     def supported_isas(self) -> str:

@@ -226,11 +226,17 @@ class CpuBackend(Backend):
         if M > FUSED_MATMUL_MAX_ROWS and self._tiles_align(N, K, blocksize):
             self._matmul_in_tiles(A.view(M, K), packed, scales, blocksize, table, N, K, bias, out.view(M, N))
             return out
-        self.library.kb_matmul_4bit(
+        if A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium" and self.library.bf16_dot:
+            # torch's "medium" float32 matmul precision allows bfloat16 products: A rounded to
+            # bfloat16 takes the bfloat16 dot-product kernels; the sums and the result stay float32.
+            A = A.to(torch.bfloat16)
+        status = self.library.kb_matmul_4bit(
             A.data_ptr(), _DTYPE_CODES[A.dtype], M, K, packed.data_ptr(), scales.data_ptr(), blocksize,
-            table.data_ptr(), N, None if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_CODES[A.dtype],
+            table.data_ptr(), N, None if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_CODES[out.dtype],
             self._threads(),
         )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"matmul_4bit: out of memory for a copy of A ({M} x {K})")
         return out
 
     # One row is the matmul with M == 1; the fused kernel serves both.

@@ -196,6 +196,9 @@ def _gemv_inputs(variant: Variant) -> list[InputSet]:
             "rows_across_blocks": ((1, 1), 3, bs + 3),
             "all_zero_block": ((1,), 4, bs // 2 + 5),
             "with_bias": ((1,), 6, bs + 1),
+            # A multiple of 128 inputs and an odd number of outputs: the shape native
+            # kernels vectorise (blocks of 4096 then straddle weight rows), remainder rows included.
+            "vector_width": ((1,), 9, 256),
         },
     )
 
@@ -212,6 +215,7 @@ def _matmul_inputs(variant: Variant) -> list[InputSet]:
             "all_zero_block": ((2,), 4, bs // 2 + 5),
             "empty_batch": ((0,), 6, 40),
             "with_bias": ((3,), 6, bs + 1),
+            "vector_width": ((5,), 9, 256),  # as in gemv_4bit, with a remainder of rows of A
         },
     )
 
