@@ -197,6 +197,22 @@ def test_stochastic_rounding_matches_the_reference_for_a_given_rand(isa):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1].absmax, want[1].absmax)
 
 
+def test_a_code_table_made_in_inference_mode_serves_in_and_after_it(cpu):
+    # Inference tensors have no version counter: the prepared-table cache looks them up by
+    # content each time, so a table written in place in inference mode is seen at once.
+    values = torch.randn(3000, generator=_generator(40))
+    with torch.inference_mode():
+        code = create_dynamic_map()
+        first = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=256)[0]
+        assert torch.equal(first, _on("reference", F.quantize_blockwise, values, code=code, blocksize=256)[0])
+        code.copy_(create_dynamic_map(signed=False))
+        second = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=256)[0]
+        assert torch.equal(second, _on("reference", F.quantize_blockwise, values, code=code, blocksize=256)[0])
+    assert not torch.equal(first, second)
+    again = _on("cpu", F.quantize_blockwise, values, code=code, blocksize=256)[0]
+    assert torch.equal(again, second)
+
+
 # --------------------------------------------------------- 8-bit code search methods
 def _prepared(code: torch.Tensor, *, compact: bool = True):
     """``code`` prepared by the library, with its compact index or made to do without it."""

@@ -4,7 +4,8 @@
 mode (docs/dispatch.md). These tests pin down both sides: the direct route is taken for
 ordinary calls and gives the dispatcher's results, and every situation where the
 dispatcher does matter (compilation, autograd, fake and meta tensors, subclasses, modes,
-autocast, mutating ops) still goes through it and still works.
+autocast) still goes through it and still works; ops that write into their arguments bump
+the same version counters either way.
 """
 
 from __future__ import annotations
@@ -50,18 +51,70 @@ def test_a_plain_eager_call_takes_the_direct_route(routes):
 ], ids=["quantize_blockwise", "dequantize_blockwise", "quantize_4bit"])  # fmt: skip
 def test_both_routes_give_the_same_result(op, args):
     inputs = args()
-    direct = kops.direct_kernel(op)(*inputs)
+    direct = kops.direct_kernel(op)[0](*inputs)
     dispatched = op(*inputs)
     for a, b in zip(direct if isinstance(direct, tuple) else (direct,), dispatched if isinstance(dispatched, tuple) else (dispatched,)):
         assert torch.equal(a, b)
 
 
-def test_ops_that_mutate_an_argument_always_take_the_dispatcher():
-    # It bumps the mutated tensors' version counters, which autograd relies on.
-    assert kops.direct_kernel(optim.optimizer_update_32bit) is None
-    assert kops.direct_kernel(optim.optimizer_update_8bit_blockwise) is None
-    assert kops.direct_kernel(blockwise8.histogram_scatter_add_2d) is None
-    assert kops.direct_kernel(blockwise8.quantize_blockwise) is not None
+def test_ops_that_mutate_an_argument_know_which_arguments_they_write():
+    kernel, written = kops.direct_kernel(optim.optimizer_update_8bit_blockwise)
+    names = [optim.optimizer_update_8bit_blockwise._opoverload._schema.arguments[i].name for i in written]
+    assert {"p", "state1", "absmax1"} <= set(names) and "g" not in names
+    assert kops.direct_kernel(blockwise8.quantize_blockwise)[1] == ()
+
+
+def _adam_8bit_step(step: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors for one blockwise 8-bit Adam update (named as the functional API names them)."""
+    gen = torch.Generator().manual_seed(step)
+    n = 1000
+    signed, unsigned = F.create_dynamic_map(), F.create_dynamic_map(signed=False)
+    m, m_state = F.quantize_blockwise(torch.randn(n, generator=gen) * 1e-2, code=signed, blocksize=256)
+    v, v_state = F.quantize_blockwise(torch.rand(n, generator=gen) * 1e-4, code=unsigned, blocksize=256)
+    return dict(g=torch.randn(n, generator=gen), p=torch.randn(n, generator=gen), state1=m, state2=v,
+                qmap1=signed, qmap2=unsigned, absmax1=m_state.absmax, absmax2=v_state.absmax)  # fmt: skip
+
+
+def _run_adam_8bit(tensors: dict[str, torch.Tensor]) -> None:
+    F.optimizer_update_8bit_blockwise("adam", tensors["g"], tensors["p"], tensors["state1"], tensors["state2"],
+                                      beta1=0.9, beta2=0.999, beta3=0.0, alpha=0.0, eps=1e-8, step=3, lr=1e-3,
+                                      qmap1=tensors["qmap1"],
+                                      qmap2=tensors["qmap2"], absmax1=tensors["absmax1"], absmax2=tensors["absmax2"],
+                                      weight_decay=0.0, gnorm_scale=1.0)  # fmt: skip
+
+
+def test_a_mutating_op_takes_the_direct_route_and_bumps_what_the_dispatcher_bumps(routes, monkeypatch):
+    # The dispatcher's only work for an eager in-place custom op is bumping the version
+    # counters of the written arguments; the direct route must do the same, and write the same.
+    direct = _adam_8bit_step()
+    before = {name: t._version for name, t in direct.items()}
+    routes.clear()
+    _run_adam_8bit(direct)
+    assert routes == [False]
+    bumped_direct = {name for name, t in direct.items() if t._version != before[name]}
+
+    monkeypatch.setattr(kops, "dispatcher_needed", lambda args: True)
+    dispatched = _adam_8bit_step()
+    before = {name: t._version for name, t in dispatched.items()}
+    _run_adam_8bit(dispatched)
+    bumped_dispatched = {name for name, t in dispatched.items() if t._version != before[name]}
+
+    assert bumped_direct == bumped_dispatched and {"p", "state1", "state2", "absmax1", "absmax2"} <= bumped_direct
+    assert all(torch.equal(direct[name], dispatched[name]) for name in direct)
+
+
+def test_autograd_sees_an_optimizer_step_on_a_tensor_saved_for_backward():
+    # A parameter saved for backward and then updated in place by an 8-bit step (direct
+    # route: no grad mode, plain tensors) must make that backward fail, as torch's own
+    # in-place ops do, instead of silently using the new values.
+    tensors = _adam_8bit_step()
+    weight = tensors["p"].requires_grad_(True)
+    x = torch.randn(1000, requires_grad=True)
+    loss = (x * weight).sum()  # saves weight for x's gradient
+    with torch.no_grad():
+        _run_adam_8bit(tensors)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def _weight():

@@ -564,3 +564,21 @@ def test_no_cache_while_tracing_under_fake_tensors():
         fake_state.state2.code = mode.from_tensor(state.state2.code)
         out = kbit.matmul_4bit(mode.from_tensor(_seeded(2, 256)), fake_packed.t(), fake_state)
     assert out.shape == (2, 96) and EXPANDED_ABSMAX not in fake_state.__dict__
+
+
+def test_a_state_quantized_in_inference_mode_is_expanded_on_every_call():
+    # Inference tensors have no version counter to key a cache on: such a state is used
+    # uncached, in inference mode and after it, and an in-place write there is seen.
+    from kbit.functional._quant_state import EXPANDED_ABSMAX
+
+    with torch.inference_mode():
+        packed, state = _nested_state()
+        state.state2.code = state.state2.code.clone()  # its own table, written below
+        A = _seeded(2, 256, seed=54)
+        first = kbit.matmul_4bit(A, packed.t(), state)
+        state.state2.code[200:] *= 0.5
+        assert not torch.equal(kbit.matmul_4bit(A, packed.t(), state), first)
+    assert EXPANDED_ABSMAX not in state.__dict__
+    with torch.no_grad():
+        assert torch.equal(kbit.matmul_4bit(A, packed.t(), state), kbit.matmul_4bit(A, packed.t(), copy.deepcopy(state)))
+    assert EXPANDED_ABSMAX not in state.__dict__

@@ -10,9 +10,12 @@ Eager fast path: going through torch's dispatcher costs about 20 us per call, mo
 native backend needs to quantize a few thousand values. When nothing the dispatcher adds
 can apply to a call (see :func:`dispatcher_needed`: no compilation or tracing, no
 dispatch or function modes, no autocast or functorch transform, plain tensors, no
-autograd to record, no tensor it would version-bump), :func:`call_with_backend` calls the
-op's kernel function directly. It is the same function the dispatcher would run, backend
-resolution and result checks included, so the results are identical; under
+autograd to record), :func:`call_with_backend` calls the op's kernel function directly.
+It is the same function the dispatcher would run, backend resolution and result checks
+included, so the results are identical. For an op that writes into arguments (the
+optimizer updates, ``out=`` buffers) the direct path also does the one thing torch's
+ADInplaceOrView kernel does for a custom op: it bumps the version counter of each tensor
+the schema marks as written, which autograd's checks and kbit's caches rely on. Under
 ``torch.compile`` the op stays one opaque node.
 """
 
@@ -36,23 +39,27 @@ def backend_for(op: str, like: torch.Tensor, dtype: torch.dtype | None = None, *
 
 #: Tensor types the direct call takes (subclasses may override dispatch; they go through it).
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_direct_kernels: dict[Any, Optional[Callable[..., Any]]] = {}
+#: op -> (its kernel function, the positions of the arguments it writes), or None.
+_direct_kernels: dict[Any, Optional[tuple[Callable[..., Any], tuple[int, ...]]]] = {}
 
 
-def direct_kernel(op: Any) -> Optional[Callable[..., Any]]:
-    """The kernel function of custom op ``op`` if it may be called without the dispatcher:
-    ops that mutate an argument are excluded (the dispatcher bumps the mutated tensors'
-    version counters, which autograd relies on)."""
+def direct_kernel(op: Any) -> Optional[tuple[Callable[..., Any], tuple[int, ...]]]:
+    """The kernel function of custom op ``op``, for calls without the dispatcher, and the
+    positions of the arguments its schema marks as written (their version counters must be
+    bumped after a direct call, as the dispatcher does); None for anything else."""
     try:
         return _direct_kernels[op]
     except KeyError:
         pass
-    kernel = None
-    if isinstance(op, CustomOpDef) and not op._opoverload._schema.is_mutable:
-        # A private attribute of torch.library: a torch without it keeps the dispatcher path.
-        kernel = getattr(op, "_init_fn", None)
-    _direct_kernels[op] = kernel
-    return kernel
+    direct = None
+    # A private attribute of torch.library: a torch without it keeps the dispatcher path.
+    kernel = getattr(op, "_init_fn", None) if isinstance(op, CustomOpDef) else None
+    if kernel is not None:
+        arguments = op._opoverload._schema.arguments
+        written = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
+        direct = (kernel, written)
+    _direct_kernels[op] = direct
+    return direct
 
 
 def dispatcher_needed(args: tuple) -> bool:
@@ -76,10 +83,21 @@ def dispatcher_needed(args: tuple) -> bool:
 
 
 def _call(op: Any, args: tuple) -> Any:
-    kernel = direct_kernel(op)
-    if kernel is not None and not dispatcher_needed(args):
-        return kernel(*args)
-    return op(*args)
+    # dispatcher_needed first: while compiling it says so before direct_kernel's schema
+    # inspection, which dynamo cannot trace, is reached.
+    direct = None if dispatcher_needed(args) else direct_kernel(op)
+    if direct is None:
+        return op(*args)
+    kernel, written = direct
+    result = kernel(*args)
+    for position in written:
+        value = args[position] if position < len(args) else None
+        if isinstance(value, (list, tuple)):
+            value = [v for v in value if isinstance(v, torch.Tensor)]
+        if value is not None:
+            # inference tensors have no version counter; torch skips them
+            torch.autograd.graph.increment_version(value)
+    return result
 
 
 def call_with_backend(backend: str | None, op, *args: object):

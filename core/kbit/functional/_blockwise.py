@@ -183,7 +183,9 @@ def _expanded_absmax(state: QuantState, backend: Optional[str]) -> torch.Tensor:
     counter (every in-place write through torch bumps it, as autograd relies on) and data
     pointer (``.data`` reassigned), and the nested blocksize, shape and dtype. Writes that
     bypass torch's version counter (through ``tensor.data`` or raw pointers) are not seen;
-    change a state by assigning new tensors or writing in place. The scales are computed
+    change a state by assigning new tensors or writing in place. A state holding inference
+    tensors (quantized under ``torch.inference_mode()``) has no version counters to key on
+    and is expanded on every call instead. The scales are computed
     outside inference mode, so a cached value can also be saved for a backward pass later,
     and the cache is used only where an op call would run eagerly on plain tensors (not
     while compiling, tracing, or under a dispatch mode, where a cached real tensor must
@@ -192,7 +194,14 @@ def _expanded_absmax(state: QuantState, backend: Optional[str]) -> torch.Tensor:
     """
     state2, offset = state.state2, state.offset
     tensors = (state.absmax, offset, state2.absmax, state2.code)
-    if dispatcher_needed(tensors) or backend is not None:
+    # Checked in this order: while compiling, dispatcher_needed answers first (is_inference
+    # cannot be traced). Inference tensors have no version counter (and can be written
+    # unseen in inference mode): a state made of them is expanded on every call.
+    if (
+        dispatcher_needed(tensors)
+        or backend is not None
+        or any(isinstance(t, torch.Tensor) and t.is_inference() for t in tensors)
+    ):
         return dequantize_blockwise(state.absmax, state2, backend=backend) + offset
     key = (
         tuple((t, t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (t,) for t in tensors),

@@ -204,5 +204,12 @@ def cached_code(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     key = (name, str(device))
     table = _CACHE.get(key)
     if table is None:
-        table = _CACHE[key] = _BUILDERS[name]().to(device)
+        table = _CACHE[key] = _CACHE[(name, "cpu")].to(device)
     return table
+
+
+# The CPU tables are built when this module loads (about 1.5 ms for all four), not on first
+# use: a first use inside torch.compile would trace the builders, whose float tolist()
+# dynamo cannot follow (a graph break, an error under fullgraph=True). Copies on other
+# devices are a traceable .to(device) of these.
+_CACHE.update({(name, "cpu"): build() for name, build in _BUILDERS.items()})

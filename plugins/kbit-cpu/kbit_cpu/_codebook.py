@@ -40,7 +40,10 @@ class CodebookCache:
         returns: an entry evicted meanwhile stays alive through that reference.
         """
         last, version, pointer, entry = self._last
-        if code is last and code._version == version and code.data_ptr() == pointer:
+        # An inference tensor has no version counter (and may be written in inference mode
+        # unseen): it is looked up by content every time, never remembered as the last one.
+        tracked = not code.is_inference()
+        if tracked and code is last and code._version == version and code.data_ptr() == pointer:
             return entry
         source = code
         code = code.detach()
@@ -51,7 +54,7 @@ class CodebookCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                self._last = (source, source._version, source.data_ptr(), entry)
+                self._remember(source, entry, tracked)
                 return entry
         entry = ctypes.create_string_buffer(self._library.codebook_size)
         if self._library.kb_codebook_init(ctypes.addressof(entry), code.data_ptr(), code.numel()) != 0:
@@ -60,5 +63,9 @@ class CodebookCache:
             self._entries[key] = entry
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
-            self._last = (source, source._version, source.data_ptr(), entry)
+            self._remember(source, entry, tracked)
         return entry
+
+    def _remember(self, source: torch.Tensor, entry: ctypes.Array, tracked: bool) -> None:
+        """Make ``source`` the last table looked up (only a tensor with a version counter)."""
+        self._last = (source, source._version, source.data_ptr(), entry) if tracked else (None, -1, 0, None)
