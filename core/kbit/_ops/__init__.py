@@ -82,6 +82,16 @@ def dispatcher_needed(args: tuple) -> bool:
     return False
 
 
+def write_stamp(tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+    """What changes when ``tensor`` is written through torch: its version counter (bumped by
+    every in-place write, the direct path's included) and data pointer (``.data``
+    reassigned). None for an inference tensor, which has no version counter and can be
+    written unseen in inference mode: nothing derived from it may be cached."""
+    if tensor.is_inference():
+        return None
+    return tensor._version, tensor.data_ptr()
+
+
 def _call(op: Any, args: tuple) -> Any:
     # dispatcher_needed first: while compiling it says so before direct_kernel's schema
     # inspection, which dynamo cannot trace, is reached.

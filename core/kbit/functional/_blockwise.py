@@ -17,7 +17,7 @@ import torch
 from .._errors import KbitValueError, QuantStateError
 from .._formats import BLOCKSIZES_8BIT_ALL, FLOAT_DTYPES, NESTED_BLOCKSIZE, num_blocks
 from .._ops import blockwise8 as ops
-from .._ops import call_with_backend, dispatcher_needed
+from .._ops import call_with_backend, dispatcher_needed, write_stamp
 from ._codebooks import cached_code
 from ._quant_state import EXPANDED_ABSMAX, QuantState
 from ._validate import (
@@ -178,10 +178,9 @@ def _float_absmax(op: str, state: QuantState, backend: Optional[str]) -> torch.T
 def _expanded_absmax(state: QuantState, backend: Optional[str]) -> torch.Tensor:
     """``dequantize_blockwise(absmax, state2) + offset`` for a nested ``state``, cached on it.
 
-    The cache is derived data, recomputed whenever what it came from may have changed: its
-    key holds each input tensor itself (a replaced tensor is another object), its version
-    counter (every in-place write through torch bumps it, as autograd relies on) and data
-    pointer (``.data`` reassigned), and the nested blocksize, shape and dtype. Writes that
+    The cache is derived data, recomputed whenever what it came from may have changed: it
+    keeps each input tensor itself (a replaced tensor is another object) and its
+    :func:`~kbit._ops.write_stamp`, and the nested blocksize, shape and dtype. Writes that
     bypass torch's version counter (through ``tensor.data`` or raw pointers) are not seen;
     change a state by assigning new tensors or writing in place. A state holding inference
     tensors (quantized under ``torch.inference_mode()``) has no version counters to key on
@@ -194,36 +193,21 @@ def _expanded_absmax(state: QuantState, backend: Optional[str]) -> torch.Tensor:
     """
     state2, offset = state.state2, state.offset
     tensors = (state.absmax, offset, state2.absmax, state2.code)
-    # Checked in this order: while compiling, dispatcher_needed answers first (is_inference
-    # cannot be traced). Inference tensors have no version counter (and can be written
-    # unseen in inference mode): a state made of them is expanded on every call.
-    if (
-        dispatcher_needed(tensors)
-        or backend is not None
-        or any(isinstance(t, torch.Tensor) and t.is_inference() for t in tensors)
-    ):
+    # While compiling, dispatcher_needed answers before write_stamp is reached (dynamo
+    # cannot trace is_inference); a state of inference tensors has no stamps (None).
+    stamps = None
+    if not dispatcher_needed(tensors) and backend is None:
+        stamps = tuple(write_stamp(t) if isinstance(t, torch.Tensor) else (t,) for t in tensors)
+    if stamps is None or None in stamps:
         return dequantize_blockwise(state.absmax, state2, backend=backend) + offset
-    key = (
-        tuple((t, t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (t,) for t in tensors),
-        state2.blocksize,
-        state2.shape,
-        state2.dtype,
-    )
+    stamps += (state2.blocksize, state2.shape, state2.dtype)
     cached = state.__dict__.get(EXPANDED_ABSMAX)
-    if cached is not None and _same_key(cached[0], key):
-        return cached[1]
+    if cached is not None and cached[1] == stamps and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[2]
     with torch.inference_mode(False), torch.no_grad():
         scales = dequantize_blockwise(state.absmax, state2) + offset
-    state.__dict__[EXPANDED_ABSMAX] = (key, scales)
+    state.__dict__[EXPANDED_ABSMAX] = (tensors, stamps, scales)
     return scales
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    """Whether two cache keys of :func:`_expanded_absmax` name the same inputs (tensors by identity)."""
-    (tensors_a, *rest_a), (tensors_b, *rest_b) = a, b
-    return rest_a == rest_b and all(
-        len(x) == len(y) and x[0] is y[0] and x[1:] == y[1:] for x, y in zip(tensors_a, tensors_b)
-    )
 
 
 def dequantize_blockwise(

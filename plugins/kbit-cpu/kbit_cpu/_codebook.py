@@ -13,9 +13,11 @@ from __future__ import annotations
 import collections
 import ctypes
 import threading
+from typing import Optional
 
 import torch
 from kbit._errors import KbitValueError
+from kbit._ops import write_stamp
 
 from ._library import NativeLibrary
 
@@ -30,8 +32,8 @@ class CodebookCache:
         self._capacity = capacity
         self._entries: collections.OrderedDict[bytes, ctypes.Array] = collections.OrderedDict()
         self._lock = threading.Lock()
-        # (tensor, its version counter, data pointer, entry) of the last lookup
-        self._last: tuple = (None, -1, 0, None)
+        # (tensor, its write stamp, entry) of the last lookup
+        self._last: tuple = (None, None, None)
 
     def get(self, op: str, code: torch.Tensor) -> ctypes.Array:
         """The prepared form of ``code`` (a 1-D float32 CPU table of at most 256 values).
@@ -39,11 +41,11 @@ class CodebookCache:
         Pass ``ctypes.addressof(result)`` to the library, and hold ``result`` until the call
         returns: an entry evicted meanwhile stays alive through that reference.
         """
-        last, version, pointer, entry = self._last
-        # An inference tensor has no version counter (and may be written in inference mode
-        # unseen): it is looked up by content every time, never remembered as the last one.
-        tracked = not code.is_inference()
-        if tracked and code is last and code._version == version and code.data_ptr() == pointer:
+        last, last_stamp, entry = self._last
+        # An inference tensor has no stamp: it is looked up by content every time, never
+        # remembered as the last one.
+        stamp = write_stamp(code)
+        if stamp is not None and code is last and stamp == last_stamp:
             return entry
         source = code
         code = code.detach()
@@ -54,7 +56,7 @@ class CodebookCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                self._remember(source, entry, tracked)
+                self._remember(source, stamp, entry)
                 return entry
         entry = ctypes.create_string_buffer(self._library.codebook_size)
         if self._library.kb_codebook_init(ctypes.addressof(entry), code.data_ptr(), code.numel()) != 0:
@@ -63,9 +65,9 @@ class CodebookCache:
             self._entries[key] = entry
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
-            self._remember(source, entry, tracked)
+            self._remember(source, stamp, entry)
         return entry
 
-    def _remember(self, source: torch.Tensor, entry: ctypes.Array, tracked: bool) -> None:
-        """Make ``source`` the last table looked up (only a tensor with a version counter)."""
-        self._last = (source, source._version, source.data_ptr(), entry) if tracked else (None, -1, 0, None)
+    def _remember(self, source: torch.Tensor, stamp: Optional[tuple[int, int]], entry: ctypes.Array) -> None:
+        """Make ``source`` the last table looked up (only a tensor with a write stamp)."""
+        self._last = (source, stamp, entry) if stamp is not None else (None, None, None)
